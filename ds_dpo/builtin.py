@@ -1,0 +1,130 @@
+"""The built-in default run: a tiny Llama-style model, a word-level tokenizer and a synthetic preference task.
+
+Nothing is downloaded: the tokenizer, a random-init model and the data are generated deterministically into
+``output_dir/builtin/`` and then loaded through exactly the same paths as a user's model and dataset.
+
+The task: a prompt asks to count up or down from a number; the preferred completion counts correctly, the rejected
+one counts the wrong way, skips, or wanders at random. A small model learns the rule in a few hundred steps, and
+held-out reward accuracy (chance 0.5) shows whether DPO learned it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+MAX_NUMBER = 60
+COUNT = 5
+NUM_TRAIN_PAIRS = 4000
+NUM_EVAL_PAIRS = 256
+SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+WORDS = ["count", "up", "down", "from", ":"] + [str(n) for n in range(MAX_NUMBER + 1)]
+
+MODEL_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+DEFAULTS: dict[str, Any] = dict(
+    max_steps=150,
+    per_device_train_batch_size=16,
+    per_device_eval_batch_size=32,
+    learning_rate=3e-3,
+    warmup_ratio=0.05,
+    lr_scheduler_type="cosine",
+    beta=0.1,
+    max_length=32,
+    max_prompt_length=8,
+    logging_steps=10,
+    eval_steps=50,
+    save_steps=100,
+    save_total_limit=1,
+    output_dir="outputs/builtin",
+)
+"""Settings the built-in run uses for every key the user did not set."""
+
+
+def make_pair(rng: random.Random) -> dict[str, str]:
+    direction = rng.choice(["up", "down"])
+    step = 1 if direction == "up" else -1
+    start = rng.randint(COUNT, MAX_NUMBER - COUNT)
+    right = [start + step * (i + 1) for i in range(COUNT)]
+    kind = rng.choice(["reverse", "skip", "random"])
+    if kind == "reverse":
+        wrong = [start - step * (i + 1) for i in range(COUNT)]
+    elif kind == "skip":
+        wrong = [start + step * 2 * (i + 1) for i in range(COUNT)]
+        wrong = [min(max(n, 0), MAX_NUMBER) for n in wrong]
+    else:
+        wrong = [rng.randint(0, MAX_NUMBER) for _ in range(COUNT)]
+    if wrong == right:
+        return make_pair(rng)
+    return {
+        "prompt": f"count {direction} from {start} :",
+        "chosen": " " + " ".join(map(str, right)),
+        "rejected": " " + " ".join(map(str, wrong)),
+    }
+
+
+def write_pairs(path: Path, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            f.write(json.dumps(make_pair(rng)) + "\n")
+
+
+def build_tokenizer():
+    """A whitespace word-level fast tokenizer over the task's vocabulary, adding BOS like Llama's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS.values()) + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bos = SPECIAL_TOKENS["bos"]
+    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=bos,
+        eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+    )
+
+
+def materialize(root: Path, seed: int) -> dict[str, str]:
+    """Write tokenizer + random-init model + train/eval pairs under ``root`` (idempotent); return config values."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    model_dir, train, evals = root / "model", root / "train.jsonl", root / "eval.jsonl"
+    if not (model_dir / "config.json").is_file():
+        tokenizer = build_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **MODEL_CONFIG,
+        )
+        torch.manual_seed(seed)
+        tmp = root / "model.tmp"
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(model_dir)
+    if not evals.is_file():
+        write_pairs(train, NUM_TRAIN_PAIRS, seed)
+        write_pairs(evals, NUM_EVAL_PAIRS, seed + 1)
+    return {"model_name_or_path": str(model_dir), "dataset": str(train), "eval_dataset": str(evals)}
+
+
+def with_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """The user's config values over the built-in run's defaults."""
+    return {**DEFAULTS, **values}

@@ -1,0 +1,72 @@
+"""DeepSpeed checkpoints during training and the final Hugging Face export.
+
+``Checkpointer`` owns when to save, where (``output_dir/checkpoints/step-N``) and which old checkpoints to delete.
+``export_hf_model`` gathers the ZeRO shards into a plain ``save_pretrained`` directory that loads with
+transformers alone (and, with LoRA, a peft adapter plus optionally the merged model).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from ds_dpo import engines
+
+TAG_PREFIX = "step-"
+
+
+class Checkpointer:
+    def __init__(self, engine, output_dir: str | Path, save_steps: int, save_total_limit: int | None):
+        self.engine = engine
+        self.root = Path(output_dir) / "checkpoints"
+        self.save_steps, self.save_total_limit = save_steps, save_total_limit
+
+    def due(self, step: int) -> bool:
+        return self.save_steps > 0 and step % self.save_steps == 0
+
+    def save(self, step: int, client_state: dict) -> None:
+        """Collective: every rank writes its shards; rank 0 then prunes checkpoints beyond the limit."""
+        self.engine.save_checkpoint(str(self.root), tag=f"{TAG_PREFIX}{step}", client_state=client_state)
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0 and self.save_total_limit:
+            for old in self.tags()[: -self.save_total_limit]:
+                shutil.rmtree(old)
+
+    def tags(self) -> list[Path]:
+        """Saved checkpoint directories, oldest first."""
+        found = [p for p in self.root.glob(f"{TAG_PREFIX}*") if p.name[len(TAG_PREFIX):].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[len(TAG_PREFIX):]))
+
+
+def export_hf_model(engine, tokenizer, output_dir: str | Path, save_merged_model: bool = False) -> None:
+    """Collective. Rank 0 writes config, safetensors weights and tokenizer to ``output_dir``.
+
+    With LoRA the directory holds the peft adapter (``adapter_config.json``, ``adapter_model.safetensors``), and with
+    ``save_merged_model`` ``output_dir/merged`` holds the full model with the adapters merged in.
+    """
+    state_dict = engines.consolidated_state_dict(engine)
+    if torch.distributed.get_rank() == 0:
+        output_dir = Path(output_dir)
+        model = engine.module
+        model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir)
+        if save_merged_model:
+            _save_merged(model, state_dict, output_dir / "merged")
+            tokenizer.save_pretrained(output_dir / "merged")
+    torch.distributed.barrier()
+
+
+def _save_merged(peft_model, state_dict: dict[str, torch.Tensor], out: Path) -> None:
+    """Rebuild the peft model unpartitioned on CPU from the gathered weights, merge the adapters, save."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with engines.zero3_disabled():
+        base = AutoModelForCausalLM.from_config(peft_model.base_model.model.config)
+        cpu_model = get_peft_model(base, peft_model.peft_config["default"])
+    missing, unexpected = cpu_model.load_state_dict(state_dict, strict=False)
+    if unexpected or any("lora_" in k for k in missing):
+        raise RuntimeError(f"merged export: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    cpu_model.merge_and_unload().save_pretrained(out, safe_serialization=True)

@@ -1,0 +1,318 @@
+"""Typed run configuration: defaults, YAML + command-line loading, validation, dump.
+
+Field names follow TRL's ``DPOConfig`` and HF ``TrainingArguments`` wherever the concept is the same, so a user's
+existing YAML mostly carries over. Every default lives here, in the dataclass, and nowhere else.
+
+    cfg = load_config(["--config", "run.yaml", "--beta", "0.2"])
+
+Values on the command line are parsed as YAML scalars/lists (``--loss_type '[sigmoid, sft]'``), which also works
+through the ``deepspeed`` launcher and hostfile (pdsh) runs, where only plain ``--key value`` arguments survive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REFERENCE_MODES = ("zero", "lora", "precomputed")
+LR_SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+@dataclass
+class DPOConfig:
+    # --- model and data -------------------------------------------------------------------------------------------
+    model_name_or_path: str | None = None
+    """Hugging Face model id or local directory. Unset together with ``dataset``: the built-in tiny default."""
+    dataset: str | None = None
+    """Training pairs: a ``.jsonl``/``.jsonl.gz``/``.json`` file of ``prompt``/``chosen``/``rejected`` strings."""
+    eval_dataset: str | None = None
+    """Held-out pairs in the same format; evaluated every ``eval_steps`` and at the end."""
+    output_dir: str = "outputs/run"
+    """Where config.yaml, metrics.jsonl, runs/ (TensorBoard), checkpoints/ and the final HF model go."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``)."""
+    disable_dropout: bool = True
+    """Zero every dropout in policy and reference, as TRL does, so that log-probs are deterministic."""
+
+    # --- schedule ---------------------------------------------------------------------------------------------------
+    max_steps: int = -1
+    """Optimizer steps to run; overrides ``num_train_epochs`` when > 0."""
+    num_train_epochs: float = 1.0
+    """Passes over the training pairs when ``max_steps`` <= 0."""
+    per_device_train_batch_size: int = 8
+    """Pairs per micro-batch per rank (each forward carries 2x this many sequences)."""
+    per_device_eval_batch_size: int = 8
+    """Pairs per eval micro-batch per rank."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 1e-6
+    """Peak learning rate (TRL's DPO default)."""
+    lr_scheduler_type: str = "linear"
+    """``linear``, ``cosine``, ``constant`` or ``constant_with_warmup`` (HF semantics)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the optimizer steps spent warming the learning rate up linearly from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (DeepSpeed ``gradient_clipping``); 0 disables."""
+    seed: int = 42
+    """Seeds model init (built-in model), data order and sampling."""
+
+    # --- objective --------------------------------------------------------------------------------------------------
+    beta: float = 0.1
+    """Temperature of the implicit reward ``beta * log(pi / pi_ref)``."""
+    loss_type: str | list[str] = "sigmoid"
+    """A name from ``ds_dpo.losses.LOSS_TYPES``."""
+    label_smoothing: float = 0.0
+    """Conservative DPO (cDPO) label-noise probability in [0, 0.5)."""
+
+    # --- sequence lengths -------------------------------------------------------------------------------------------
+    max_length: int | None = 1024
+    """Upper bound on prompt + completion tokens; completions are truncated to fit."""
+    max_prompt_length: int | None = 512
+    """Prompts longer than this keep their last ``max_prompt_length`` tokens."""
+
+    # --- logging, eval, checkpoints ---------------------------------------------------------------------------------
+    logging_steps: int = 10
+    """Optimizer steps between metric logs."""
+    eval_steps: int | None = None
+    """Optimizer steps between evaluations; unset: evaluate only at the end."""
+    save_steps: int = 500
+    """Optimizer steps between DeepSpeed checkpoints under ``output_dir/checkpoints``; 0 disables."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (oldest deleted first)."""
+
+    # --- precision and memory ---------------------------------------------------------------------------------------
+    bf16: bool = False
+    """Train in bfloat16 (DeepSpeed ``bf16.enabled``)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (HF ``gradient_checkpointing_enable``)."""
+
+    # --- DeepSpeed and the reference model --------------------------------------------------------------------------
+    deepspeed: str = "ds_configs/zero3.json"
+    """DeepSpeed JSON; ``"auto"`` values in it are filled from this config. Relative paths: cwd, then the repo."""
+    reference: str = "zero"
+    """``zero``: a separate inference-only ZeRO-3 engine; ``lora``: the policy with adapters disabled;
+    ``precomputed``: reference log-probs computed once before training, then the reference is freed."""
+    precompute_ref_log_probs: bool = False
+    """TRL's flag: compute reference log-probs once up front (implied by ``reference: precomputed``)."""
+    ref_offload: bool = False
+    """Keep the reference engine's ZeRO-3 parameter shards in CPU memory."""
+
+    # --- LoRA -------------------------------------------------------------------------------------------------------
+    use_peft: bool = False
+    """Train LoRA adapters (peft) instead of all weights."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str | list[str] = "all-linear"
+    """Module names to adapt, or ``all-linear``."""
+    save_merged_model: bool = False
+    """With LoRA: also write the merged full model to ``output_dir/merged``."""
+
+    # --- set by the launcher ----------------------------------------------------------------------------------------
+    local_rank: int = -1
+    """Filled by the ``deepspeed`` launcher; ignored otherwise."""
+
+    def __post_init__(self) -> None:
+        if self.reference == "precomputed":
+            self.precompute_ref_log_probs = True
+
+    @property
+    def builtin(self) -> bool:
+        """True when neither a model nor a dataset was given: the run uses the built-in tiny task."""
+        return self.model_name_or_path is None and self.dataset is None
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @property
+    def deepspeed_path(self) -> Path:
+        return resolve_path(self.deepspeed)
+
+    def validate(self) -> None:
+        """Check everything that can be checked without a model, data or world size; raise ConfigError."""
+        from ds_dpo.losses import LOSS_TYPES  # config sits below losses in nothing but this name list
+
+        problems = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        need((self.model_name_or_path is None) == (self.dataset is None),
+             "give both `model_name_or_path` and `dataset`, or neither (neither runs the built-in tiny task)")
+        need(self.max_steps > 0 or self.num_train_epochs > 0, "set `max_steps` > 0 or `num_train_epochs` > 0")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps"):
+            need(getattr(self, name) >= 1, f"`{name}` must be >= 1 (got {getattr(self, name)})")
+        need(self.learning_rate > 0, f"`learning_rate` must be > 0 (got {self.learning_rate})")
+        need(self.beta > 0, f"`beta` must be > 0 (got {self.beta})")
+        need(0.0 <= self.label_smoothing < 0.5, f"`label_smoothing` must be in [0, 0.5) (got {self.label_smoothing})")
+        need(0.0 <= self.warmup_ratio <= 1.0, f"`warmup_ratio` must be in [0, 1] (got {self.warmup_ratio})")
+        need(self.max_grad_norm >= 0, f"`max_grad_norm` must be >= 0 (got {self.max_grad_norm})")
+        need(self.lr_scheduler_type in LR_SCHEDULER_TYPES,
+             f"`lr_scheduler_type` must be one of {LR_SCHEDULER_TYPES} (got {self.lr_scheduler_type!r})")
+        for name in self.loss_types:
+            need(name in LOSS_TYPES, f"unknown `loss_type` {name!r}; known: {sorted(LOSS_TYPES)}")
+        need(self.reference in REFERENCE_MODES,
+             f"`reference` must be one of {REFERENCE_MODES} (got {self.reference!r})")
+        need(self.reference != "lora" or self.use_peft,
+             "`reference: lora` takes reference log-probs from the LoRA base model: set `use_peft: true` "
+             "(or use `reference: zero`)")
+        need(not self.save_merged_model or self.use_peft, "`save_merged_model` needs `use_peft: true`")
+        need(self.eval_steps is None or self.eval_steps >= 1, "`eval_steps` must be >= 1 or unset")
+        need(self.save_steps >= 0, "`save_steps` must be >= 0 (0 disables checkpoints)")
+        need(self.save_total_limit is None or self.save_total_limit >= 1, "`save_total_limit` must be >= 1 or unset")
+        need(self.max_length is None or self.max_length >= 2, "`max_length` must be >= 2 or unset")
+        if self.max_length is not None and self.max_prompt_length is not None:
+            need(self.max_prompt_length < self.max_length,
+                 f"`max_prompt_length` ({self.max_prompt_length}) must be < `max_length` ({self.max_length}) "
+                 "to leave room for the completion")
+        if self.use_peft:
+            need(self.lora_r >= 1, "`lora_r` must be >= 1")
+            need(0.0 <= self.lora_dropout < 1.0, "`lora_dropout` must be in [0, 1)")
+        need(self.deepspeed_path.is_file(),
+             f"DeepSpeed config `{self.deepspeed}` not found (presets: {preset_names()})")
+        for name in ("dataset", "eval_dataset"):
+            path = getattr(self, name)
+            need(path is None or Path(path).exists(), f"`{name}` file {path!r} does not exist")
+        if self.model_name_or_path and self.model_name_or_path.startswith((".", "/", "~")):
+            need(Path(self.model_name_or_path).expanduser().is_dir(),
+                 f"`model_name_or_path` directory {self.model_name_or_path!r} does not exist")
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("local_rank")
+        return out
+
+
+def resolve_path(path: str) -> Path:
+    """A relative path is looked up in the working directory first, then in the repository (for presets)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def preset_names() -> list[str]:
+    return sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "ds_configs").glob("*.json"))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(DPOConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check ``value`` against the annotation of field ``name``; ints are accepted where floats are expected."""
+    hint = typing.get_type_hints(DPOConfig)[name]
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if value is None and option is type(None):
+            return None
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is float and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)  # PyYAML reads `5e-7` (no dot) as a string
+        if origin is list and isinstance(value, list):
+            return value
+        if origin in (str, int, bool) and type(value) is origin:
+            return value
+        if origin is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"`{name}` expects {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _FIELDS, n=1)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    return ConfigError(f"unknown config key `{key}` in {where}{hint}")
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """Split ``--config FILE`` from ``--key value`` / ``--key=value`` overrides (values parsed as YAML)."""
+    config_file, overrides = None, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: use `--key value`")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                if _FIELDS.get(key) and _FIELDS[key].type in ("bool", bool):
+                    value = "true"  # a bare boolean flag
+                else:
+                    raise ConfigError(f"`--{key}` needs a value")
+            else:
+                i += 1
+                value = argv[i]
+        i += 1
+        if key == "config":
+            config_file = value
+            continue
+        if key not in _FIELDS:
+            raise _unknown_key(key, "the command line")
+        overrides[key] = yaml.safe_load(value) if value != "" else None
+    return config_file, overrides
+
+
+def load_config(argv: list[str]) -> tuple[DPOConfig, set[str]]:
+    """Build the config from ``--config`` YAML plus overrides; returns it and the set of keys the user set.
+
+    With neither a model nor a dataset, unset keys take the built-in tiny run's defaults (``builtin.DEFAULTS``).
+    """
+    config_file, overrides = parse_cli(argv)
+    values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {config_file!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{config_file}: expected a mapping of `key: value`, got {type(loaded).__name__}")
+        for key in loaded:
+            if key not in _FIELDS:
+                raise _unknown_key(key, config_file)
+        values.update(loaded)
+    values.update(overrides)
+    explicit = set(values)
+    if values.get("model_name_or_path") is None and values.get("dataset") is None:
+        from ds_dpo import builtin
+
+        values = builtin.with_defaults(values)
+    return make_config(values), explicit
+
+
+def make_config(values: dict[str, Any]) -> DPOConfig:
+    for key in values:
+        if key not in _FIELDS:
+            raise _unknown_key(key, "the config")
+    return DPOConfig(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def dump_config(cfg: DPOConfig, deepspeed_config: dict, path: str | os.PathLike) -> None:
+    """Write the resolved run config, with the DeepSpeed config as it was handed to DeepSpeed, as YAML."""
+    doc = cfg.to_dict()
+    doc["deepspeed_config"] = deepspeed_config
+    Path(path).write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -1,0 +1,115 @@
+"""Training metrics: accumulated on the device, synchronised across ranks once per log, written by rank 0.
+
+Names follow TRL's DPOTrainer (``rewards/chosen``, ``rewards/margins``, ``logps/chosen``, ``logits/chosen``, ...);
+evaluation metrics carry an ``eval_`` prefix. Each log goes to TensorBoard (``output_dir/runs/``), to
+``output_dir/metrics.jsonl`` (one JSON object per log, with ``step``) and to the rank-0 progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ds_dpo.logprobs import PairLogps
+from ds_dpo.losses import PreferenceLossOutput
+
+# Pair-weighted means, then token-weighted logit means, then the raw counters.
+_PAIR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+              "logps/chosen", "logps/rejected")
+_KEYS = _PAIR_KEYS + ("logits/chosen", "logits/rejected", "chosen_tokens", "rejected_tokens", "pairs", "tokens")
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory allocated, or on CPU the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+class MetricAccumulator:
+    """Sums per-pair statistics over micro-batches without a host sync; ``reduce`` is the one sync point."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(_KEYS), dtype=torch.float64, device=device)
+        self.started = time.perf_counter()
+
+    def add(self, out: PreferenceLossOutput, policy: PairLogps, weight: torch.Tensor,
+            num_tokens: torch.Tensor) -> None:
+        """Add a micro-batch. ``weight`` [B] is 0 for fillers; ``num_tokens`` counts the real pairs' tokens."""
+        cr, rr = out.chosen_rewards, out.rejected_rewards
+        per_pair = torch.stack([out.losses.detach(), cr, rr, (cr > rr).float(), cr - rr,
+                                policy.chosen.detach(), policy.rejected.detach(),
+                                policy.chosen_logits, policy.rejected_logits,
+                                policy.chosen_tokens.float(), policy.rejected_tokens.float()])
+        totals = (per_pair.double() * weight.double()).sum(-1)
+        self.sums += torch.cat([totals, weight.sum().double().view(1), num_tokens.double().view(1)])
+
+    def reduce(self, prefix: str = "") -> dict[str, float]:
+        """All-reduce the sums, return means and rates over the window, and start a new window."""
+        torch.distributed.all_reduce(self.sums)
+        s = dict(zip(_KEYS, self.sums.tolist()))
+        elapsed = time.perf_counter() - self.started
+        pairs = max(s["pairs"], 1.0)
+        metrics = {f"{prefix}{k}": s[k] / pairs for k in _PAIR_KEYS}
+        metrics[f"{prefix}logits/chosen"] = s["logits/chosen"] / max(s["chosen_tokens"], 1.0)
+        metrics[f"{prefix}logits/rejected"] = s["logits/rejected"] / max(s["rejected_tokens"], 1.0)
+        metrics[f"{prefix}pairs_per_second"] = s["pairs"] / elapsed
+        metrics[f"{prefix}tokens_per_second"] = s["tokens"] / elapsed
+        self.sums.zero_()
+        self.started = time.perf_counter()
+        return metrics
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a logger that does nothing."""
+
+    def __init__(self, output_dir: str | Path, rank: int, total_steps: int):
+        self.enabled = rank == 0
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        output_dir = Path(output_dir)
+        self.writer = SummaryWriter(log_dir=str(output_dir / "runs"))
+        self.jsonl = (output_dir / "metrics.jsonl").open("a")
+        self.bar = tqdm(total=total_steps, desc="training", dynamic_ncols=True)
+
+    def advance(self) -> None:
+        if self.enabled:
+            self.bar.update(1)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        prefix = "eval_" if any(k.startswith("eval_") for k in metrics) else ""
+        if f"{prefix}loss" in metrics:
+            self.bar.set_postfix({f"{prefix}loss": f"{metrics[prefix + 'loss']:.4f}",
+                                  "acc": f"{metrics[prefix + 'rewards/accuracies']:.3f}",
+                                  "margin": f"{metrics[prefix + 'rewards/margins']:.3f}"})
+        if prefix:
+            self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                        if k.split("/")[0] in ("eval_loss", "eval_rewards")))
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            self.jsonl.close()

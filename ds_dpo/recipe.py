@@ -1,0 +1,195 @@
+"""The DPO recipe: setup -> train -> save -> cleanup, with a training loop that reads top to bottom.
+
+    deepspeed --num_gpus 2 launch/train.py --config run.yaml --beta 0.1
+
+Per optimizer step, each rank runs ``gradient_accumulation_steps`` micro-batches. Each micro-batch is one
+concatenated forward of chosen and rejected sequences through the reference (no grad) and through the policy,
+the preference loss on the summed completion log-probs, and ``engine.backward``/``engine.step`` (the engine decides
+when the optimizer really steps). The objective is the mean loss over the global batch's pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from ds_dpo import builtin, engines
+from ds_dpo.checkpoint import Checkpointer, export_hf_model
+from ds_dpo.collate import collate_pairs
+from ds_dpo.config import DPOConfig, dump_config
+from ds_dpo.data import load_tokenized
+from ds_dpo.logprobs import concatenated_forward
+from ds_dpo.losses import preference_loss
+from ds_dpo.metrics import MetricAccumulator, MetricsLogger, max_over_ranks, peak_memory_mb
+from ds_dpo.reference import AdapterReference, EngineReference, PrecomputedReference, precompute_reference_logps
+from ds_dpo.sampler import GlobalBatchSampler, StepPlan
+
+
+class DPORecipe:
+    def __init__(self, cfg: DPOConfig):
+        self.cfg = cfg
+        self.final_eval: dict[str, float] = {}
+
+    # --- setup ------------------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.rank, self.world_size, self.local_rank = engines.init_distributed()
+        self.device = engines.device()
+        torch.manual_seed(self.cfg.seed)  # same on every rank: LoRA init and anything else random must agree
+        self.output_dir = Path(self.cfg.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.builtin:
+            with self._local_main_first():
+                paths = builtin.materialize(self.output_dir / "builtin", self.cfg.seed)
+            self.cfg = dataclasses.replace(self.cfg, **paths)
+        cfg = self.cfg
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token  # pads are masked out; any id will do
+        with self._local_main_first():
+            self.train_data = self._load(cfg.dataset)
+            self.eval_data = self._load(cfg.eval_dataset) if cfg.eval_dataset else None
+        self.sampler = GlobalBatchSampler(len(self.train_data), cfg.per_device_train_batch_size,
+                                          cfg.gradient_accumulation_steps, self.world_size, self.rank, cfg.seed)
+        self.total_steps = (cfg.max_steps if cfg.max_steps > 0
+                            else math.ceil(cfg.num_train_epochs * self.sampler.steps_per_epoch))
+
+        ds_config = engines.resolve_deepspeed_config(cfg, self.world_size)
+        if self.rank == 0:
+            dump_config(cfg, ds_config, self.output_dir / "config.yaml")
+        self._setup_models(ds_config)
+        self.checkpointer = Checkpointer(self.policy, self.output_dir, cfg.save_steps, cfg.save_total_limit)
+        self.logger = MetricsLogger(self.output_dir, self.rank, self.total_steps)
+
+    def _load(self, path: str):
+        return load_tokenized(path, self.tokenizer, self.cfg.max_length, self.cfg.max_prompt_length)
+
+    def _setup_models(self, ds_config: dict) -> None:
+        cfg = self.cfg
+        # A separate reference is built before the policy, so that the policy's ZeRO-3 settings are the ones
+        # transformers and peft see for the rest of the run.
+        if cfg.reference != "lora":
+            ref_engine = engines.build_engine(cfg, engines.reference_deepspeed_config(ds_config, cfg), trainable=False)
+            self.reference = EngineReference(ref_engine)
+            if cfg.precompute_ref_log_probs:
+                self._precompute_reference()
+                engines.release(ref_engine)
+        self.policy = engines.build_engine(cfg, ds_config, trainable=True, total_steps=self.total_steps)
+        if cfg.reference == "lora":
+            self.reference = AdapterReference(self.policy)
+            if cfg.precompute_ref_log_probs:
+                self._precompute_reference()
+
+    def _precompute_reference(self) -> None:
+        """Score both datasets once with the current reference; afterwards the batches carry the log-probs."""
+        args = dict(batch_size=self.cfg.per_device_eval_batch_size, pad_token_id=self.tokenizer.pad_token_id,
+                    device=self.device)
+        self.train_data = precompute_reference_logps(self.reference, self.train_data, **args)
+        if self.eval_data is not None:
+            self.eval_data = precompute_reference_logps(self.reference, self.eval_data, desc="eval reference", **args)
+        self.reference = PrecomputedReference()
+
+    @contextlib.contextmanager
+    def _local_main_first(self):
+        """Local rank 0 does the work (files, tokenization caches) first; the others then find it done."""
+        if self.local_rank != 0:
+            torch.distributed.barrier()
+        yield
+        if self.local_rank == 0:
+            torch.distributed.barrier()
+
+    # --- training ---------------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg, step, epoch = self.cfg, 0, 0
+        window = MetricAccumulator(self.device)
+        while step < self.total_steps:
+            for plan in self.sampler.epoch(epoch):
+                self._train_step(plan, window)
+                step += 1
+                self.logger.advance()
+                if step % cfg.logging_steps == 0 or step == self.total_steps:
+                    self._log_train(step, window)
+                if cfg.eval_steps and step % cfg.eval_steps == 0 and step != self.total_steps:
+                    self.evaluate(step)
+                if self.checkpointer.due(step):
+                    self.checkpointer.save(step, {"step": step, "epoch": epoch})
+                if step == self.total_steps:
+                    break
+            epoch += 1
+        self.final_eval = self.evaluate(step)
+
+    def _train_step(self, plan: StepPlan, window: MetricAccumulator) -> None:
+        # engine.backward divides by gradient_accumulation_steps and gradients are averaged over ranks; this scale
+        # turns the weighted per-pair sums into the exact mean over the global batch's real pairs.
+        scale = self.world_size * self.cfg.gradient_accumulation_steps / plan.num_pairs
+        for indices, weights in zip(plan.micro_batches, plan.weights):
+            batch = self._batch(self.train_data, indices, weights)
+            out, policy = self._pair_loss(batch)
+            self.policy.backward((out.losses * batch["weight"]).sum() * scale)
+            window.add(out, policy, batch["weight"], self._real_tokens(batch))
+            if self.policy.is_gradient_accumulation_boundary():
+                self.learning_rate = self.policy.get_lr()[0]
+            self.policy.step()
+
+    def _pair_loss(self, batch: dict[str, torch.Tensor]):
+        ref_chosen, ref_rejected = self.reference.logps(batch)
+        policy = concatenated_forward(self.policy, batch)
+        out = preference_loss(policy.chosen, policy.rejected, ref_chosen, ref_rejected,
+                              loss_type=self.cfg.loss_type, beta=self.cfg.beta,
+                              label_smoothing=self.cfg.label_smoothing)
+        return out, policy
+
+    def _batch(self, dataset, indices: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
+        batch = collate_pairs([dataset[i] for i in indices], weights, self.tokenizer.pad_token_id)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    @staticmethod
+    def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        per_pair = batch["attention_mask"].sum(-1).view(2, -1).sum(0)
+        return (per_pair * batch["weight"]).sum()
+
+    def _log_train(self, step: int, window: MetricAccumulator) -> None:
+        metrics = window.reduce()
+        grad_norm = self.policy.get_global_grad_norm()
+        metrics.update(
+            learning_rate=self.learning_rate,
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            epoch=step / self.sampler.steps_per_epoch,
+            peak_memory_mb=max_over_ranks(peak_memory_mb(), self.device),
+        )
+        self.logger.log(step, metrics)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Loss and reward metrics over the whole eval set, prefixed ``eval_``."""
+        if self.eval_data is None:
+            return {}
+        sampler = GlobalBatchSampler(len(self.eval_data), self.cfg.per_device_eval_batch_size, 1, self.world_size,
+                                     self.rank, self.cfg.seed, shuffle=False)
+        window = MetricAccumulator(self.device)
+        self.policy.eval()
+        for plan in sampler.epoch(0):
+            batch = self._batch(self.eval_data, plan.micro_batches[0], plan.weights[0])
+            out, policy = self._pair_loss(batch)
+            window.add(out, policy, batch["weight"], self._real_tokens(batch))
+        self.policy.train()
+        metrics = window.reduce(prefix="eval_")
+        self.logger.log(step, metrics)
+        return metrics
+
+    # --- outputs ----------------------------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """The final model as a Hugging Face directory in ``output_dir`` (collective)."""
+        export_hf_model(self.policy, self.tokenizer, self.output_dir, self.cfg.save_merged_model)
+
+    def cleanup(self) -> None:
+        self.logger.close()
+        torch.distributed.barrier()

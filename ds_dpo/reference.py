@@ -1,0 +1,91 @@
+"""Where reference log-probs come from: a frozen engine, the policy with its LoRA adapters off, or the batch itself.
+
+Each reference answers one question, ``logps(batch) -> (chosen, rejected)``, both [B] and detached, so the training
+loop does not care which one it has. ``precompute_reference_logps`` runs any of them once over a dataset and stores
+the result as columns, after which the ``PrecomputedReference`` reads them back from the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import datasets
+import torch
+
+from ds_dpo.collate import collate_pairs
+from ds_dpo.logprobs import concatenated_forward
+from ds_dpo.sampler import GlobalBatchSampler
+
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+class Reference(Protocol):
+    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class EngineReference:
+    """A separate frozen model: an inference-only ZeRO-3 engine (see ``engines.build_engine(trainable=False)``)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @torch.no_grad()
+    def logps(self, batch):
+        out = concatenated_forward(self.engine, batch)
+        return out.chosen, out.rejected
+
+
+class AdapterReference:
+    """The LoRA policy's base model: same weights with adapters disabled, no second copy in memory."""
+
+    def __init__(self, policy_engine):
+        self.engine = policy_engine
+
+    @torch.no_grad()
+    def logps(self, batch):
+        was_training = self.engine.module.training
+        self.engine.eval()  # adapter dropout off, exactly the base model
+        try:
+            with self.engine.module.disable_adapter():
+                out = concatenated_forward(self.engine, batch)
+        finally:
+            self.engine.train(was_training)
+        return out.chosen, out.rejected
+
+
+class PrecomputedReference:
+    """Reads the ``ref_*_logps`` columns that ``precompute_reference_logps`` added to the dataset."""
+
+    def logps(self, batch):
+        return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+
+
+@torch.no_grad()
+def precompute_reference_logps(reference: Reference, dataset: datasets.Dataset, batch_size: int, pad_token_id: int,
+                               device: torch.device, desc: str = "reference log-probs") -> datasets.Dataset:
+    """Run ``reference`` once over ``dataset`` and return it with ``ref_chosen_logps``/``ref_rejected_logps`` columns.
+
+    Each rank scores a disjoint shard (padded with fillers so that every rank runs the same number of forwards,
+    as ZeRO-3 requires); one all-gather at the end gives every rank the whole table.
+    """
+    from tqdm.auto import tqdm
+
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    sampler = GlobalBatchSampler(len(dataset), batch_size, 1, world, rank, seed=0, shuffle=False)
+    rows = []  # [index, weight, chosen, rejected] per scored pair
+    for plan in tqdm(sampler.epoch(0), total=sampler.steps_per_epoch, desc=desc, disable=rank != 0):
+        indices, weights = plan.micro_batches[0], plan.weights[0]
+        batch = collate_pairs([dataset[i] for i in indices], weights, pad_token_id)
+        chosen, rejected = reference.logps({k: v.to(device) for k, v in batch.items()})
+        rows.append(torch.stack([batch["index"].double(), batch["weight"].double(),
+                                 chosen.double().cpu(), rejected.double().cpu()], dim=1))
+    local = torch.cat(rows).to(device)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    torch.distributed.all_gather(gathered, local)
+    table = torch.cat(gathered).cpu()
+    table = table[table[:, 1] > 0]
+    logps = torch.empty(len(dataset), 2, dtype=torch.float64)
+    logps[table[:, 0].long()] = table[:, 2:]
+    dataset = dataset.remove_columns([c for c in REF_COLUMNS if c in dataset.column_names])
+    return (dataset.add_column(REF_COLUMNS[0], logps[:, 0].tolist())
+                   .add_column(REF_COLUMNS[1], logps[:, 1].tolist()))

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import yaml
+
+from ds_dpo import builtin
+from ds_dpo.config import ConfigError, DPOConfig, dump_config, load_config, make_config
+from ds_dpo.engines import reference_deepspeed_config, resolve_deepspeed_config
+
+
+def test_yaml_then_cli_overrides(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("beta: 0.3\nlearning_rate: 5e-7\nloss_type: sigmoid\nlora_target_modules: [q_proj, v_proj]\n"
+                   "model_name_or_path: m\ndataset: d\n")
+    cfg, explicit = load_config(["--config", str(run), "--beta", "0.2", "--per_device_train_batch_size=4",
+                                 "--bf16", "--local_rank=1"])
+    assert cfg.beta == 0.2 and cfg.learning_rate == 5e-7 and cfg.per_device_train_batch_size == 4
+    assert cfg.bf16 is True and cfg.lora_target_modules == ["q_proj", "v_proj"]
+    assert "beta" in explicit and "max_steps" not in explicit
+    assert cfg.max_steps == DPOConfig.max_steps  # not the built-in default: a model and dataset were given
+
+
+def test_builtin_defaults_fill_only_unset_keys():
+    cfg, _ = load_config(["--max_steps", "7"])
+    assert cfg.builtin and cfg.max_steps == 7
+    assert cfg.learning_rate == builtin.DEFAULTS["learning_rate"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--betta", "0.1"], "unknown config key `betta`.*did you mean `beta`"),
+    (["--beta", "abc"], "`beta` expects float"),
+    (["--max_steps", "1.5"], "`max_steps` expects int"),
+    (["--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' does not exist"),
+    (["--beta"], "`--beta` needs a value"),
+    (["stray"], "unexpected argument"),
+])
+def test_cli_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv)
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("learning_rat: 1e-6\n")
+    with pytest.raises(ConfigError, match=r"`learning_rat` in .*run.yaml.*`learning_rate`"):
+        load_config(["--config", str(run)])
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"reference": "lora"}, "set `use_peft: true`"),
+    ({"reference": "ema"}, "`reference` must be one of"),
+    ({"loss_type": "nope"}, "unknown `loss_type` 'nope'"),
+    ({"beta": 0.0}, "`beta` must be > 0"),
+    ({"label_smoothing": 0.5}, "label_smoothing"),
+    ({"max_length": 16, "max_prompt_length": 16}, "must be < `max_length`"),
+    ({"deepspeed": "ds_configs/zero4.json"}, r"DeepSpeed config `ds_configs/zero4.json` not found.*zero3.json"),
+    ({"model_name_or_path": "./nowhere", "dataset": "x.jsonl"}, "does not exist"),
+    ({"model_name_or_path": "m"}, "give both"),
+    ({"save_merged_model": True}, "needs `use_peft: true`"),
+])
+def test_validation_messages(values, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(values).validate()
+
+
+def test_validation_lists_every_problem():
+    with pytest.raises(ConfigError) as e:
+        make_config({"beta": -1.0, "learning_rate": 0.0}).validate()
+    assert "`beta`" in str(e.value) and "`learning_rate`" in str(e.value)
+
+
+def test_precomputed_implies_precompute_flag():
+    assert make_config({"reference": "precomputed"}).precompute_ref_log_probs
+
+
+def test_deepspeed_auto_values_filled():
+    cfg = make_config({"per_device_train_batch_size": 3, "gradient_accumulation_steps": 2, "learning_rate": 1e-5,
+                       "max_grad_norm": 0.5, "weight_decay": 0.01})
+    ds = resolve_deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["lr"] == 1e-5 and ds["optimizer"]["params"]["weight_decay"] == 0.01
+    assert ds["bf16"]["enabled"] is False and ds["zero_optimization"]["stage"] == 3
+    ref = reference_deepspeed_config(ds, make_config({"ref_offload": True}))
+    assert ref["zero_optimization"]["stage"] == 3 and ref["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "optimizer" not in ref and ref["train_batch_size"] == 24
+
+
+def test_deepspeed_batch_size_conflict_is_explained(tmp_path):
+    ds_file = tmp_path / "ds.json"
+    preset = json.loads(open(make_config({}).deepspeed_path).read())
+    ds_file.write_text(json.dumps({**preset, "train_batch_size": 32}))
+    cfg = make_config({"deepspeed": str(ds_file), "per_device_train_batch_size": 4})
+    with pytest.raises(ConfigError, match=r"train_batch_size.*32.*needs 8.*world size 2"):
+        resolve_deepspeed_config(cfg, world_size=2)
+
+
+def test_every_preset_resolves():
+    for preset in ("zero1", "zero2", "zero3", "zero3_offload", "ddp"):
+        ds = resolve_deepspeed_config(make_config({"deepspeed": f"ds_configs/{preset}.json"}), world_size=2)
+        assert "auto" not in json.dumps(ds)
+
+
+def test_dump_includes_deepspeed_config(tmp_path):
+    cfg = make_config({"beta": 0.25})
+    ds = resolve_deepspeed_config(cfg, world_size=1)
+    dump_config(cfg, ds, tmp_path / "config.yaml")
+    doc = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert doc["beta"] == 0.25 and doc["deepspeed_config"]["train_batch_size"] == 8 and "local_rank" not in doc
+    assert make_config({k: v for k, v in doc.items() if k != "deepspeed_config"}) == cfg

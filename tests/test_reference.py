@@ -1,0 +1,67 @@
+"""Reference modes on real DeepSpeed ZeRO-3 engines (one in-process CPU rank)."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ds_dpo import builtin, engines
+from ds_dpo.collate import collate_pairs
+from ds_dpo.config import make_config
+from ds_dpo.data import load_tokenized
+from ds_dpo.logprobs import concatenated_forward
+from ds_dpo.reference import AdapterReference, EngineReference, PrecomputedReference, precompute_reference_logps
+
+
+def setup_run(files, **overrides):
+    cfg = make_config({**files, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "max_length": 32,
+                       "max_prompt_length": 8, **overrides})
+    tok = builtin.build_tokenizer()
+    data = load_tokenized(cfg.eval_dataset, tok, cfg.max_length, cfg.max_prompt_length).select(range(24))
+    return cfg, tok, data, engines.resolve_deepspeed_config(cfg, world_size=1)
+
+
+def batches(data, tok, size=4):
+    return [collate_pairs([data[i] for i in range(s, s + size)], [1.0] * size, tok.pad_token_id)
+            for s in range(0, len(data), size)]
+
+
+def test_lora_reference_is_the_base_model_and_never_moves(single_rank, builtin_files):
+    cfg, tok, data, ds = setup_run(builtin_files, use_peft=True, reference="lora", lora_r=4, lora_alpha=8,
+                                   lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj", "up_proj"])
+    policy = engines.build_engine(cfg, ds, trainable=True, total_steps=10)
+    assert engines.zero_stage(ds) == 3 and policy.zero_optimization_stage() == 3
+    reference = AdapterReference(policy)
+    with engines.zero3_disabled():  # a plain, unpartitioned copy of the base model
+        base = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path).eval()
+    bs = batches(data, tok)
+    with torch.no_grad():
+        expected = [concatenated_forward(base, b) for b in bs]
+    before = [reference.logps(b) for b in bs]
+    for (c, r), e in zip(before, expected):
+        torch.testing.assert_close(c, e.chosen, atol=1e-6, rtol=0)
+        torch.testing.assert_close(r, e.rejected, atol=1e-6, rtol=0)
+    for b in bs * 2:  # a few real optimizer steps on the adapters
+        out = concatenated_forward(policy, b)
+        policy.backward(-(out.chosen - out.rejected).mean())
+        policy.step()
+    with torch.no_grad():
+        moved = concatenated_forward(policy, bs[0]).chosen
+    assert (moved - before[0][0]).abs().max() > 1e-2  # the policy learned ...
+    for (c, r), (c0, r0) in zip((reference.logps(b) for b in bs), before):
+        assert torch.equal(c, c0) and torch.equal(r, r0)  # ... and the reference did not move at all
+    assert policy.module.training  # the reference pass restores train mode
+
+
+def test_precomputed_equals_engine_reference(single_rank, builtin_files):
+    cfg, tok, data, ds = setup_run(builtin_files, reference="precomputed")
+    ref_engine = engines.build_engine(cfg, engines.reference_deepspeed_config(ds, cfg), trainable=False)
+    assert ref_engine.zero_optimization_stage() == 3 and not ref_engine.module.training
+    assert ref_engine.client_optimizer is None and not any(p.requires_grad for p in ref_engine.module.parameters())
+    reference = EngineReference(ref_engine)
+    live = [reference.logps(b) for b in batches(data, tok)]
+    scored = precompute_reference_logps(reference, data, batch_size=5, pad_token_id=tok.pad_token_id,
+                                        device=engines.device())
+    engines.release(ref_engine)
+    for (c, r), b in zip(live, batches(scored, tok)):
+        pc, pr = PrecomputedReference().logps(b)
+        torch.testing.assert_close(pc, c, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pr, r, atol=1e-5, rtol=0)
