@@ -11,7 +11,10 @@ held-out reward accuracy (chance 0.5) shows whether DPO learned it.
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +78,16 @@ def make_pair(rng: random.Random) -> dict[str, str]:
 
 def write_pairs(path: Path, n: int, seed: int) -> None:
     rng = random.Random(seed)
-    with path.open("w") as f:
+    tmp = _private_tmp(path)
+    with tmp.open("w") as f:
         for _ in range(n):
             f.write(json.dumps(make_pair(rng)) + "\n")
+    tmp.replace(path)
+
+
+def _private_tmp(path: Path) -> Path:
+    # Nodes that share a filesystem each generate the same files: write privately, then rename into place.
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
 def build_tokenizer():
@@ -100,29 +110,40 @@ def build_tokenizer():
 
 
 def materialize(root: Path, seed: int) -> dict[str, str]:
-    """Write tokenizer + random-init model + train/eval pairs under ``root`` (idempotent); return config values."""
+    """Write tokenizer + random-init model + train/eval pairs under ``root`` (idempotent); return config values.
+
+    Called by every process before torch.distributed starts (transformers' ``save_pretrained`` writes only on global
+    rank 0 once it has started, and a second node may not share rank 0's filesystem). A file lock makes the other
+    local processes wait for the first; private temporary names keep nodes on a shared filesystem apart.
+    """
+    from filelock import FileLock
+
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir, train, evals = root / "model", root / "train.jsonl", root / "eval.jsonl"
+    with FileLock(str(root / ".lock")):
+        if not (model_dir / "config.json").is_file():
+            _write_model(model_dir, seed)
+        if not evals.is_file():
+            write_pairs(train, NUM_TRAIN_PAIRS, seed)
+            write_pairs(evals, NUM_EVAL_PAIRS, seed + 1)
+    return {"model_name_or_path": str(model_dir), "dataset": str(train), "eval_dataset": str(evals)}
+
+
+def _write_model(model_dir: Path, seed: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    model_dir, train, evals = root / "model", root / "train.jsonl", root / "eval.jsonl"
-    if not (model_dir / "config.json").is_file():
-        tokenizer = build_tokenizer()
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **MODEL_CONFIG,
-        )
-        torch.manual_seed(seed)
-        tmp = root / "model.tmp"
-        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL_CONFIG)
+    torch.manual_seed(seed)
+    tmp = _private_tmp(model_dir)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
         tmp.rename(model_dir)
-    if not evals.is_file():
-        write_pairs(train, NUM_TRAIN_PAIRS, seed)
-        write_pairs(evals, NUM_EVAL_PAIRS, seed + 1)
-    return {"model_name_or_path": str(model_dir), "dataset": str(train), "eval_dataset": str(evals)}
+    except OSError:  # another node got there first with the same files
+        shutil.rmtree(tmp)
 
 
 def with_defaults(values: dict[str, Any]) -> dict[str, Any]:

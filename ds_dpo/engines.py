@@ -104,7 +104,11 @@ def load_model(cfg: DPOConfig, ds_config: dict) -> tuple[torch.nn.Module, HfDeep
     Returns the model and the ``HfDeepSpeedConfig`` that must be kept alive while transformers/peft should see
     ZeRO-3 as enabled for this model.
     """
-    hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+    if zero_stage(ds_config) == 3:
+        hf_ds = HfDeepSpeedConfig(ds_config)  # registers itself: from_pretrained now partitions under zero.Init
+    else:
+        hf_ds = None
+        unset_hf_deepspeed_config()  # a ZeRO-3 reference built earlier must not partition a ZeRO-1/2 policy
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model_name_or_path,
         dtype=torch.bfloat16 if cfg.bf16 else torch.float32,

@@ -38,16 +38,15 @@ class DPORecipe:
     # --- setup ------------------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        self.rank, self.world_size, self.local_rank = engines.init_distributed()
-        self.device = engines.device()
-        torch.manual_seed(self.cfg.seed)  # same on every rank: LoRA init and anything else random must agree
         self.output_dir = Path(self.cfg.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.cfg.builtin:
-            with self._local_main_first():
-                paths = builtin.materialize(self.output_dir / "builtin", self.cfg.seed)
+            paths = builtin.materialize(self.output_dir / "builtin", self.cfg.seed)
             self.cfg = dataclasses.replace(self.cfg, **paths)
         cfg = self.cfg
+        self.rank, self.world_size, self.local_rank = engines.init_distributed()
+        self.device = engines.device()
+        torch.manual_seed(cfg.seed)  # same on every rank: LoRA init and anything else random must agree
+        self.output_dir.mkdir(parents=True, exist_ok=True)
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
         if self.tokenizer.pad_token_id is None:

@@ -8,7 +8,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, launch, read_metrics
+from conftest import DEEPSPEED, REPO, free_port, launch, read_metrics
 from ds_dpo.collate import collate_pairs
 from ds_dpo.data import load_tokenized
 from ds_dpo.logprobs import concatenated_forward
@@ -82,12 +82,17 @@ def test_exported_model_loads_with_plain_transformers_and_matches_engine(demo):
 
 def test_two_ranks_and_accumulation_reproduce_one_rank(tmp_path):
     """Same global batch of 8 pairs: 1 rank x 8, 2 ranks x 4 (ZeRO-3 policy + ZeRO-3 reference), 1 rank x 2 x 4
-    accumulation, and the precomputed reference on 2 ranks. Loss trajectories agree to 1e-6 (seen: ~6e-8)."""
+    accumulation; on 2 ranks also the precomputed reference, a ZeRO-2 policy (reference still ZeRO-3), and ZeRO-3
+    with parameter + optimizer offload (DeepSpeedCPUAdam), reference offload and gradient checkpointing.
+    Loss trajectories agree to 1e-6 (seen: at most ~6e-8)."""
     runs = {
         "1x8": (1, ["--per_device_train_batch_size", "8"]),
         "2x4": (2, ["--per_device_train_batch_size", "4"]),
         "1x2x4": (1, ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4"]),
         "2x4_precomputed": (2, ["--per_device_train_batch_size", "4", "--reference", "precomputed"]),
+        "2x4_zero2": (2, ["--per_device_train_batch_size", "4", "--deepspeed", "ds_configs/zero2.json"]),
+        "2x4_offload": (2, ["--per_device_train_batch_size", "4", "--deepspeed", "ds_configs/zero3_offload.json",
+                            "--ref_offload", "true", "--gradient_checkpointing", "true"]),
     }
     curves = {}
     for name, (nprocs, args) in runs.items():
@@ -120,3 +125,22 @@ def test_config_errors_stop_before_training(tmp_path):
     proc = launch("--betta", "0.1", "--output_dir", str(tmp_path), nprocs=1, check=False)
     assert proc.returncode != 0
     assert "unknown config key `betta` in the command line; did you mean `beta`?" in proc.stdout + proc.stderr
+
+
+def test_two_node_hostfile_launch_takes_yaml_and_overrides(tmp_path):
+    """Two "nodes" on this machine: a hostfile with two hosts and one launcher per node (--no_ssh), as under SLURM."""
+    (tmp_path / "hosts").write_text("node0 slots=1\nnode1 slots=1\n")
+    (tmp_path / "run.yaml").write_text("max_steps: 4\nlogging_steps: 1\nbeta: 0.2\nsave_steps: 2\n")
+    out, port = tmp_path / "out", str(free_port())
+    launchers = [subprocess.Popen(
+        [DEEPSPEED, "--hostfile", str(tmp_path / "hosts"), "--no_ssh", "--node_rank", str(rank), "--master_addr",
+         "127.0.0.1", "--master_port", port, "launch/train.py", "--config", str(tmp_path / "run.yaml"),
+         "--learning_rate", "1e-3", "--output_dir", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["beta"] == 0.2 and cfg["learning_rate"] == 1e-3
+    assert cfg["deepspeed_config"]["train_batch_size"] == 2 * cfg["per_device_train_batch_size"]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    assert (out / "checkpoints" / "step-4").is_dir() and (out / "model.safetensors").is_file()
