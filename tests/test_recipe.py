@@ -1,5 +1,6 @@
 """End-to-end runs of launch/train.py under the real ``deepspeed`` launcher on CPU ranks (gloo)."""
 
+import math
 import re
 import subprocess
 
@@ -55,6 +56,11 @@ def test_demo_writes_config_metrics_and_tensorboard(demo):
     assert [e.step for e in events.Scalars("loss")] == list(range(10, cfg["max_steps"] + 1, 10))
     train = read_metrics(out)
     assert all(set(tags) <= set(r) for r in train)
+    # HF's cosine schedule with warmup: the lr logged at step s is the one its update used, lr(s - 1).
+    total, warmup, peak = cfg["max_steps"], round(cfg["warmup_ratio"] * cfg["max_steps"]), cfg["learning_rate"]
+    for r in train:
+        progress = (r["step"] - 1 - warmup) / (total - warmup)
+        assert r["learning_rate"] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-6)
 
 
 def test_demo_checkpoints_rotate(demo):
@@ -144,3 +150,12 @@ def test_two_node_hostfile_launch_takes_yaml_and_overrides(tmp_path):
     assert cfg["deepspeed_config"]["train_batch_size"] == 2 * cfg["per_device_train_batch_size"]
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
     assert (out / "checkpoints" / "step-4").is_dir() and (out / "model.safetensors").is_file()
+
+
+def test_bf16_run(tmp_path):
+    out = tmp_path / "bf16"
+    launch("--max_steps", "12", "--logging_steps", "4", "--bf16", "true", "--output_dir", str(out))
+    assert yaml.safe_load((out / "config.yaml").read_text())["deepspeed_config"]["bf16"]["enabled"] is True
+    curve = losses(out)
+    assert all(math.isfinite(x) for x in curve) and curve[-1] < curve[0]
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
