@@ -136,9 +136,13 @@ def _write_model(model_dir: Path, seed: int) -> None:
     tokenizer = build_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL_CONFIG)
+    from ds_dpo.engines import zero3_disabled
+
     torch.manual_seed(seed)
     tmp = _private_tmp(model_dir)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+    with zero3_disabled():  # a whole model to save, even if a ZeRO-3 run is alive in this process
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:
         tmp.rename(model_dir)

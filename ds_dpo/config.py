@@ -37,6 +37,8 @@ class DPOConfig:
     # --- model and data -------------------------------------------------------------------------------------------
     model_name_or_path: str | None = None
     """Hugging Face model id or local directory. Unset together with ``dataset``: the built-in tiny default."""
+    ref_model_name_or_path: str | None = None
+    """The reference model for ``reference: zero``/``precomputed``; unset: the same checkpoint as the policy."""
     dataset: str | None = None
     """Training pairs: a ``.jsonl``/``.jsonl.gz``/``.json`` file of ``prompt``/``chosen``/``rejected`` strings."""
     eval_dataset: str | None = None
@@ -74,11 +76,29 @@ class DPOConfig:
 
     # --- objective --------------------------------------------------------------------------------------------------
     beta: float = 0.1
-    """Temperature of the implicit reward ``beta * log(pi / pi_ref)``."""
+    """Temperature of the implicit reward ``beta * log(pi / pi_ref)`` (IPO's tau, ORPO's lambda)."""
     loss_type: str | list[str] = "sigmoid"
-    """A name from ``ds_dpo.losses.LOSS_TYPES``."""
+    """A name from ``ds_dpo.losses.LOSS_TYPES``, or a list of names for a weighted mixture (see docs/losses.md)."""
+    loss_weights: list[float] | None = None
+    """One weight per ``loss_type`` entry (default 1 each)."""
     label_smoothing: float = 0.0
-    """Conservative DPO (cDPO) label-noise probability in [0, 0.5)."""
+    """Label-noise probability in [0, 0.5): cDPO for sigmoid, Robust DPO, EXO's epsilon, AOT, SimPO/CPO."""
+    f_divergence_type: str = "reverse_kl"
+    """f-DPO divergence: ``reverse_kl``, ``forward_kl``, ``js_divergence``, ``alpha_divergence``."""
+    f_alpha_divergence_coef: float = 0.5
+    """alpha of ``alpha_divergence``."""
+    discopop_tau: float = 0.05
+    """Temperature of DiscoPOP's log-ratio modulation."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma."""
+    cpo_alpha: float = 1.0
+    """Weight of CPO's behaviour-cloning NLL term."""
+    reference_free: bool = False
+    """Take the reference log-ratio as 0 for every loss type; no reference model is built."""
+    use_weighting: bool = False
+    """WPO: weight each pair by the policy's length-normalised probability of both completions."""
+    ld_alpha: float | None = None
+    """LD-DPO: weight of completion tokens past the shorter completion of a pair (policy and reference)."""
 
     # --- sequence lengths -------------------------------------------------------------------------------------------
     max_length: int | None = 1024
@@ -147,7 +167,7 @@ class DPOConfig:
 
     def validate(self) -> None:
         """Check everything that can be checked without a model, data or world size; raise ConfigError."""
-        from ds_dpo.losses import LOSS_TYPES  # config sits below losses in nothing but this name list
+        from ds_dpo.losses import LOSS_TYPES, check_options
 
         problems = []
 
@@ -163,13 +183,19 @@ class DPOConfig:
             need(getattr(self, name) >= 1, f"`{name}` must be >= 1 (got {getattr(self, name)})")
         need(self.learning_rate > 0, f"`learning_rate` must be > 0 (got {self.learning_rate})")
         need(self.beta > 0, f"`beta` must be > 0 (got {self.beta})")
-        need(0.0 <= self.label_smoothing < 0.5, f"`label_smoothing` must be in [0, 0.5) (got {self.label_smoothing})")
         need(0.0 <= self.warmup_ratio <= 1.0, f"`warmup_ratio` must be in [0, 1] (got {self.warmup_ratio})")
         need(self.max_grad_norm >= 0, f"`max_grad_norm` must be >= 0 (got {self.max_grad_norm})")
         need(self.lr_scheduler_type in LR_SCHEDULER_TYPES,
              f"`lr_scheduler_type` must be one of {LR_SCHEDULER_TYPES} (got {self.lr_scheduler_type!r})")
         for name in self.loss_types:
             need(name in LOSS_TYPES, f"unknown `loss_type` {name!r}; known: {sorted(LOSS_TYPES)}")
+        if all(name in LOSS_TYPES for name in self.loss_types):
+            try:
+                check_options(self.loss_type, self.loss_weights, self.label_smoothing, self.f_divergence_type,
+                              self.use_weighting, max(self.beta, 1e-12), self.discopop_tau)
+            except ValueError as e:
+                problems.append(str(e))
+        need(self.ld_alpha is None or 0.0 <= self.ld_alpha <= 1.0, f"`ld_alpha` must be in [0, 1] or unset")
         need(self.reference in REFERENCE_MODES,
              f"`reference` must be one of {REFERENCE_MODES} (got {self.reference!r})")
         need(self.reference != "lora" or self.use_peft,
@@ -192,9 +218,12 @@ class DPOConfig:
         for name in ("dataset", "eval_dataset"):
             path = getattr(self, name)
             need(path is None or Path(path).exists(), f"`{name}` file {path!r} does not exist")
-        if self.model_name_or_path and self.model_name_or_path.startswith((".", "/", "~")):
-            need(Path(self.model_name_or_path).expanduser().is_dir(),
-                 f"`model_name_or_path` directory {self.model_name_or_path!r} does not exist")
+        for name in ("model_name_or_path", "ref_model_name_or_path"):
+            path = getattr(self, name)
+            if path and path.startswith((".", "/", "~")):
+                need(Path(path).expanduser().is_dir(), f"`{name}` directory {path!r} does not exist")
+        need(self.ref_model_name_or_path is None or self.reference != "lora",
+             "`ref_model_name_or_path` cannot be used with `reference: lora` (the reference is the LoRA base model)")
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
@@ -233,7 +262,11 @@ def _coerce(name: str, value: Any) -> Any:
             with contextlib.suppress(ValueError):
                 return float(value)  # PyYAML reads `5e-7` (no dot) as a string
         if origin is list and isinstance(value, list):
-            return value
+            inner = typing.get_args(option)[0]
+            if inner is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                return [float(v) for v in value]
+            if all(type(v) is inner for v in value):
+                return value
         if origin in (str, int, bool) and type(value) is origin:
             return value
         if origin is str and isinstance(value, (int, float)) and not isinstance(value, bool):

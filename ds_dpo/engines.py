@@ -98,8 +98,9 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def load_model(cfg: DPOConfig, ds_config: dict) -> tuple[torch.nn.Module, HfDeepSpeedConfig | None]:
-    """``from_pretrained`` under ZeRO-3 partitioning when ``ds_config`` is stage 3.
+def load_model(cfg: DPOConfig, ds_config: dict, trainable: bool) -> tuple[torch.nn.Module, HfDeepSpeedConfig | None]:
+    """``from_pretrained`` (the policy's or the reference's checkpoint) under ZeRO-3 partitioning when
+    ``ds_config`` is stage 3.
 
     Returns the model and the ``HfDeepSpeedConfig`` that must be kept alive while transformers/peft should see
     ZeRO-3 as enabled for this model.
@@ -109,8 +110,9 @@ def load_model(cfg: DPOConfig, ds_config: dict) -> tuple[torch.nn.Module, HfDeep
     else:
         hf_ds = None
         unset_hf_deepspeed_config()  # a ZeRO-3 reference built earlier must not partition a ZeRO-1/2 policy
+    path = cfg.model_name_or_path if trainable else (cfg.ref_model_name_or_path or cfg.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model_name_or_path,
+        path,
         dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
         attn_implementation=cfg.attn_implementation,
     )
@@ -139,7 +141,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_engine(cfg: DPOConfig, ds_config: dict, trainable: bool, total_steps: int = 0):
     """Build the policy (``trainable``: optimizer, LR schedule, optional LoRA) or a frozen reference engine."""
-    model, hf_ds = load_model(cfg, ds_config)
+    model, hf_ds = load_model(cfg, ds_config, trainable)
     if not trainable:
         model.requires_grad_(False)
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)

@@ -1,110 +1,417 @@
 """Preference losses: pure functions of sequence log-probs, registered by name.
 
-Every loss takes the policy's and the reference's summed completion log-probs for each pair and returns the
-per-pair loss; nothing here knows about models, batches or engines. Adding a variant is one registered function:
+Every loss maps the log-probs of a batch of B pairs to B per-pair losses; nothing here knows about models, batches
+or engines. The reference-based variants follow TRL 1.16's ``DPOTrainer`` exactly (the tests prove it, values and
+gradients); ``simpo``, ``orpo``, ``cpo`` and ``ipo_sum`` follow their papers / OpenRLHF. Adding a variant is one
+registered function and one test:
 
-    @register("my_loss")
-    def my_loss(inputs: LossInputs, options: LossOptions) -> torch.Tensor:  # [B]
-        ...
+    @register("my_loss", needs_reference=True)
+    def my_loss(x: LossInputs, o: LossOptions) -> torch.Tensor:  # [B]
+        return -F.logsigmoid(o.beta * x.delta_scores(o))
 
-``preference_loss`` is the public entry point used by the training loop and by users' own code.
+Public entry point (used by the training loop and by users' own code):
+
+    from ds_dpo.losses import preference_loss, LOSS_TYPES
+    out = preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                          chosen_lengths, rejected_lengths, loss_type="sigmoid", beta=0.1)
+    out.loss, out.losses, out.chosen_rewards, out.rejected_rewards
+
+Notation in the docstrings: for a pair (x, y_w, y_l), log-ratios ``r_w = log pi(y_w|x) - log pi_ref(y_w|x)`` and
+``r_l`` likewise; ``h = s(r_w) - s(r_l)`` where ``s`` is the f-divergence score (identity for the default
+``reverse_kl``); ``|y|`` is a completion's token count; ``eps`` is ``label_smoothing``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class LossInputs:
-    """Log-probs of one batch of pairs; every tensor is [B]."""
-
-    chosen_logps: torch.Tensor
-    rejected_logps: torch.Tensor
-    ref_chosen_logps: torch.Tensor
-    ref_rejected_logps: torch.Tensor
-
-    @property
-    def logits(self) -> torch.Tensor:
-        """The DPO log-ratio difference h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))."""
-        return (self.chosen_logps - self.ref_chosen_logps) - (self.rejected_logps - self.ref_rejected_logps)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
 @dataclass(frozen=True)
 class LossOptions:
     beta: float = 0.1
     label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
 
 
 @dataclass(frozen=True)
-class PreferenceLossOutput:
-    loss: torch.Tensor
-    """Scalar: mean over pairs of ``losses``."""
-    losses: torch.Tensor
-    """[B] per-pair loss."""
-    chosen_rewards: torch.Tensor
-    """[B] ``beta * (chosen_logps - ref_chosen_logps)``, detached (as TRL logs it)."""
-    rejected_rewards: torch.Tensor
-    """[B] ``beta * (rejected_logps - ref_rejected_logps)``, detached."""
+class LossInputs:
+    """Log-probs of B pairs; every tensor is [B]. Reference log-probs are zeros for reference-free computations."""
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor
+    ref_rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor | None
+    rejected_lengths: torch.Tensor | None
+
+    @property
+    def chosen_logratios(self) -> torch.Tensor:
+        return self.chosen_logps - self.ref_chosen_logps
+
+    @property
+    def rejected_logratios(self) -> torch.Tensor:
+        return self.rejected_logps - self.ref_rejected_logps
+
+    def scores(self, o: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+        """f-DPO scores s(r) = f'(pi/pi_ref) (Wang et al. 2023, https://arxiv.org/abs/2309.16240)."""
+        return _f_score(self.chosen_logratios, o), _f_score(self.rejected_logratios, o)
+
+    def delta_scores(self, o: LossOptions) -> torch.Tensor:
+        """h = s(r_w) - s(r_l); with reverse KL, the DPO logit r_w - r_l."""
+        chosen, rejected = self.scores(o)
+        return chosen - rejected
+
+    def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.chosen_lengths.clamp(min=1.0), self.rejected_lengths.clamp(min=1.0)
+
+    def chosen_nll(self) -> torch.Tensor:
+        """[B]: the batch's token-level mean NLL of the chosen completions, sum(-log pi(y_w)) / sum(|y_w|), as TRL's
+        ``sft`` term computes it, repeated per pair (so that the mean over pairs is that value)."""
+        nll = -self.chosen_logps.sum() / self.chosen_lengths.sum().clamp(min=1.0)
+        return nll.expand_as(self.chosen_logps)
+
+
+def _f_score(logratio: torch.Tensor, o: LossOptions) -> torch.Tensor:
+    if o.f_divergence_type == "reverse_kl":
+        return logratio
+    if o.f_divergence_type == "forward_kl":  # f'(t) = 1 - 1/t
+        return 1 - torch.exp(-logratio)
+    if o.f_divergence_type == "js_divergence":  # f'(t) = log(2t / (t + 1))
+        return math.log(2) + F.logsigmoid(logratio)
+    alpha = o.f_alpha_divergence_coef  # alpha_divergence: f'(t) = (t^(alpha - 1) - 1) / (alpha - 1)
+    if abs(alpha - 1.0) < 1e-6:
+        return logratio  # the alpha -> 1 limit is reverse KL
+    t = torch.clamp(((alpha - 1.0) * logratio).float(), max=11.0 if logratio.dtype == torch.float16 else 80.0)
+    return (torch.exp(t) - 1.0).to(logratio.dtype) / (alpha - 1.0)
+
+
+def _smoothed_logistic(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)."""
+    return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
 LossFn = Callable[[LossInputs, LossOptions], torch.Tensor]
-_REGISTRY: dict[str, LossFn] = {}
 
 
-def register(name: str) -> Callable[[LossFn], LossFn]:
+@dataclass(frozen=True)
+class LossSpec:
+    fn: LossFn
+    needs_reference: bool
+    """False: computed from the policy alone; no reference model is built when every configured type says so."""
+    needs_lengths: bool
+    """Uses completion token counts (length normalisation or a token-level NLL)."""
+    f_divergence: bool
+    """Accepts an ``f_divergence_type`` other than reverse KL (TRL's rule: where log Z(x) cancels)."""
+
+
+_REGISTRY: dict[str, LossSpec] = {}
+
+
+def register(name: str, needs_reference: bool = True, needs_lengths: bool = False,
+             f_divergence: bool = False) -> Callable[[LossFn], LossFn]:
     def add(fn: LossFn) -> LossFn:
         if name in _REGISTRY:
             raise ValueError(f"loss type {name!r} is already registered")
-        _REGISTRY[name] = fn
+        _REGISTRY[name] = LossSpec(fn, needs_reference, needs_lengths, f_divergence)
         return fn
 
     return add
 
 
-@register("sigmoid")
-def sigmoid_loss(inputs: LossInputs, options: LossOptions) -> torch.Tensor:
-    """DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290), with cDPO label smoothing
-    (Mitchell 2023, https://ericmitchell.ai/cdpo.pdf).
+# --- reference-based losses (TRL 1.16 DPOTrainer semantics) -----------------------------------------------------------
 
-    With h the log-ratio difference (``LossInputs.logits``) and eps = ``label_smoothing``:
+@register("sigmoid", f_divergence=True)
+def sigmoid(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290): ``-log sigmoid(beta h)``.
 
-        loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
-
-    eps = 0 is plain DPO: the Bradley-Terry negative log-likelihood of the implicit reward
-    r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) preferring y_w over y_l.
+    With ``label_smoothing`` eps > 0 this is conservative DPO (cDPO, Mitchell 2023, https://ericmitchell.ai/cdpo.pdf):
+    ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``, as in OpenRLHF and TRL before 1.0 (TRL 1.16's
+    sigmoid ignores ``label_smoothing``; it is identical to this at eps = 0).
     """
-    z = options.beta * inputs.logits
-    eps = options.label_smoothing
-    return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    return _smoothed_logistic(o.beta * x.delta_scores(o), o.label_smoothing)
+
+
+@register("hinge", f_divergence=True)
+def hinge(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """SLiC hinge (Zhao et al. 2023, https://arxiv.org/abs/2305.10425): ``max(0, 1 - beta h)``."""
+    return torch.relu(1 - o.beta * x.delta_scores(o))
+
+
+@register("ipo", needs_lengths=True, f_divergence=True)
+def ipo(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """IPO (Azar et al. 2023, https://arxiv.org/abs/2310.12036, Eq. 17) on length-normalised scores, as TRL:
+    ``(s(r_w)/|y_w| - s(r_l)/|y_l| - 1/(2 beta))^2``; beta is the paper's tau."""
+    (chosen, rejected), (lc, lr) = x.scores(o), x.lengths()
+    return (chosen / lc - rejected / lr - 1 / (2 * o.beta)) ** 2
+
+
+@register("exo_pair", f_divergence=True)
+def exo_pair(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """EXO (Ji et al. 2024, https://arxiv.org/abs/2402.00856, Eq. 16) for K = 2: KL(q || p) with
+    ``q = (sigmoid(beta h), sigmoid(-beta h))`` and ``p = (1 - eps, eps)``; needs eps > 0 (paper: 1e-3)."""
+    z = o.beta * x.delta_scores(o)
+    eps = torch.tensor(o.label_smoothing, dtype=z.dtype, device=z.device)
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - torch.log1p(-eps))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - torch.log(eps)))
+
+
+@register("nca_pair")
+def nca_pair(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """NCA (Chen et al. 2024, https://arxiv.org/abs/2402.05369):
+    ``-log sigmoid(beta r_w) - 1/2 log sigmoid(-beta r_w) - 1/2 log sigmoid(-beta r_l)``."""
+    cw, cl = o.beta * x.chosen_logratios, o.beta * x.rejected_logratios
+    return -F.logsigmoid(cw) - 0.5 * F.logsigmoid(-cw) - 0.5 * F.logsigmoid(-cl)
+
+
+@register("robust", f_divergence=True)
+def robust(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024, https://arxiv.org/abs/2403.00409), eps = probability of a flipped label:
+    ``(-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)``."""
+    z, eps = o.beta * x.delta_scores(o), o.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+
+
+@register("bco_pair")
+def bco_pair(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """BCO on pairs (Jung et al. 2024, https://arxiv.org/abs/2404.04656), without the reward shift, as TRL:
+    ``-log sigmoid(beta r_w) - log sigmoid(-beta r_l)``."""
+    return -F.logsigmoid(o.beta * x.chosen_logratios) - F.logsigmoid(-o.beta * x.rejected_logratios)
+
+
+@register("sppo_hard")
+def sppo_hard(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """SPPO with hard win probabilities (Wu et al. 2024, https://arxiv.org/abs/2405.00675, Eq. 4.7 with P in {0, 1}):
+    ``(r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2``."""
+    return (x.chosen_logratios - 0.5 / o.beta) ** 2 + (x.rejected_logratios + 0.5 / o.beta) ** 2
+
+
+@register("aot")
+def aot(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """AOT, paired (Melnyk et al. 2024, https://arxiv.org/abs/2406.05882): the batch's policy log-ratio margins
+    ``log pi(y_w) - log pi(y_l)`` and reference margins are each sorted, and the smoothed logistic loss is applied to
+    their difference. Couples the pairs of a batch."""
+    policy, _ = torch.sort(x.chosen_logps - x.rejected_logps, dim=0)
+    ref, _ = torch.sort(x.ref_chosen_logps - x.ref_rejected_logps, dim=0)
+    return _smoothed_logistic(o.beta * (policy - ref), o.label_smoothing)
+
+
+@register("aot_unpaired")
+def aot_unpaired(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """AOT, unpaired (Melnyk et al. 2024): ``r_w`` and ``r_l`` are sorted separately over the batch, then the smoothed
+    logistic loss is applied to the sorted differences."""
+    chosen, _ = torch.sort(x.chosen_logratios, dim=0)
+    rejected, _ = torch.sort(x.rejected_logratios, dim=0)
+    return _smoothed_logistic(o.beta * (chosen - rejected), o.label_smoothing)
+
+
+@register("apo_zero")
+def apo_zero(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266, Eq. 7), for chosen outputs better than
+    the model's own: ``1 - sigmoid(beta r_w) + sigmoid(beta r_l)``."""
+    return 1 - torch.sigmoid(o.beta * x.chosen_logratios) + torch.sigmoid(o.beta * x.rejected_logratios)
+
+
+@register("apo_down")
+def apo_down(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """APO-down (same paper, Eq. 8), for chosen outputs worse than the model's own:
+    ``sigmoid(beta r_w) + 1 - sigmoid(beta (r_w - r_l))``."""
+    cw = x.chosen_logratios
+    return torch.sigmoid(o.beta * cw) + 1 - torch.sigmoid(o.beta * (cw - x.rejected_logratios))
+
+
+@register("discopop", f_divergence=True)
+def discopop(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """DiscoPOP / log-ratio modulated loss (Chris Lu et al. 2024, https://arxiv.org/abs/2406.08414, Eq. 5), with
+    z = beta h and m = sigmoid(z / tau): ``(1 - m) (-log sigmoid(z)) + m exp(-z)``; tau = ``discopop_tau``."""
+    z = o.beta * x.delta_scores(o)
+    m = torch.sigmoid(z / o.discopop_tau)
+    return -F.logsigmoid(z) * (1 - m) + torch.exp(-z) * m
+
+
+@register("sigmoid_norm", needs_lengths=True, f_divergence=True)
+def sigmoid_norm(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """DPO on length-normalised scores, as TRL: ``-log sigmoid(beta (s(r_w)/|y_w| - s(r_l)/|y_l|))``."""
+    (chosen, rejected), (lc, lr) = x.scores(o), x.lengths()
+    return -F.logsigmoid(o.beta * (chosen / lc - rejected / lr))
+
+
+@register("ipo_sum")
+def ipo_sum(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """IPO on summed log-probs, as OpenRLHF: ``(r_w - r_l - 1/(2 beta))^2``."""
+    return (x.chosen_logratios - x.rejected_logratios - 1 / (2 * o.beta)) ** 2
+
+
+# --- losses without a reference model ---------------------------------------------------------------------------------
+
+@register("sft", needs_reference=False, needs_lengths=True, f_divergence=True)
+def sft(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """Supervised NLL of the chosen completions: ``sum(-log pi(y_w)) / sum(|y_w|)`` over the batch, as TRL's ``sft``
+    (combine with ``sigmoid`` for RPO, Pang et al. 2024, https://arxiv.org/abs/2404.19733). Couples the pairs."""
+    return x.chosen_nll()
+
+
+@register("simpo", needs_reference=False, needs_lengths=True)
+def simpo(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, https://arxiv.org/abs/2405.14734, Eq. 6), reference-free and length-normalised:
+    ``-log sigmoid(beta log pi(y_w)/|y_w| - beta log pi(y_l)/|y_l| - gamma)`` with gamma = ``simpo_gamma``
+    (label smoothing as in TRL's CPOTrainer)."""
+    lc, lr = x.lengths()
+    z = o.beta * (x.chosen_logps / lc - x.rejected_logps / lr) - o.simpo_gamma
+    return _smoothed_logistic(z, o.label_smoothing)
+
+
+@register("orpo", needs_reference=False, needs_lengths=True)
+def orpo(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """ORPO (Hong et al. 2024, https://arxiv.org/abs/2403.07691, Eqs. 6-7): ``L_SFT - beta log sigmoid(log odds(y_w) -
+    log odds(y_l))`` with ``odds(y) = P / (1 - P)``, ``P = exp(log pi(y)/|y|)``; beta is the paper's lambda and
+    ``L_SFT`` the batch's token-level chosen NLL (as TRL's ORPOTrainer)."""
+    lc, lr = x.lengths()
+    chosen, rejected = x.chosen_logps / lc, x.rejected_logps / lr
+    log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
+    return x.chosen_nll() - o.beta * F.logsigmoid(log_odds)
+
+
+@register("cpo", needs_reference=False, needs_lengths=True)
+def cpo(x: LossInputs, o: LossOptions) -> torch.Tensor:
+    """CPO (Xu et al. 2024, https://arxiv.org/abs/2401.08417, Eq. 7): reference-free DPO plus a behaviour-cloning NLL,
+    ``-log sigmoid(beta (log pi(y_w) - log pi(y_l))) + alpha L_NLL`` with alpha = ``cpo_alpha`` (label smoothing as in
+    TRL's CPOTrainer)."""
+    z = o.beta * (x.chosen_logps - x.rejected_logps)
+    return _smoothed_logistic(z, o.label_smoothing) + o.cpo_alpha * x.chosen_nll()
 
 
 LOSS_TYPES: tuple[str, ...] = tuple(_REGISTRY)
+BATCH_COUPLED = frozenset({"aot", "aot_unpaired", "sft", "orpo", "cpo"})
+"""Types whose per-pair value depends on the other pairs of the batch (sorting, or a token-level batch mean)."""
+
+
+def needs_reference(loss_type: str | Sequence[str], reference_free: bool = False) -> bool:
+    """Whether any of the configured loss types reads reference log-probs."""
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    return not reference_free and any(_REGISTRY[n].needs_reference for n in names if n in _REGISTRY)
+
+
+def check_options(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None = None,
+                  label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
+                  use_weighting: bool = False, beta: float = 0.1, discopop_tau: float = 0.05) -> list[str]:
+    """Normalise ``loss_type`` to a list and raise ValueError on any invalid combination of options."""
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if not names:
+        raise ValueError("loss_type must name at least one loss")
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown loss_type {unknown[0]!r}; known: {sorted(_REGISTRY)}")
+    if loss_weights is not None and len(loss_weights) != len(names):
+        raise ValueError(f"loss_weights has {len(loss_weights)} entries but loss_type has {len(names)}: {names}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if "exo_pair" in names and label_smoothing == 0.0:
+        raise ValueError("exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
+    if "discopop" in names and discopop_tau <= 0:
+        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {f_divergence_type!r}")
+    if f_divergence_type != "reverse_kl":
+        bad = [n for n in names if not _REGISTRY[n].f_divergence]
+        if bad:
+            ok = sorted(n for n, s in _REGISTRY.items() if s.f_divergence)
+            raise ValueError(f"f_divergence_type={f_divergence_type!r} is not defined for {bad}; it applies to {ok}")
+    if use_weighting and any(n in ("aot", "aot_unpaired") for n in names):
+        raise ValueError("use_weighting (WPO) cannot be combined with aot/aot_unpaired: they sort the pairs")
+    return names
+
+
+@dataclass(frozen=True)
+class PreferenceLossOutput:
+    loss: torch.Tensor
+    """Scalar: ``sum_k w_k * mean over pairs of loss_k`` (TRL's combination rule)."""
+    losses: torch.Tensor
+    """[B] per-pair loss, ``sum_k w_k * loss_k``; its mean is ``loss``."""
+    chosen_rewards: torch.Tensor
+    """[B] ``beta * (chosen_logps - ref_chosen_logps)``, detached; the reference term is 0 without a reference."""
+    rejected_rewards: torch.Tensor
+    """[B] likewise for the rejected completions."""
 
 
 def preference_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    loss_type: str = "sigmoid",
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
+    reference_free: bool = False,
+    use_weighting: bool = False,
+    chosen_wpo_logps: torch.Tensor | None = None,
+    rejected_wpo_logps: torch.Tensor | None = None,
 ) -> PreferenceLossOutput:
-    """Compute a registered preference loss from [B] summed completion log-probs (policy and reference)."""
-    if loss_type not in _REGISTRY:
-        raise ValueError(f"unknown loss_type {loss_type!r}; known: {sorted(_REGISTRY)}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    inputs = LossInputs(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    losses = _REGISTRY[loss_type](inputs, LossOptions(beta=beta, label_smoothing=label_smoothing))
+    """Compute one or a weighted mixture of registered preference losses.
+
+    Args:
+        chosen_logps, rejected_logps: [B] policy log-prob sums over each completion's tokens.
+        ref_chosen_logps, ref_rejected_logps: [B] the reference's, or None for reference-free types (or with
+            ``reference_free=True``, which takes the reference log-ratio as 0 for every type).
+        chosen_lengths, rejected_lengths: [B] completion token counts (needed by ``ipo``, ``sigmoid_norm``,
+            ``sft``, ``simpo``, ``orpo``, ``cpo``).
+        loss_type: a name from ``LOSS_TYPES`` or a list of names (mixtures, MPO-style; RPO = ``["sigmoid", "sft"]``).
+        loss_weights: one weight per type (default 1 each).
+        use_weighting: WPO (Zhou et al. 2024, https://arxiv.org/abs/2406.11827, Eq. 2): each pair's loss is scaled
+            by ``exp(chosen_wpo_logps) * exp(rejected_wpo_logps)`` (detached), where ``*_wpo_logps`` [B] are the
+            mean over a completion's tokens of ``log pi(y_t) - log sum_v pi(v)^2`` (see ``logprobs``).
+        Other options are documented on ``LossOptions`` and on each loss.
+    """
+    names = check_options(loss_type, loss_weights, label_smoothing, f_divergence_type, use_weighting, beta,
+                          discopop_tau)
+    weights = list(loss_weights) if loss_weights is not None else [1.0] * len(names)
+    specs = [_REGISTRY[n] for n in names]
+    if any(s.needs_reference for s in specs) and not reference_free and (
+            ref_chosen_logps is None or ref_rejected_logps is None):
+        raise ValueError(f"{names} need reference log-probs: pass ref_chosen_logps/ref_rejected_logps "
+                         "(or reference_free=True)")
+    if any(s.needs_lengths for s in specs) and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(f"{[n for n, s in zip(names, specs) if s.needs_lengths]} need chosen_lengths and "
+                         "rejected_lengths (completion token counts)")
+    if use_weighting and (chosen_wpo_logps is None or rejected_wpo_logps is None):
+        raise ValueError("use_weighting needs chosen_wpo_logps and rejected_wpo_logps")
+    if reference_free or ref_chosen_logps is None or ref_rejected_logps is None:
+        ref_chosen_logps, ref_rejected_logps = torch.zeros_like(chosen_logps), torch.zeros_like(rejected_logps)
+    as_float = (lambda t: None if t is None else t.to(chosen_logps.dtype))  # noqa: E731
+    inputs = LossInputs(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                        as_float(chosen_lengths), as_float(rejected_lengths))
+    options = LossOptions(beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
+                          simpo_gamma, cpo_alpha)
+    pair_weight = None
+    if use_weighting:
+        pair_weight = (torch.exp(chosen_wpo_logps) * torch.exp(rejected_wpo_logps)).detach().to(chosen_logps.dtype)
+    losses = 0.0
+    for spec, w in zip(specs, weights):
+        per_pair = spec.fn(inputs, options)
+        losses = losses + w * (per_pair if pair_weight is None else per_pair * pair_weight)
     return PreferenceLossOutput(
         loss=losses.mean(),
         losses=losses,
-        chosen_rewards=(beta * (chosen_logps - ref_chosen_logps)).detach(),
-        rejected_rewards=(beta * (rejected_logps - ref_rejected_logps)).detach(),
+        chosen_rewards=(beta * inputs.chosen_logratios).detach(),
+        rejected_rewards=(beta * inputs.rejected_logratios).detach(),
     )

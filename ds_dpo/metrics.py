@@ -39,16 +39,15 @@ class MetricAccumulator:
         self.sums = torch.zeros(len(_KEYS), dtype=torch.float64, device=device)
         self.started = time.perf_counter()
 
-    def add(self, out: PreferenceLossOutput, policy: PairLogps, weight: torch.Tensor,
-            num_tokens: torch.Tensor) -> None:
-        """Add a micro-batch. ``weight`` [B] is 0 for fillers; ``num_tokens`` counts the real pairs' tokens."""
+    def add(self, out: PreferenceLossOutput, policy: PairLogps, num_tokens: torch.Tensor) -> None:
+        """Add a micro-batch's real pairs; ``num_tokens`` counts their (non-padding) tokens."""
         cr, rr = out.chosen_rewards, out.rejected_rewards
         per_pair = torch.stack([out.losses.detach(), cr, rr, (cr > rr).float(), cr - rr,
                                 policy.chosen.detach(), policy.rejected.detach(),
                                 policy.chosen_logits, policy.rejected_logits,
                                 policy.chosen_tokens.float(), policy.rejected_tokens.float()])
-        totals = (per_pair.double() * weight.double()).sum(-1)
-        self.sums += torch.cat([totals, weight.sum().double().view(1), num_tokens.double().view(1)])
+        pairs = torch.full((1,), per_pair.shape[1], dtype=torch.float64, device=self.sums.device)
+        self.sums += torch.cat([per_pair.double().sum(-1), pairs, num_tokens.double().view(1)])
 
     def reduce(self, prefix: str = "") -> dict[str, float]:
         """All-reduce the sums, return means and rates over the window, and start a new window."""

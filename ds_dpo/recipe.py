@@ -23,10 +23,11 @@ from ds_dpo.checkpoint import Checkpointer, export_hf_model
 from ds_dpo.collate import collate_pairs
 from ds_dpo.config import DPOConfig, dump_config
 from ds_dpo.data import load_tokenized
-from ds_dpo.logprobs import concatenated_forward
-from ds_dpo.losses import preference_loss
+from ds_dpo.logprobs import PairLogps, concatenated_forward
+from ds_dpo.losses import PreferenceLossOutput, needs_reference, preference_loss
 from ds_dpo.metrics import MetricAccumulator, MetricsLogger, max_over_ranks, peak_memory_mb
-from ds_dpo.reference import AdapterReference, EngineReference, PrecomputedReference, precompute_reference_logps
+from ds_dpo.reference import (AdapterReference, EngineReference, PrecomputedReference, Reference,
+                              precompute_reference_logps)
 from ds_dpo.sampler import GlobalBatchSampler, StepPlan
 
 
@@ -71,19 +72,34 @@ class DPORecipe:
 
     def _setup_models(self, ds_config: dict) -> None:
         cfg = self.cfg
+        self.reference: Reference | None = None  # reference-free losses: no reference is built or run
+        with_reference = needs_reference(cfg.loss_type, cfg.reference_free)
         # A separate reference is built before the policy, so that the policy's ZeRO-3 settings are the ones
         # transformers and peft see for the rest of the run.
-        if cfg.reference != "lora":
+        if with_reference and cfg.reference != "lora":
             ref_engine = engines.build_engine(cfg, engines.reference_deepspeed_config(ds_config, cfg), trainable=False)
-            self.reference = EngineReference(ref_engine)
+            self.reference = EngineReference(ref_engine, cfg.ld_alpha)
             if cfg.precompute_ref_log_probs:
                 self._precompute_reference()
                 engines.release(ref_engine)
         self.policy = engines.build_engine(cfg, ds_config, trainable=True, total_steps=self.total_steps)
-        if cfg.reference == "lora":
-            self.reference = AdapterReference(self.policy)
+        self._say(f"reference: {self._describe_reference(with_reference)}")
+        if with_reference and cfg.reference == "lora":
+            self.reference = AdapterReference(self.policy, cfg.ld_alpha)
             if cfg.precompute_ref_log_probs:
                 self._precompute_reference()
+
+    def _describe_reference(self, with_reference: bool) -> str:
+        cfg = self.cfg
+        if not with_reference:
+            return f"none ({cfg.loss_types} {'with reference_free' if cfg.reference_free else 'need no reference'})"
+        source = ("the policy with LoRA adapters disabled" if cfg.reference == "lora" else
+                  f"a ZeRO-3 inference engine{' (parameters offloaded to CPU)' if cfg.ref_offload else ''}")
+        return f"{source}, log-probs precomputed before training" if cfg.precompute_ref_log_probs else source
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"ds_dpo: {message}", flush=True)
 
     def _precompute_reference(self) -> None:
         """Score both datasets once with the current reference; afterwards the batches carry the log-probs."""
@@ -126,24 +142,43 @@ class DPORecipe:
 
     def _train_step(self, plan: StepPlan, window: MetricAccumulator) -> None:
         # engine.backward divides by gradient_accumulation_steps and gradients are averaged over ranks; this scale
-        # turns the weighted per-pair sums into the exact mean over the global batch's real pairs.
+        # turns the sums of real pairs' losses into the exact mean over the global batch's real pairs.
         scale = self.world_size * self.cfg.gradient_accumulation_steps / plan.num_pairs
         for indices, weights in zip(plan.micro_batches, plan.weights):
             batch = self._batch(self.train_data, indices, weights)
-            out, policy = self._pair_loss(batch)
-            self.policy.backward((out.losses * batch["weight"]).sum() * scale)
-            window.add(out, policy, batch["weight"], self._real_tokens(batch))
+            loss_sum = self._micro_batch_loss(batch, weights, window)
+            self.policy.backward(loss_sum * scale)
             if self.policy.is_gradient_accumulation_boundary():
                 self.learning_rate = self.policy.get_lr()[0]
             self.policy.step()
 
-    def _pair_loss(self, batch: dict[str, torch.Tensor]):
-        ref_chosen, ref_rejected = self.reference.logps(batch)
-        policy = concatenated_forward(self.policy, batch)
-        out = preference_loss(policy.chosen, policy.rejected, ref_chosen, ref_rejected,
-                              loss_type=self.cfg.loss_type, beta=self.cfg.beta,
-                              label_smoothing=self.cfg.label_smoothing)
-        return out, policy
+    def _micro_batch_loss(self, batch: dict[str, torch.Tensor], weights: list[float],
+                          window: MetricAccumulator) -> torch.Tensor:
+        """Sum of the per-pair losses of the micro-batch's real pairs (a zero still attached to the graph when it
+        holds only fillers: every rank must run backward under ZeRO-3); adds the pairs' statistics to ``window``."""
+        ref_chosen, ref_rejected = self.reference.logps(batch) if self.reference is not None else (None, None)
+        policy = concatenated_forward(self.policy, batch, self.cfg.ld_alpha, self.cfg.use_weighting)
+        real = [i for i, w in enumerate(weights) if w > 0]
+        if not real:
+            return policy.chosen.sum() * 0.0
+        if len(real) < len(weights):  # fillers must not enter batch-coupled losses (sorting, token means)
+            index = torch.tensor(real, device=policy.chosen.device)
+            policy = policy.select(index)
+            ref_chosen, ref_rejected = (None, None) if ref_chosen is None else (ref_chosen[index], ref_rejected[index])
+        out = self._preference_loss(policy, ref_chosen, ref_rejected)
+        window.add(out, policy, self._real_tokens(batch))
+        return out.losses.sum()
+
+    def _preference_loss(self, policy: PairLogps, ref_chosen, ref_rejected) -> PreferenceLossOutput:
+        cfg = self.cfg
+        return preference_loss(
+            policy.chosen, policy.rejected, ref_chosen, ref_rejected, policy.chosen_tokens, policy.rejected_tokens,
+            loss_type=cfg.loss_type, loss_weights=cfg.loss_weights, beta=cfg.beta,
+            label_smoothing=cfg.label_smoothing, f_divergence_type=cfg.f_divergence_type,
+            f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, discopop_tau=cfg.discopop_tau,
+            simpo_gamma=cfg.simpo_gamma, cpo_alpha=cfg.cpo_alpha, reference_free=cfg.reference_free,
+            use_weighting=cfg.use_weighting, chosen_wpo_logps=policy.chosen_wpo,
+            rejected_wpo_logps=policy.rejected_wpo)
 
     def _batch(self, dataset, indices: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
         batch = collate_pairs([dataset[i] for i in indices], weights, self.tokenizer.pad_token_id)
@@ -176,8 +211,7 @@ class DPORecipe:
         self.policy.eval()
         for plan in sampler.epoch(0):
             batch = self._batch(self.eval_data, plan.micro_batches[0], plan.weights[0])
-            out, policy = self._pair_loss(batch)
-            window.add(out, policy, batch["weight"], self._real_tokens(batch))
+            self._micro_batch_loss(batch, plan.weights[0], window)
         self.policy.train()
         metrics = window.reduce(prefix="eval_")
         self.logger.log(step, metrics)

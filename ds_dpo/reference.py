@@ -26,20 +26,20 @@ class Reference(Protocol):
 class EngineReference:
     """A separate frozen model: an inference-only ZeRO-3 engine (see ``engines.build_engine(trainable=False)``)."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, ld_alpha: float | None = None):
+        self.engine, self.ld_alpha = engine, ld_alpha
 
     @torch.no_grad()
     def logps(self, batch):
-        out = concatenated_forward(self.engine, batch)
+        out = concatenated_forward(self.engine, batch, self.ld_alpha)
         return out.chosen, out.rejected
 
 
 class AdapterReference:
     """The LoRA policy's base model: same weights with adapters disabled, no second copy in memory."""
 
-    def __init__(self, policy_engine):
-        self.engine = policy_engine
+    def __init__(self, policy_engine, ld_alpha: float | None = None):
+        self.engine, self.ld_alpha = policy_engine, ld_alpha
 
     @torch.no_grad()
     def logps(self, batch):
@@ -47,7 +47,7 @@ class AdapterReference:
         self.engine.eval()  # adapter dropout off, exactly the base model
         try:
             with self.engine.module.disable_adapter():
-                out = concatenated_forward(self.engine, batch)
+                out = concatenated_forward(self.engine, batch, self.ld_alpha)
         finally:
             self.engine.train(was_training)
         return out.chosen, out.rejected

@@ -57,6 +57,11 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     ({"model_name_or_path": "./nowhere", "dataset": "x.jsonl"}, "does not exist"),
     ({"model_name_or_path": "m"}, "give both"),
     ({"save_merged_model": True}, "needs `use_peft: true`"),
+    ({"loss_type": "exo_pair"}, "exo_pair needs label_smoothing > 0"),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "loss_weights has 1 entries"),
+    ({"loss_type": "aot", "f_divergence_type": "js_divergence"}, "not defined for \\['aot'\\]"),
+    ({"ld_alpha": 1.5}, "`ld_alpha` must be in"),
+    ({"reference": "lora", "use_peft": True, "ref_model_name_or_path": "x"}, "cannot be used with `reference: lora`"),
 ])
 def test_validation_messages(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -67,6 +72,14 @@ def test_validation_lists_every_problem():
     with pytest.raises(ConfigError) as e:
         make_config({"beta": -1.0, "learning_rate": 0.0}).validate()
     assert "`beta`" in str(e.value) and "`learning_rate`" in str(e.value)
+
+
+def test_loss_mixture_from_the_command_line():
+    cfg, _ = load_config(["--loss_type", "[sigmoid, sft]", "--loss_weights", "[1, 0.5]"])
+    cfg.validate()
+    assert cfg.loss_types == ["sigmoid", "sft"] and cfg.loss_weights == [1.0, 0.5]
+    with pytest.raises(ConfigError, match="`loss_weights` expects"):
+        load_config(["--loss_weights", "[a, b]"])
 
 
 def test_precomputed_implies_precompute_flag():
