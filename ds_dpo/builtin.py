@@ -153,3 +153,21 @@ def _write_model(model_dir: Path, seed: int) -> None:
 def with_defaults(values: dict[str, Any]) -> dict[str, Any]:
     """The user's config values over the built-in run's defaults."""
     return {**DEFAULTS, **values}
+
+
+def train_bpe_tokenizer(texts, vocab_size: int = 4096):
+    """A byte-level BPE tokenizer trained on ``texts`` (for real-text tests and benchmarks without downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(SPECIAL_TOKENS.values())
+    core = Tokenizer(models.BPE(unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = SPECIAL_TOKENS["bos"]
+    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                        special_tokens=[(bos, core.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=SPECIAL_TOKENS["eos"],
+                                   pad_token=SPECIAL_TOKENS["pad"], unk_token=SPECIAL_TOKENS["unk"])

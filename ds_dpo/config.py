@@ -39,10 +39,33 @@ class DPOConfig:
     """Hugging Face model id or local directory. Unset together with ``dataset``: the built-in tiny default."""
     ref_model_name_or_path: str | None = None
     """The reference model for ``reference: zero``/``precomputed``; unset: the same checkpoint as the policy."""
-    dataset: str | None = None
-    """Training pairs: a ``.jsonl``/``.jsonl.gz``/``.json`` file of ``prompt``/``chosen``/``rejected`` strings."""
-    eval_dataset: str | None = None
-    """Held-out pairs in the same format; evaluated every ``eval_steps`` and at the end."""
+    dataset: str | list[str] | None = None
+    """Training pairs: a ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet``/``.csv`` file, a ``save_to_disk`` directory
+    or a Hub dataset name; a list mixes several (see ``dataset_probs``). Formats: README "Data"."""
+    dataset_probs: list[float] | None = None
+    """Sampling probabilities for a list of datasets (OpenRLHF-style blending); unset: concatenated."""
+    eval_dataset: str | list[str] | None = None
+    """Held-out pairs, any source above; evaluated every ``eval_steps`` and at the end."""
+    eval_split_ratio: float = 0.0
+    """Without ``eval_dataset``: hold this fraction of the training pairs out for evaluation (seeded)."""
+    max_samples: int | None = None
+    """Use at most this many training pairs (after mixing)."""
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    """Column names in your data for the prompt and the two completions."""
+    dataset_format: str = "auto"
+    """``auto`` (detected per dataset), ``explicit``, ``implicit``, ``conversational`` or ``tokenized``."""
+    implicit_prompt_delimiter: str = "\n\nAssistant:"
+    """Turn boundary that ends the prompt in implicit-prompt data (HH-RLHF's)."""
+    chat_template: str | None = None
+    """A Jinja chat template, or a file holding one, to use instead of the tokenizer's."""
+    on_bad_rows: str = "error"
+    """``error``: stop before training, listing bad rows; ``skip``: drop them and count them in the data report."""
+    dataset_num_proc: int | None = None
+    """Processes for tokenization."""
+    dataset_cache_dir: str | None = None
+    """Where tokenized datasets are cached (default: the datasets cache, ``ds_dpo/`` inside it)."""
     output_dir: str = "outputs/run"
     """Where config.yaml, metrics.jsonl, runs/ (TensorBoard), checkpoints/ and the final HF model go."""
     attn_implementation: str = "sdpa"
@@ -104,7 +127,11 @@ class DPOConfig:
     max_length: int | None = 1024
     """Upper bound on prompt + completion tokens; completions are truncated to fit."""
     max_prompt_length: int | None = 512
-    """Prompts longer than this keep their last ``max_prompt_length`` tokens."""
+    """Prompts longer than this are truncated (see ``truncation_mode``)."""
+    max_completion_length: int | None = None
+    """Completions longer than this are cut from the right."""
+    truncation_mode: str = "keep_end"
+    """Which end of a long prompt to keep: ``keep_end`` (nearest the answer) or ``keep_start``."""
 
     # --- logging, eval, checkpoints ---------------------------------------------------------------------------------
     logging_steps: int = 10
@@ -167,7 +194,10 @@ class DPOConfig:
 
     def validate(self) -> None:
         """Check everything that can be checked without a model, data or world size; raise ConfigError."""
+        from ds_dpo.formats import FORMATS
         from ds_dpo.losses import LOSS_TYPES, check_options
+        from ds_dpo.sources import looks_local
+        from ds_dpo.tokenization import TRUNCATION_MODES
 
         problems = []
 
@@ -216,8 +246,21 @@ class DPOConfig:
         need(self.deepspeed_path.is_file(),
              f"DeepSpeed config `{self.deepspeed}` not found (presets: {preset_names()})")
         for name in ("dataset", "eval_dataset"):
-            path = getattr(self, name)
-            need(path is None or Path(path).exists(), f"`{name}` file {path!r} does not exist")
+            for spec in as_list(getattr(self, name)):
+                need(not looks_local(spec) or Path(spec).expanduser().exists(),
+                     f"`{name}` {spec!r} does not exist")
+        if self.dataset_probs is not None:
+            need(len(self.dataset_probs) == len(as_list(self.dataset)) and all(p > 0 for p in self.dataset_probs),
+                 "`dataset_probs` needs one positive probability per `dataset` entry")
+        need(0.0 <= self.eval_split_ratio < 1.0, "`eval_split_ratio` must be in [0, 1)")
+        need(not (self.eval_dataset and self.eval_split_ratio), "set `eval_dataset` or `eval_split_ratio`, not both")
+        need(self.max_samples is None or self.max_samples >= 1, "`max_samples` must be >= 1 or unset")
+        need(self.dataset_format in ("auto", *FORMATS),
+             f"`dataset_format` must be auto or one of {FORMATS} (got {self.dataset_format!r})")
+        need(self.on_bad_rows in ("error", "skip"), "`on_bad_rows` must be `error` or `skip`")
+        need(self.truncation_mode in TRUNCATION_MODES, f"`truncation_mode` must be one of {TRUNCATION_MODES}")
+        need(self.max_completion_length is None or self.max_completion_length >= 1,
+             "`max_completion_length` must be >= 1 or unset")
         for name in ("model_name_or_path", "ref_model_name_or_path"):
             path = getattr(self, name)
             if path and path.startswith((".", "/", "~")):
@@ -231,6 +274,10 @@ class DPOConfig:
         out = dataclasses.asdict(self)
         out.pop("local_rank")
         return out
+
+
+def as_list(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 def resolve_path(path: str) -> Path:

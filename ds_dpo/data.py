@@ -1,99 +1,199 @@
-"""Preference data: load ``prompt``/``chosen``/``rejected`` rows, check them, tokenize them (cached by ``datasets``).
+"""Preference data for a run: read every source, check every row, tokenize (cached), mix, split, report.
 
-A tokenized pair holds ``prompt_input_ids`` (BOS included, as the tokenizer adds it), ``chosen_input_ids`` and
-``rejected_input_ids`` (each completion closed by EOS), and ``index``, the row's position in the file, which keys
-precomputed reference log-probs.
+    train, eval, report = load_preference_data(cfg, tokenizer)
+
+Every row problem is found here, before any model is built: with ``on_bad_rows: error`` the run stops listing the
+first offenders (file, row, field, reason) and the total; with ``skip`` they are dropped and counted. Tokenization runs
+through ``datasets.map`` into a cache file named by a fingerprint of the checked rows, the tokenizer (chat template
+included) and the length settings, so a second run with the same inputs tokenizes nothing. The returned datasets
+hold ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` and ``index`` (the row's position, which
+keys precomputed reference log-probs).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
+from datasets.fingerprint import Hasher
 
-FIELDS = ("prompt", "chosen", "rejected")
+from ds_dpo.config import as_list
+from ds_dpo.formats import RowError, detect, normalize
+from ds_dpo.sources import DataError, RowProblem, read_source
+from ds_dpo.tokenization import LengthLimits, encode_pair
+
+ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+CACHE_VERSION = "1"  # bump when tokenization rules change, so that old cache files are not reused
+MAX_LISTED = 10
+
+__all__ = ["DataError", "DataReport", "load_preference_data", "load_tokenized", "prepare_source"]
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, the row and the field."""
+@dataclass
+class SourceReport:
+    source: str
+    format: str = ""
+    rows_read: int = 0
+    bad_rows: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    prompt_truncated: int = 0
+    completion_truncated: int = 0
+    pairs: int = 0
+    lengths: dict[str, dict[str, int]] = field(default_factory=dict)
+    cache_hit: bool = False
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+@dataclass
+class DataReport:
+    sources: list[SourceReport] = field(default_factory=list)
+    train_pairs: int = 0
+    eval_pairs: int = 0
+
+    def format(self) -> str:
+        lines = ["data report:"]
+        for s in self.sources:
+            lines.append(f"  {s.source} [{s.format}]: {s.rows_read} rows read, {s.pairs} pairs kept"
+                         f"{' (tokenization cache hit)' if s.cache_hit else ''}")
+            for title, counts in (("bad rows skipped", s.bad_rows), ("pairs dropped", s.dropped)):
+                for reason, n in sorted(counts.items()):
+                    lines.append(f"    {title}: {n} x {reason}")
+            if s.prompt_truncated or s.completion_truncated:
+                lines.append(f"    truncated: {s.prompt_truncated} prompts, {s.completion_truncated} pairs' completions")
+            for part, q in s.lengths.items():
+                lines.append(f"    {part} tokens: " + ", ".join(f"{k} {v}" for k, v in q.items()))
+        lines.append(f"  train pairs: {self.train_pairs}, eval pairs: {self.eval_pairs}")
+        return "\n".join(lines)
 
 
-def read_pairs(path: str | Path) -> list[dict[str, str]]:
-    """Read and check a JSONL (optionally gzipped) or JSON-list file of string pairs; raise DataError on a bad row."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    with _open_text(path) as f:
+def _percentiles(values: list[int]) -> dict[str, int]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": ordered[-1]}
+
+
+def _bad_rows_error(problems: list[RowProblem]) -> DataError:
+    listed = "\n  ".join(str(p) for p in problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return DataError(f"{len(problems)} bad row(s) in the data:\n  {listed}{more}\n"
+                     "Fix them, or set `on_bad_rows: skip` to train on the rest (counts go to the data report).")
+
+
+def _rename(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+    return {keys.get(k, k): v for k, v in data.items()} if keys else data
+
+
+def _cache_key(canonical: datasets.Dataset, tokenizer, limits: LengthLimits) -> str:
+    return Hasher.hash((CACHE_VERSION, canonical._fingerprint, Hasher.hash(tokenizer), tokenizer.chat_template,
+                        limits))
+
+
+def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format: str = "auto",
+                   delimiter: str = "\n\nAssistant:", keys: dict[str, str] | None = None,
+                   on_bad_rows: str = "error", cache_dir: str | os.PathLike | None = None,
+                   num_proc: int | None = None) -> tuple[datasets.Dataset, SourceReport]:
+    """Read, check, normalise and tokenize one source; returns its trainable pairs and its report."""
+    report = SourceReport(spec)
+    rows, problems = read_source(spec)
+    report.rows_read = len(rows) + len(problems)
+    if not rows and not problems:
+        raise DataError(f"{spec}: no rows")
+    fmt = dataset_format
+    canonical = []
+    for row in rows:
+        data = row.data
+        if not isinstance(data, dict):
+            problems.append(RowProblem(spec, row.number, "", f"expected a JSON object, got {type(data).__name__}"))
+            continue
+        data = _rename(data, keys or {})
+        if fmt == "auto":
+            fmt = detect(data)
         try:
-            text = f.read()
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    if path.name.endswith(".json"):
-        rows = json.loads(text)
-        numbered = list(enumerate(rows, start=1))
-    else:
-        numbered = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: row {number}: malformed JSON ({e.msg})") from None
-    pairs = []
-    for number, row in numbered:
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
-        for name in FIELDS:
-            if name not in row:
-                raise DataError(f"{path}: row {number}: missing field `{name}`")
-            if not isinstance(row[name], str):
-                raise DataError(f"{path}: row {number}: field `{name}` must be a string, got {type(row[name]).__name__}")
-        for name in ("chosen", "rejected"):
-            if not row[name].strip():
-                raise DataError(f"{path}: row {number}: field `{name}` is empty")
-        if row["chosen"] == row["rejected"]:
-            raise DataError(f"{path}: row {number}: `chosen` and `rejected` are identical")
-        pairs.append({name: row[name] for name in FIELDS})
-    if not pairs:
-        raise DataError(f"{path}: no rows")
-    return pairs
+            canonical.append(normalize(data, fmt, delimiter))
+        except RowError as e:
+            problems.append(RowProblem(spec, row.number, e.field, e.reason))
+    report.format = fmt
+    problems.sort(key=lambda p: p.number)
+    if problems and on_bad_rows == "error":
+        raise _bad_rows_error(problems)
+    report.bad_rows = dict(Counter(p.reason for p in problems))
+    if not canonical:
+        raise DataError(f"{spec}: no usable rows ({len(problems)} bad)")
+
+    table = datasets.Dataset.from_list(canonical)
+    key = _cache_key(table, tokenizer, limits)
+    cache_dir = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "ds_dpo")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_file = cache_dir / f"tokenized-{key}.arrow"
+    report.cache_hit = cache_file.exists()
+    tokenized = table.map(encode_pair, fn_kwargs={"tokenizer": tokenizer, "limits": limits},
+                          remove_columns=table.column_names, cache_file_name=str(cache_file), new_fingerprint=key,
+                          num_proc=num_proc if num_proc and num_proc > 1 and not report.cache_hit else None,
+                          desc=f"tokenizing {Path(spec).name}")
+    stats = tokenized.select_columns(["drop", "prompt_truncated", "completion_truncated", "prompt_length",
+                                      "chosen_length", "rejected_length"]).to_dict()
+    kept = [i for i, d in enumerate(stats["drop"]) if not d]
+    report.dropped = dict(Counter(d for d in stats["drop"] if d))
+    report.prompt_truncated = sum(stats["prompt_truncated"])
+    report.completion_truncated = sum(stats["completion_truncated"])
+    report.pairs = len(kept)
+    report.lengths = {part: _percentiles([stats[f"{part}_length"][i] for i in kept])
+                      for part in ("prompt", "chosen", "rejected")}
+    if not kept:
+        raise DataError(f"{spec}: every pair was dropped ({report.dropped})")
+    pairs = tokenized.select_columns(list(ID_COLUMNS))
+    return (pairs if len(kept) == len(tokenized) else pairs.select(kept)), report
 
 
-def _tokenize_row(row: dict[str, Any], index: int, tokenizer, max_length: int | None,
-                  max_prompt_length: int | None) -> dict[str, Any]:
-    prompt = tokenizer(row["prompt"])["input_ids"]
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt = prompt[-max_prompt_length:]  # keep the end of the prompt, nearest the answer
-    out: dict[str, Any] = {"index": index, "prompt_input_ids": prompt}
-    room = None if max_length is None else max_length - len(prompt)
-    for name in ("chosen", "rejected"):
-        ids = tokenizer(row[name], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        out[f"{name}_input_ids"] = ids if room is None else ids[:room]
-    return out
+def _load_all(specs: list[str], probs: list[float] | None, cfg, tokenizer, report: DataReport) -> datasets.Dataset:
+    limits = LengthLimits(cfg.max_length, cfg.max_prompt_length, cfg.max_completion_length, cfg.truncation_mode)
+    renames = {cfg.prompt_key: "prompt", cfg.chosen_key: "chosen", cfg.rejected_key: "rejected"}
+    keys = {column: name for column, name in renames.items() if column != name}
+    parts = []
+    for spec in specs:
+        part, source_report = prepare_source(
+            spec, tokenizer, limits, dataset_format=cfg.dataset_format, delimiter=cfg.implicit_prompt_delimiter,
+            keys=keys, on_bad_rows=cfg.on_bad_rows, cache_dir=cfg.dataset_cache_dir, num_proc=cfg.dataset_num_proc)
+        parts.append(part)
+        report.sources.append(source_report)
+    if len(parts) == 1:
+        return parts[0]
+    if probs:
+        # OpenRLHF's blending: sample sources by probability until every one is used up (smaller ones repeat)
+        return datasets.interleave_datasets(parts, probabilities=probs, seed=cfg.seed,
+                                            stopping_strategy="all_exhausted")
+    return datasets.concatenate_datasets(parts)
 
 
-def tokenize_pairs(pairs: list[dict[str, str]], tokenizer, max_length: int | None,
-                   max_prompt_length: int | None) -> datasets.Dataset:
-    """Tokenize pairs into a ``datasets.Dataset`` (the map result is cached by its fingerprint)."""
-    raw = datasets.Dataset.from_list(pairs)
-    return raw.map(
-        _tokenize_row,
-        with_indices=True,
-        fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length),
-        remove_columns=list(FIELDS),
-        desc="tokenizing",
-    )
-
-
-def load_tokenized(path: str | Path, tokenizer, max_length: int | None, max_prompt_length: int | None):
+def load_preference_data(cfg, tokenizer) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
+    """The run's training and eval pairs (each with an ``index`` column) and the data report."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; completions must be closed by one")
-    return tokenize_pairs(read_pairs(path), tokenizer, max_length, max_prompt_length).with_format("python")
+    report = DataReport()
+    train = _load_all(as_list(cfg.dataset), cfg.dataset_probs, cfg, tokenizer, report)
+    if cfg.max_samples is not None:
+        train = train.select(range(min(cfg.max_samples, len(train))))
+    evals = None
+    if cfg.eval_dataset:
+        evals = _load_all(as_list(cfg.eval_dataset), None, cfg, tokenizer, report)
+    elif cfg.eval_split_ratio > 0:
+        split = train.train_test_split(test_size=cfg.eval_split_ratio, seed=cfg.seed, shuffle=True)
+        train, evals = split["train"], split["test"]
+    train = train.add_column("index", list(range(len(train))))
+    if evals is not None:
+        evals = evals.add_column("index", list(range(len(evals))))
+    report.train_pairs, report.eval_pairs = len(train), 0 if evals is None else len(evals)
+    return train, evals, report
+
+
+def load_tokenized(spec: str, tokenizer, max_length: int | None = None, max_prompt_length: int | None = None,
+                   **options) -> datasets.Dataset:
+    """One source's pairs, tokenized with default settings and an ``index`` column (for tools and tests)."""
+    limits = LengthLimits(max_length, max_prompt_length, options.pop("max_completion_length", None))
+    pairs, _ = prepare_source(str(spec), tokenizer, limits, **options)
+    return pairs.add_column("index", list(range(len(pairs))))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ds_dpo import builtin, engines
 from ds_dpo.checkpoint import Checkpointer, export_hf_model
 from ds_dpo.collate import collate_pairs
 from ds_dpo.config import DPOConfig, dump_config
-from ds_dpo.data import load_tokenized
+from ds_dpo.data import load_preference_data
 from ds_dpo.logprobs import PairLogps, concatenated_forward
 from ds_dpo.losses import PreferenceLossOutput, needs_reference, preference_loss
 from ds_dpo.metrics import MetricAccumulator, MetricsLogger, max_over_ranks, peak_memory_mb
@@ -49,12 +50,12 @@ class DPORecipe:
         torch.manual_seed(cfg.seed)  # same on every rank: LoRA init and anything else random must agree
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token  # pads are masked out; any id will do
-        with self._local_main_first():
-            self.train_data = self._load(cfg.dataset)
-            self.eval_data = self._load(cfg.eval_dataset) if cfg.eval_dataset else None
+        self.tokenizer = self._load_tokenizer()
+        with self._local_main_first():  # tokenizes once per node; the other ranks read the cache
+            self.train_data, self.eval_data, report = load_preference_data(cfg, self.tokenizer)
+        if self.rank == 0:
+            print(report.format(), flush=True)
+            (self.output_dir / "data_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
         self.sampler = GlobalBatchSampler(len(self.train_data), cfg.per_device_train_batch_size,
                                           cfg.gradient_accumulation_steps, self.world_size, self.rank, cfg.seed)
         self.total_steps = (cfg.max_steps if cfg.max_steps > 0
@@ -67,8 +68,14 @@ class DPORecipe:
         self.checkpointer = Checkpointer(self.policy, self.output_dir, cfg.save_steps, cfg.save_total_limit)
         self.logger = MetricsLogger(self.output_dir, self.rank, self.total_steps)
 
-    def _load(self, path: str):
-        return load_tokenized(path, self.tokenizer, self.cfg.max_length, self.cfg.max_prompt_length)
+    def _load_tokenizer(self):
+        tokenizer = AutoTokenizer.from_pretrained(self.cfg.model_name_or_path)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # pads are masked out; any id will do
+        template = self.cfg.chat_template
+        if template:
+            tokenizer.chat_template = Path(template).read_text() if Path(template).is_file() else template
+        return tokenizer
 
     def _setup_models(self, ds_config: dict) -> None:
         cfg = self.cfg

@@ -51,3 +51,13 @@ def single_rank():
     from ds_dpo import engines
 
     return engines.init_distributed()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_zero3():
+    """An in-process ZeRO-3 engine leaves transformers' global HfDeepSpeedConfig set, which would make every later
+    ``from_pretrained``/``from_config`` in this process build a partitioned model; reset it after each test."""
+    yield
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()

@@ -1,78 +1,123 @@
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
-from ds_dpo import builtin
+from ds_dpo import builtin, data
 from ds_dpo.collate import collate_pairs
-from ds_dpo.data import DataError, load_tokenized, read_pairs
+from ds_dpo.config import make_config
+from ds_dpo.data import DataError, load_preference_data
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 GOOD = {"prompt": "count up from 3 :", "chosen": " 4 5", "rejected": " 2 1"}
+USER = {"role": "user", "content": "count up from 3 :"}
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("{not json", r"row 2: malformed JSON"),
-    ({"prompt": "p", "chosen": "a"}, r"row 2: missing field `rejected`"),
-    ({"prompt": "p", "chosen": 3, "rejected": "b"}, r"row 2: field `chosen` must be a string, got int"),
-    ({"prompt": "p", "chosen": "  ", "rejected": "b"}, r"row 2: field `chosen` is empty"),
-    ({"prompt": "p", "chosen": "a", "rejected": "a"}, r"row 2: `chosen` and `rejected` are identical"),
-    ([1, 2], r"row 2: expected a JSON object"),
+def write(path, rows):
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows))
+    return str(path)
+
+
+def config(tmp_path, **values):
+    return make_config({"model_name_or_path": "unused", "dataset": "unused", "max_length": 64,
+                        "max_prompt_length": 32, "dataset_cache_dir": str(tmp_path / "cache"), **values})
+
+
+@pytest.mark.parametrize("bad, where", [
+    (b"{not json", "row 2: malformed JSON"),
+    ({"prompt": "p", "chosen": "a"}, "row 2: field `rejected`: missing"),
+    ({"prompt": "p", "chosen": ["a"], "rejected": "b"}, "row 2: field `chosen`: must be a string, got list"),
+    ({"prompt": "p", "chosen": "", "rejected": "b"}, "row 2: field `chosen`: empty completion"),
+    ({"prompt": "p", "chosen": "a", "rejected": "a"}, "row 2: field `rejected`: identical to `chosen`"),
+    (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', "row 2: not UTF-8 text"),
 ])
-def test_bad_rows_name_file_row_and_field(tmp_path, bad, message):
-    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, bad])
-    with pytest.raises(DataError, match=f"pairs.jsonl: {message}"):
-        read_pairs(path)
+def test_each_defect_is_reported_with_file_row_and_field(tmp_path, bad, where):
+    path = write(tmp_path / "pairs.jsonl", [GOOD, bad, GOOD])
+    cfg = config(tmp_path, dataset=path)
+    with pytest.raises(DataError, match=f"(?s)1 bad row.*pairs.jsonl: {where}.*on_bad_rows: skip"):
+        load_preference_data(cfg, builtin.build_tokenizer())
+    train, _, report = load_preference_data(config(tmp_path, dataset=path, on_bad_rows="skip"),
+                                            builtin.build_tokenizer())
+    assert len(train) == 2 and sum(report.sources[0].bad_rows.values()) == 1
 
 
-def test_missing_empty_and_non_utf8(tmp_path):
-    with pytest.raises(DataError, match="no such file"):
-        read_pairs(tmp_path / "absent.jsonl")
-    with pytest.raises(DataError, match="no rows"):
-        read_pairs(write_jsonl(tmp_path / "empty.jsonl", []))
-    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
-    with pytest.raises(DataError, match="not UTF-8"):
-        read_pairs(tmp_path / "latin1.jsonl")
+def test_conversational_defects(tmp_path):
+    rows = [{"prompt": [USER], "chosen": [{"role": "assistant", "content": "4"}],
+             "rejected": [{"role": "assistant", "content": "2"}]},
+            {"prompt": [{"role": "robot", "content": "x"}], "chosen": [], "rejected": []},
+            {"chosen": [USER, {"role": "assistant", "content": "a"}, USER, {"role": "assistant", "content": "b"}],
+             "rejected": [USER, {"role": "assistant", "content": "c"}]}]
+    with pytest.raises(DataError, match=r"(?s)2 bad row.*row 2: field `prompt\[0\].role`: invalid role 'robot'.*"
+                                        r"row 3: field `chosen\[1\].role`: .*differ before the final assistant turn"):
+        load_preference_data(config(tmp_path, dataset=write(tmp_path / "c.jsonl", rows)), builtin.build_tokenizer())
 
 
-def test_gzip_and_json_list(tmp_path):
-    with gzip.open(tmp_path / "p.jsonl.gz", "wt") as f:
-        f.write(json.dumps(GOOD) + "\n")
-    (tmp_path / "p.json").write_text(json.dumps([GOOD, GOOD]))
-    assert read_pairs(tmp_path / "p.jsonl.gz") == [GOOD]
-    assert len(read_pairs(tmp_path / "p.json")) == 2
+def test_empty_and_missing_datasets(tmp_path):
+    with pytest.raises(DataError, match="empty.jsonl: no rows"):
+        load_preference_data(config(tmp_path, dataset=write(tmp_path / "empty.jsonl", [])), builtin.build_tokenizer())
+    with pytest.raises(DataError, match="absent.jsonl: no such file"):
+        load_preference_data(config(tmp_path, dataset=str(tmp_path / "absent.jsonl")), builtin.build_tokenizer())
 
 
-def test_tokenization_and_truncation(tmp_path):
-    tok = builtin.build_tokenizer()
-    path = write_jsonl(tmp_path / "p.jsonl", [GOOD, {"prompt": "count up from 1 2 3 4 5 6 :", "chosen": " 1 2 3 4 5",
-                                                     "rejected": " 9"}])
-    ds = load_tokenized(path, tok, max_length=8, max_prompt_length=4)
-    assert ds[0]["prompt_input_ids"] == tok.convert_tokens_to_ids(["up", "from", "3", ":"])  # kept from the left
-    long = ds[1]
-    assert len(long["prompt_input_ids"]) == 4 and long["prompt_input_ids"][-1] == tok.convert_tokens_to_ids(":")
-    assert len(long["prompt_input_ids"]) + len(long["chosen_input_ids"]) == 8  # completion cut to fit max_length
-    assert long["rejected_input_ids"] == tok.convert_tokens_to_ids(["9"]) + [tok.eos_token_id]
-    assert ds[0]["chosen_input_ids"][-1] == tok.eos_token_id and ds[0]["index"] == 0 and ds[1]["index"] == 1
+def test_error_lists_the_first_ten_and_the_total(tmp_path):
+    path = write(tmp_path / "p.jsonl", [GOOD] + [{"prompt": "p"}] * 14)
+    with pytest.raises(DataError) as e:
+        load_preference_data(config(tmp_path, dataset=path), builtin.build_tokenizer())
+    assert str(e.value).startswith("14 bad row(s)") and "row 11:" in str(e.value) and "row 12:" not in str(e.value)
+    assert "... and 4 more" in str(e.value)
 
 
-def test_untruncated_prompt_has_one_bos(tmp_path):
-    tok = builtin.build_tokenizer()
-    ds = load_tokenized(write_jsonl(tmp_path / "p.jsonl", [GOOD]), tok, max_length=None, max_prompt_length=None)
-    assert ds[0]["prompt_input_ids"] == tok.convert_tokens_to_ids(["<s>", "count", "up", "from", "3", ":"])
-    assert ds[0]["chosen_input_ids"] == tok.convert_tokens_to_ids(["4", "5", "</s>"])
+def test_second_load_hits_the_tokenization_cache(tmp_path, monkeypatch):
+    path = write(tmp_path / "p.jsonl", [GOOD, {"prompt": "count down from 9 :", "chosen": " 8", "rejected": " 1"}])
+    calls = []
+    real = data.encode_pair
+    monkeypatch.setattr(data, "encode_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first, _, r1 = load_preference_data(config(tmp_path, dataset=path), builtin.build_tokenizer())
+    assert len(calls) == 2 and not r1.sources[0].cache_hit
+    second, _, r2 = load_preference_data(config(tmp_path, dataset=path), builtin.build_tokenizer())
+    assert len(calls) == 2 and r2.sources[0].cache_hit  # nothing was tokenized again
+    assert second[:] == first[:]
+    load_preference_data(config(tmp_path, dataset=path, max_length=8, max_prompt_length=4), builtin.build_tokenizer())
+    assert len(calls) == 4  # other lengths: a new cache entry
 
 
-def test_collate_layout():
-    rows = [{"index": 7, "prompt_input_ids": [1, 2], "chosen_input_ids": [3], "rejected_input_ids": [4, 5, 6]},
-            {"index": 9, "prompt_input_ids": [1], "chosen_input_ids": [3, 3], "rejected_input_ids": [4]}]
-    b = collate_pairs(rows, [1.0, 0.0], pad_token_id=0)
-    assert b["input_ids"].tolist() == [[1, 2, 3, 0, 0], [1, 3, 3, 0, 0], [1, 2, 4, 5, 6], [1, 4, 0, 0, 0]]
-    assert b["completion_mask"].int().tolist() == [[0, 0, 1, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
-    assert b["attention_mask"].sum(-1).tolist() == [3, 3, 5, 2]
-    assert b["index"].tolist() == [7, 9] and b["weight"].tolist() == [1.0, 0.0]
+def test_mixing_splitting_sampling_and_column_mapping(tmp_path):
+    a = write(tmp_path / "a.jsonl", [{"q": f"count up from {i} :", "good": f" {i + 1}", "bad": f" {i - 1}"}
+                                     for i in range(10, 40)])
+    keys = dict(prompt_key="q", chosen_key="good", rejected_key="bad")
+    with pytest.raises(DataError, match="field `chosen`: missing"):
+        load_preference_data(config(tmp_path, dataset=a), builtin.build_tokenizer())
+    train, evals, report = load_preference_data(config(tmp_path, dataset=a, eval_split_ratio=0.2, **keys),
+                                                builtin.build_tokenizer())
+    assert (len(train), len(evals)) == (24, 6) and train["index"] == list(range(24))
+    capped, _, _ = load_preference_data(config(tmp_path, dataset=a, max_samples=5, **keys), builtin.build_tokenizer())
+    assert len(capped) == 5
+    c = write(tmp_path / "c.jsonl", [{"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in [GOOD] * 6])
+    mixed, _, report = load_preference_data(config(tmp_path, dataset=[a, c], dataset_probs=[0.5, 0.5], **keys),
+                                            builtin.build_tokenizer())
+    assert len(report.sources) == 2 and len(mixed) >= 30 + 6  # all_exhausted: every source fully used
+
+
+def test_hh_rlhf_implicit_prompts(tmp_path):
+    """The real HH-RLHF harmless-base test split: implicit prompts end at the last shared '\\n\\nAssistant:';
+    5 rows whose dialogues differ before their final assistant turn and 4 with an empty chosen reply are bad rows."""
+    rows = [json.loads(line) for line in gzip.open(HH, "rt")]
+    tokenizer = builtin.train_bpe_tokenizer((r[k] for r in rows for k in ("chosen", "rejected")), 4096)
+    cfg = config(tmp_path, dataset=str(HH), max_length=1024, max_prompt_length=512)
+    with pytest.raises(DataError, match=r"(?s)9 bad row.*row 87: field `chosen`: empty completion.*row 1255: field "
+                                        r"`chosen`: `chosen` and `rejected` differ before the final"):
+        load_preference_data(cfg, tokenizer)
+    train, _, report = load_preference_data(config(tmp_path, dataset=str(HH), max_length=1024, max_prompt_length=512,
+                                                    on_bad_rows="skip"), tokenizer)
+    source = report.sources[0]
+    assert source.format == "implicit" and source.rows_read == 2312 and len(train) == 2303
+    assert sorted(source.bad_rows.values()) == [4, 5]
+    assert source.lengths["prompt"]["p50"] > source.lengths["chosen"]["p50"] > 0
+    batch = collate_pairs([train[i] for i in range(4)], [1.0] * 4, tokenizer.pad_token_id)
+    for i in range(4):
+        prompt = tokenizer.decode(train[i]["prompt_input_ids"], skip_special_tokens=True)
+        assert prompt.endswith("\n\nAssistant:") and prompt.lstrip().startswith("Human:")
+        assert train[i]["chosen_input_ids"][-1] == tokenizer.eos_token_id
+    assert batch["input_ids"].shape[0] == 8
+    print(report.format())

@@ -240,3 +240,36 @@ def test_every_loss_type_trains_from_the_cli(loss_type, single_rank, builtin_fil
     assert [r["step"] for r in train] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in train)
     assert math.isfinite(recipe.final_eval["eval_loss"])
+
+
+def test_short_training_run_on_hh_rlhf(tmp_path):
+    """Real data end to end: HH-RLHF harmless-base test (implicit prompts, 9 bad rows skipped), a BPE tokenizer
+    trained on it and a tiny random-init Llama, 2 ranks, ZeRO-3."""
+    import gzip
+    import json
+
+    from transformers import LlamaConfig
+
+    from ds_dpo import builtin
+    from test_data import HH
+
+    rows = [json.loads(line) for line in gzip.open(HH, "rt")]
+    tokenizer = builtin.train_bpe_tokenizer((r[k] for r in rows for k in ("chosen", "rejected")), 4096)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **{**builtin.MODEL_CONFIG, "max_position_embeddings": 512})
+    model_dir = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    proc = launch("--model_name_or_path", str(model_dir), "--dataset", str(HH), "--on_bad_rows", "skip",
+                  "--eval_split_ratio", "0.01", "--max_length", "256", "--max_prompt_length", "192",
+                  "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8", "--max_steps", "4",
+                  "--logging_steps", "2", "--save_steps", "0", "--learning_rate", "1e-4",
+                  "--dataset_cache_dir", str(tmp_path / "cache"), "--output_dir", str(out))
+    assert "4 x empty completion" in proc.stdout and "implicit" in proc.stdout
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["train_pairs"] + report["eval_pairs"] == 2303 and report["eval_pairs"] == 24
+    assert [r["step"] for r in read_metrics(out)] == [2, 4]
+    assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=0.05)
+    assert math.isfinite(read_metrics(out, "eval_")[-1]["eval_loss"])

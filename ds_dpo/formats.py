@@ -1,0 +1,152 @@
+"""Preference-data formats, detected per dataset, normalised to one canonical row per pair.
+
+| format          | fields                                                   | canonical ``prompt``/``chosen``/``rejected`` |
+| --------------- | -------------------------------------------------------- | --------------------------------------------- |
+| ``explicit``    | ``prompt``, ``chosen``, ``rejected`` strings             | the strings                                   |
+| ``implicit``    | ``chosen``, ``rejected`` whole dialogues (HH-RLHF)       | shared prefix up to the last shared turn      |
+|                 |                                                          | boundary, then each final reply               |
+| ``conversational`` | ``prompt``/``chosen``/``rejected`` message lists, or     | message lists (prompt, then each reply)       |
+|                 | ``chosen``/``rejected`` whole conversations              |                                               |
+| ``tokenized``   | ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` | the id lists                       |
+
+``normalize`` raises ``RowError`` (field + reason) for a row that cannot be a training pair.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FORMATS = ("explicit", "implicit", "conversational", "tokenized")
+ROLES = ("system", "user", "assistant", "tool")
+TOKEN_FIELDS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+
+
+class RowError(ValueError):
+    def __init__(self, field: str, reason: str):
+        super().__init__(reason)
+        self.field, self.reason = field, reason
+
+
+def detect(row: dict[str, Any]) -> str:
+    """The format of a dataset, from its first row."""
+    if all(k in row for k in TOKEN_FIELDS):
+        return "tokenized"
+    if isinstance(row.get("chosen"), list) or isinstance(row.get("prompt"), list):
+        return "conversational"
+    return "explicit" if "prompt" in row else "implicit"
+
+
+def normalize(row: dict[str, Any], fmt: str, delimiter: str) -> dict[str, Any]:
+    """The canonical pair of ``row``; ``delimiter`` is the turn boundary of implicit prompts."""
+    if fmt == "tokenized":
+        return _tokenized(row)
+    if fmt == "conversational":
+        return _conversational(row)
+    if fmt == "implicit":
+        chosen, rejected = _strings(row, ("chosen", "rejected"))
+        return _split_implicit(chosen, rejected, delimiter)
+    prompt, chosen, rejected = _strings(row, ("prompt", "chosen", "rejected"))
+    _check_pair(chosen, rejected)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "split_by_tokens": False}
+
+
+def _strings(row: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
+    values = []
+    for name in fields:
+        if name not in row or row[name] is None:
+            raise RowError(name, "missing")
+        if not isinstance(row[name], str):
+            raise RowError(name, f"must be a string, got {type(row[name]).__name__}")
+        values.append(row[name])
+    return values
+
+
+def _check_pair(chosen, rejected) -> None:
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not value or (isinstance(value, str) and not value.strip()):
+            raise RowError(name, "empty completion")
+    if chosen == rejected:
+        raise RowError("rejected", "identical to `chosen`")
+
+
+def _split_implicit(chosen: str, rejected: str, delimiter: str) -> dict[str, str]:
+    """Prompt = shared text through the last turn boundary that lies wholly inside the shared prefix.
+
+    Without any shared boundary the split is left to the tokenizer (longest common token prefix), never a
+    character-level cut through a word. A pair whose replies contain a further boundary differs before its final
+    turn: it is not one preference between two replies, and is reported as a bad row.
+    """
+    if chosen == rejected:
+        raise RowError("rejected", "identical to `chosen`")
+    shared = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        shared += 1
+    cut = chosen.rfind(delimiter, 0, shared) if delimiter else -1
+    if cut < 0:
+        if delimiter and (delimiter in chosen or delimiter in rejected):
+            raise RowError("chosen", f"`chosen` and `rejected` differ before their first {delimiter!r} turn")
+        return {"prompt": "", "chosen": chosen, "rejected": rejected, "split_by_tokens": True}
+    end = cut + len(delimiter)
+    prompt, chosen_reply, rejected_reply = chosen[:end], chosen[end:], rejected[end:]
+    for name, reply in (("chosen", chosen_reply), ("rejected", rejected_reply)):
+        if delimiter in reply:
+            raise RowError(name, f"`chosen` and `rejected` differ before the final {delimiter!r} turn")
+    _check_pair(chosen_reply, rejected_reply)
+    return {"prompt": prompt, "chosen": chosen_reply, "rejected": rejected_reply, "split_by_tokens": False}
+
+
+def _messages(value: Any, name: str) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise RowError(name, f"must be a list of messages, got {type(value).__name__}")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise RowError(f"{name}[{i}]", f"must be a {{role, content}} object, got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise RowError(f"{name}[{i}].role", f"invalid role {role!r} (expected one of {ROLES})")
+        if not isinstance(content, str):
+            raise RowError(f"{name}[{i}].content", f"must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _conversational(row: dict[str, Any]) -> dict[str, Any]:
+    for name in ("chosen", "rejected"):
+        if name not in row or row[name] is None:
+            raise RowError(name, "missing")
+    chosen, rejected = _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+    if row.get("prompt") is not None:
+        prompt = _messages(row["prompt"], "prompt")
+    else:  # whole conversations: the shared messages are the prompt
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    if not prompt:
+        raise RowError("prompt", "no prompt messages")
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not reply:
+            raise RowError(name, "empty completion")
+        bad = [i for i, m in enumerate(reply) if m["role"] != "assistant"]
+        if bad:
+            raise RowError(f"{name}[{bad[0]}].role", "the completion must be assistant messages only "
+                           "(chosen and rejected differ before the final assistant turn)")
+    if chosen == rejected:
+        raise RowError("rejected", "identical to `chosen`")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "split_by_tokens": False}
+
+
+def _tokenized(row: dict[str, Any]) -> dict[str, Any]:
+    ids = {}
+    for name in TOKEN_FIELDS:
+        value = row.get(name)
+        if not isinstance(value, list) or not all(isinstance(t, int) and t >= 0 for t in value):
+            raise RowError(name, "must be a list of non-negative token ids")
+        ids[name.removesuffix("_input_ids")] = value
+    _check_pair(ids["chosen"], ids["rejected"])
+    if not ids["prompt"]:
+        raise RowError("prompt_input_ids", "empty (the first completion token needs a context)")
+    return {**ids, "split_by_tokens": False}

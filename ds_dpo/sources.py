@@ -1,0 +1,131 @@
+"""Reading preference data from wherever it lives, keeping each row's provenance for error messages.
+
+A source is a local ``.jsonl``, ``.jsonl.gz``, ``.json``, ``.parquet`` or ``.csv`` file, a directory written by
+``datasets.Dataset.save_to_disk``, or a Hugging Face Hub dataset name. ``read_source`` returns ``Row`` records whose
+``number`` is what a user finds in their file: the 1-based line for JSONL, the 1-based record otherwise.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the row and the field."""
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    source: str
+    number: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}: row {self.number}"
+        return f"{where}: field `{self.field}`: {self.reason}" if self.field else f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Row:
+    number: int
+    data: dict[str, Any]
+
+
+def looks_local(spec: str) -> bool:
+    """A path (or meant as one) rather than a Hub dataset name."""
+    return spec.endswith(FILE_SUFFIXES) or spec.startswith((".", "/", "~")) or Path(spec).exists()
+
+
+def read_source(spec: str) -> tuple[list[Row], list[RowProblem]]:
+    """All rows of a source, and the rows that could not even be parsed (malformed JSON, non-UTF-8 bytes)."""
+    path = Path(spec).expanduser()
+    if looks_local(spec):
+        if not path.exists():
+            raise DataError(f"{spec}: no such file or directory")
+        if path.is_dir():
+            return _numbered(_load_from_disk(path)), []
+        name = path.name
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            return _read_jsonl(path, spec)
+        if name.endswith((".json", ".json.gz")):
+            return _read_json_list(path, spec)
+        import datasets
+
+        loader = datasets.Dataset.from_parquet if name.endswith(".parquet") else datasets.Dataset.from_csv
+        return _numbered(loader(str(path))), []
+    return _numbered(_load_hub(spec)), []
+
+
+def _open_bytes(path: Path) -> bytes:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        return f.read()
+
+
+def _read_jsonl(path: Path, spec: str) -> tuple[list[Row], list[RowProblem]]:
+    rows, problems = [], []
+    for number, raw in enumerate(_open_bytes(path).splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(RowProblem(spec, number, "", f"not UTF-8 text (byte {e.start})"))
+            continue
+        if not line.strip():
+            continue
+        try:
+            rows.append(Row(number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            problems.append(RowProblem(spec, number, "", f"malformed JSON ({e.msg}, column {e.colno})"))
+    return rows, problems
+
+
+def _read_json_list(path: Path, spec: str) -> tuple[list[Row], list[RowProblem]]:
+    try:
+        records = json.loads(_open_bytes(path).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{spec}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{spec}: malformed JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
+    if isinstance(records, dict) and "data" in records:
+        records = records["data"]
+    if not isinstance(records, list):
+        raise DataError(f"{spec}: expected a JSON list of rows (or use .jsonl, one row per line)")
+    return [Row(i, r) for i, r in enumerate(records, start=1)], []
+
+
+def _numbered(dataset) -> list[Row]:
+    return [Row(i, r) for i, r in enumerate(dataset.to_list(), start=1)]
+
+
+def _load_from_disk(path: Path):
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path}: a directory, but not one written by datasets' save_to_disk") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"{path}: a DatasetDict without a `train` split (splits: {list(loaded)})")
+        loaded = loaded["train"]
+    return loaded
+
+
+def _load_hub(name: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split="train")
+    except Exception as e:  # the Hub client raises many types; the user needs the name and the cause
+        offline = "offline" in str(e).lower() or "connect" in str(e).lower() or "resolve" in str(e).lower()
+        hint = (" This machine seems to be offline: download the dataset elsewhere and pass its local files or "
+                "a save_to_disk directory." if offline else "")
+        raise DataError(f"{name}: not a local file, and loading it from the Hugging Face Hub failed: "
+                        f"{type(e).__name__}: {e}.{hint}") from None

@@ -1,0 +1,59 @@
+import gzip
+import json
+
+import datasets
+import pytest
+
+from ds_dpo.sources import DataError, looks_local, read_source
+
+ROWS = [{"prompt": "count up from 3 :", "chosen": " 4 5", "rejected": " 2 1"},
+        {"prompt": "count down from 9 :", "chosen": " 8 7", "rejected": " 10 11"}]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv", "/"])
+def test_every_local_source_reads_the_same_rows(tmp_path, suffix):
+    path = tmp_path / f"pairs{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif suffix == ".jsonl.gz":
+        with gzip.open(path, "wt") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif suffix == ".json":
+        path.write_text(json.dumps(ROWS))
+    elif suffix == ".parquet":
+        datasets.Dataset.from_list(ROWS).to_parquet(str(path))
+    elif suffix == ".csv":
+        datasets.Dataset.from_list(ROWS).to_csv(str(path), index=False)
+    else:
+        path = tmp_path / "saved"
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(path))
+    rows, problems = read_source(str(path))
+    assert problems == [] and [r.data for r in rows] == ROWS and [r.number for r in rows] == [1, 2]
+
+
+def test_jsonl_problems_keep_line_numbers(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n\n{broken\n" + b'{"prompt": "caf\xe9"}\n'
+                     + json.dumps(ROWS[1]).encode() + b"\n")
+    rows, problems = read_source(str(path))
+    assert [r.number for r in rows] == [1, 5]
+    assert [(p.number, p.reason.split(" (")[0]) for p in problems] == [(3, "malformed JSON"), (4, "not UTF-8 text")]
+
+
+def test_missing_paths_and_bad_directories(tmp_path):
+    with pytest.raises(DataError, match="no such file or directory"):
+        read_source(str(tmp_path / "absent.jsonl"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
+        read_source(str(tmp_path / "plain"))
+
+
+def test_hub_name_offline_says_so(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import: set the live flags
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert not looks_local("someone/some-preference-set")
+    with pytest.raises(DataError, match="someone/some-preference-set: not a local file, and loading it from the "
+                                        "Hugging Face Hub failed"):
+        read_source("someone/some-preference-set")

@@ -1,0 +1,79 @@
+import pytest
+
+from ds_dpo import builtin
+from ds_dpo.formats import normalize
+from ds_dpo.tokenization import LengthLimits, encode_pair
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+NO_LIMITS = LengthLimits(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["hello there, how are you today?", "I am fine thanks", "go away", "<|im_start|>user\nhi<|im_end|>\n"] * 50
+    tok = builtin.train_bpe_tokenizer(texts, vocab_size=400)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    return tok
+
+
+def test_text_pair_one_bos_and_eos_closing_each_completion(tokenizer):
+    pair = normalize({"prompt": "hello there,", "chosen": " I am fine", "rejected": " go away"}, "explicit", "")
+    out = encode_pair(pair, tokenizer, NO_LIMITS)
+    assert out["prompt_input_ids"][0] == tokenizer.bos_token_id and out["prompt_input_ids"][1] != tokenizer.bos_token_id
+    assert tokenizer.decode(out["prompt_input_ids"], skip_special_tokens=True) == "hello there,"
+    for side, text in (("chosen", " I am fine"), ("rejected", " go away")):
+        ids = out[f"{side}_input_ids"]
+        assert ids[-1] == tokenizer.eos_token_id and tokenizer.decode(ids[:-1]) == text
+    again = encode_pair({**pair, "prompt": "<s>hello there,"}, tokenizer, NO_LIMITS)  # BOS already in the text
+    assert again["prompt_input_ids"] == out["prompt_input_ids"]
+
+
+def test_chat_template_completion_is_exactly_the_reply_plus_end_of_turn(tokenizer):
+    prompt = [{"role": "user", "content": "how are you today?"}]
+    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "I am fine thanks"}],
+           "rejected": [{"role": "assistant", "content": "go away"}]}
+    out = encode_pair(normalize(row, "conversational", ""), tokenizer, NO_LIMITS)
+    rendered_prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert out["prompt_input_ids"] == tokenizer(rendered_prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(out["chosen_input_ids"]) == "I am fine thanks<|im_end|>\n"
+    assert tokenizer.decode(out["rejected_input_ids"]) == "go away<|im_end|>\n"
+
+
+def test_template_that_renders_the_prompt_differently_keeps_one_shared_prompt():
+    """A template whose generation prompt differs from how it renders a finished turn (as thinking templates do):
+    the prompt is the part shared by all renderings, identical for chosen and rejected."""
+    odd = CHATML.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\nthink\n{% endif %}")
+    tok = builtin.train_bpe_tokenizer(["hello there think", "go away"] * 20, vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = odd
+    row = {"prompt": [{"role": "user", "content": "hello"}], "chosen": [{"role": "assistant", "content": "there"}],
+           "rejected": [{"role": "assistant", "content": "go away"}]}
+    out = encode_pair(normalize(row, "conversational", ""), tok, NO_LIMITS)
+    full = tok.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
+    assert tok.decode(out["prompt_input_ids"] + out["chosen_input_ids"]) == full
+    assert tok.decode(out["prompt_input_ids"]).endswith("assistant\n")
+
+
+def test_implicit_without_turns_splits_at_the_common_token_prefix(tokenizer):
+    pair = normalize({"chosen": "hello there, how are you", "rejected": "hello there, go away"}, "implicit", "")
+    out = encode_pair(pair, tokenizer, NO_LIMITS)
+    assert tokenizer.decode(out["prompt_input_ids"], skip_special_tokens=True) == "hello there,"
+    assert tokenizer.decode(out["chosen_input_ids"][:-1]) == " how are you"
+
+
+def test_truncation_and_drops(tokenizer):
+    raw = {"prompt_input_ids": list(range(10, 20)), "chosen_input_ids": [1, 2, 3, 4], "rejected_input_ids": [5, 6]}
+    pair = normalize(raw, "tokenized", "")
+    end = encode_pair(pair, tokenizer, LengthLimits(12, 8, None))
+    assert end["prompt_input_ids"] == list(range(12, 20)) and end["prompt_truncated"]
+    assert end["chosen_input_ids"] == [1, 2, 3, 4] and not end["completion_truncated"] and end["drop"] == ""
+    start = encode_pair(pair, tokenizer, LengthLimits(10, 8, None, "keep_start"))
+    assert start["prompt_input_ids"] == list(range(10, 18)) and start["chosen_input_ids"] == [1, 2]
+    assert start["completion_truncated"]
+    short = encode_pair(pair, tokenizer, LengthLimits(None, None, 1))
+    assert short["chosen_input_ids"] == [1] and short["rejected_input_ids"] == [5] and short["drop"] == ""
+    same = normalize({**raw, "rejected_input_ids": [1, 9]}, "tokenized", "")
+    assert encode_pair(same, tokenizer, LengthLimits(None, None, 1))["drop"] == "chosen and rejected identical once truncated"
+    assert encode_pair(pair, tokenizer, LengthLimits(10, None, None))["drop"].startswith("prompt leaves no room")
