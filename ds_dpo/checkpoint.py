@@ -7,6 +7,7 @@ transformers alone (and, with LoRA, a peft adapter plus optionally the merged mo
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,20 @@ import torch
 from ds_dpo import engines
 
 TAG_PREFIX = "step-"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Checkpointer:
@@ -33,6 +48,21 @@ class Checkpointer:
         if torch.distributed.get_rank() == 0 and self.save_total_limit:
             for old in self.tags()[: -self.save_total_limit]:
                 shutil.rmtree(old)
+
+    def find(self, spec: str) -> Path | None:
+        """The checkpoint directory ``resume_from_checkpoint`` names: ``auto`` -> the newest, if any."""
+        if spec != "auto":
+            path = Path(spec)
+            return self.tags()[-1] if path.resolve() == self.root.resolve() and self.tags() else path
+        tags = self.tags()
+        return tags[-1] if tags else None
+
+    def load(self, path: Path) -> dict:
+        """Collective: restore engine, optimizer and LR schedule from ``path``; returns the client state."""
+        _, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if client_state is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
+        return client_state
 
     def tags(self) -> list[Path]:
         """Saved checkpoint directories, oldest first."""

@@ -142,6 +142,8 @@ class DPOConfig:
     """Optimizer steps between DeepSpeed checkpoints under ``output_dir/checkpoints``; 0 disables."""
     save_total_limit: int | None = None
     """Keep at most this many checkpoints (oldest deleted first)."""
+    resume_from_checkpoint: str | None = None
+    """``auto`` (the newest checkpoint under ``output_dir/checkpoints``, if any) or a checkpoint directory."""
 
     # --- precision and memory ---------------------------------------------------------------------------------------
     bf16: bool = False
@@ -233,6 +235,9 @@ class DPOConfig:
              "(or use `reference: zero`)")
         need(not self.save_merged_model or self.use_peft, "`save_merged_model` needs `use_peft: true`")
         need(self.eval_steps is None or self.eval_steps >= 1, "`eval_steps` must be >= 1 or unset")
+        resume = self.resume_from_checkpoint
+        need(resume in (None, "auto") or Path(resume).is_dir(),
+             f"`resume_from_checkpoint` must be `auto` or an existing checkpoint directory (got {resume!r})")
         need(self.save_steps >= 0, "`save_steps` must be >= 0 (0 disables checkpoints)")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "`save_total_limit` must be >= 1 or unset")
         need(self.max_length is None or self.max_length >= 2, "`max_length` must be >= 2 or unset")

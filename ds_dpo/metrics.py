@@ -86,9 +86,9 @@ class MetricsLogger:
         self.jsonl = (output_dir / "metrics.jsonl").open("a")
         self.bar = tqdm(total=total_steps, desc="training", dynamic_ncols=True)
 
-    def advance(self) -> None:
+    def advance(self, steps: int = 1) -> None:
         if self.enabled:
-            self.bar.update(1)
+            self.bar.update(steps)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

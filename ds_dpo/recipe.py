@@ -20,13 +20,14 @@ import torch
 from transformers import AutoTokenizer
 
 from ds_dpo import builtin, engines
-from ds_dpo.checkpoint import Checkpointer, export_hf_model
+from ds_dpo.checkpoint import Checkpointer, export_hf_model, rng_state, set_rng_state
 from ds_dpo.collate import collate_pairs
 from ds_dpo.config import DPOConfig, dump_config
 from ds_dpo.data import load_preference_data
 from ds_dpo.logprobs import PairLogps, concatenated_forward
 from ds_dpo.losses import PreferenceLossOutput, needs_reference, preference_loss
 from ds_dpo.metrics import MetricAccumulator, MetricsLogger, max_over_ranks, peak_memory_mb
+from ds_dpo.preemption import PreemptionGuard
 from ds_dpo.reference import (AdapterReference, EngineReference, PrecomputedReference, Reference,
                               precompute_reference_logps)
 from ds_dpo.sampler import GlobalBatchSampler, StepPlan
@@ -129,23 +130,58 @@ class DPORecipe:
     # --- training ---------------------------------------------------------------------------------------------------
 
     def train(self) -> None:
-        cfg, step, epoch = self.cfg, 0, 0
+        cfg = self.cfg
         window = MetricAccumulator(self.device)
-        while step < self.total_steps:
-            for plan in self.sampler.epoch(epoch):
-                self._train_step(plan, window)
-                step += 1
-                self.logger.advance()
-                if step % cfg.logging_steps == 0 or step == self.total_steps:
-                    self._log_train(step, window)
-                if cfg.eval_steps and step % cfg.eval_steps == 0 and step != self.total_steps:
-                    self.evaluate(step)
-                if self.checkpointer.due(step):
-                    self.checkpointer.save(step, {"step": step, "epoch": epoch})
-                if step == self.total_steps:
-                    break
-            epoch += 1
-        self.final_eval = self.evaluate(step)
+        step, epoch, done_in_epoch = self._resume(window)
+        self.preempted = False
+        with PreemptionGuard() as guard:
+            while step < self.total_steps and not self.preempted:
+                for plan in self.sampler.epoch(epoch, start_step=done_in_epoch):
+                    self._train_step(plan, window)
+                    step, done_in_epoch = step + 1, done_in_epoch + 1
+                    self.logger.advance()
+                    if step % cfg.logging_steps == 0 or step == self.total_steps:
+                        self._log_train(step, window)
+                    if cfg.eval_steps and step % cfg.eval_steps == 0 and step != self.total_steps:
+                        self.evaluate(step)
+                    saved = self.checkpointer.due(step)
+                    if saved:
+                        self._save_checkpoint(step, epoch, done_in_epoch, window)
+                    if guard.agreed_stop(self.device):
+                        if not saved:
+                            self._save_checkpoint(step, epoch, done_in_epoch, window)
+                        self.preempted, self.stopped_at = True, step
+                        break
+                    if step == self.total_steps:
+                        break
+                else:
+                    epoch, done_in_epoch = epoch + 1, 0
+        if not self.preempted:
+            self.final_eval = self.evaluate(step)
+
+    def _save_checkpoint(self, step: int, epoch: int, done_in_epoch: int, window: MetricAccumulator) -> None:
+        """Everything beyond the engine's own state that the run needs to continue exactly where it stopped."""
+        self.checkpointer.save(step, {
+            "step": step, "epoch": epoch, "done_in_epoch": done_in_epoch, "learning_rate": self.learning_rate,
+            "metric_window": window.sums.tolist(), "rng": rng_state(),
+        })
+
+    def _resume(self, window: MetricAccumulator) -> tuple[int, int, int]:
+        """(step, epoch, steps done in that epoch) to start from: zeros, or a checkpoint's."""
+        spec = self.cfg.resume_from_checkpoint
+        path = self.checkpointer.find(spec) if spec else None
+        if path is None:
+            if spec:
+                self._say("resume_from_checkpoint: auto, but no checkpoint yet: starting from scratch")
+            return 0, 0, 0
+        state = self.checkpointer.load(path)
+        set_rng_state(state["rng"])
+        window.sums.copy_(torch.tensor(state["metric_window"], dtype=window.sums.dtype))
+        self.learning_rate = state["learning_rate"]
+        self.logger.advance(state["step"])
+        self._say(f"resumed from {path} at step {state['step']}")
+        epoch, done = state["epoch"], state["done_in_epoch"]
+        return (state["step"], epoch + 1, 0) if done >= self.sampler.steps_per_epoch else (state["step"], epoch, done)
 
     def _train_step(self, plan: StepPlan, window: MetricAccumulator) -> None:
         # engine.backward divides by gradient_accumulation_steps and gradients are averaged over ranks; this scale

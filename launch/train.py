@@ -33,6 +33,12 @@ def main(argv: list[str]) -> int:
         print(f"ds_dpo: {e}", file=sys.stderr)
         return 2
     recipe.train()
+    if recipe.preempted:
+        if recipe.rank == 0:
+            print(f"ds_dpo: stopped by a signal at step {recipe.stopped_at}; checkpoint saved under "
+                  f"{cfg.output_dir}/checkpoints. Resume with the same command plus --resume_from_checkpoint auto")
+        recipe.cleanup()
+        return 0
     recipe.save()
     if recipe.rank == 0 and recipe.final_eval:
         print(f"held-out reward accuracy: {recipe.final_eval['eval_rewards/accuracies']:.4f} "
