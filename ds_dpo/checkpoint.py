@@ -90,13 +90,48 @@ def export_hf_model(engine, tokenizer, output_dir: str | Path, save_merged_model
 
 def _save_merged(peft_model, state_dict: dict[str, torch.Tensor], out: Path) -> None:
     """Rebuild the peft model unpartitioned on CPU from the gathered weights, merge the adapters, save."""
-    from peft import get_peft_model
+    cpu_model = _cpu_model(peft_model.base_model.model.config, peft_model.peft_config["default"], state_dict)
+    cpu_model.merge_and_unload().save_pretrained(out, safe_serialization=True)
+
+
+def _cpu_model(config, lora_config, state_dict: dict[str, torch.Tensor]):
+    """An ordinary (unpartitioned) model, peft-wrapped when ``lora_config`` is given, holding ``state_dict``."""
     from transformers import AutoModelForCausalLM
 
     with engines.zero3_disabled():
-        base = AutoModelForCausalLM.from_config(peft_model.base_model.model.config)
-        cpu_model = get_peft_model(base, peft_model.peft_config["default"])
-    missing, unexpected = cpu_model.load_state_dict(state_dict, strict=False)
-    if unexpected or any("lora_" in k for k in missing):
-        raise RuntimeError(f"merged export: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    cpu_model.merge_and_unload().save_pretrained(out, safe_serialization=True)
+        model = AutoModelForCausalLM.from_config(config)
+    if lora_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k.split(".")[-2:] != ["lm_head", "weight"] and k not in tied]:
+        raise RuntimeError(f"checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
+
+
+def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: bool = False) -> None:
+    """Turn a saved checkpoint (``OUTPUT_DIR/checkpoints/step-N``, any ZeRO stage, LoRA or full) into a Hugging Face
+    directory on CPU, without starting torch.distributed: the model (or peft adapter, plus ``merged/`` with
+    ``merge``) and the tokenizer, using the run's ``config.yaml`` two levels up."""
+    import yaml
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoTokenizer
+
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    run = yaml.safe_load((checkpoint.parent.parent / "config.yaml").read_text())
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    lora = None
+    if run["use_peft"]:
+        from peft import LoraConfig
+
+        lora = LoraConfig(r=run["lora_r"], lora_alpha=run["lora_alpha"], lora_dropout=run["lora_dropout"],
+                          target_modules=run["lora_target_modules"], task_type="CAUSAL_LM")
+    model = _cpu_model(AutoConfig.from_pretrained(run["model_name_or_path"]), lora, state_dict)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer = AutoTokenizer.from_pretrained(run["model_name_or_path"])
+    tokenizer.save_pretrained(output_dir)
+    if merge and lora is not None:
+        model.merge_and_unload().save_pretrained(output_dir / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(output_dir / "merged")

@@ -173,6 +173,9 @@ class DPOConfig:
     save_merged_model: bool = False
     """With LoRA: also write the merged full model to ``output_dir/merged``."""
 
+    ddp_timeout: int = 1800
+    """Seconds any collective may wait (HF's name): a dead rank fails the job instead of hanging it."""
+
     # --- set by the launcher ----------------------------------------------------------------------------------------
     local_rank: int = -1
     """Filled by the ``deepspeed`` launcher; ignored otherwise."""
@@ -238,6 +241,7 @@ class DPOConfig:
         resume = self.resume_from_checkpoint
         need(resume in (None, "auto") or Path(resume).is_dir(),
              f"`resume_from_checkpoint` must be `auto` or an existing checkpoint directory (got {resume!r})")
+        need(self.ddp_timeout >= 1, "`ddp_timeout` must be >= 1 second")
         need(self.save_steps >= 0, "`save_steps` must be >= 0 (0 disables checkpoints)")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "`save_total_limit` must be >= 1 or unset")
         need(self.max_length is None or self.max_length >= 2, "`max_length` must be >= 2 or unset")

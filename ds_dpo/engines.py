@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import json
 import os
 from typing import Any
@@ -28,9 +29,13 @@ from ds_dpo.config import ConfigError, DPOConfig
 _NO_DECAY = ("bias", "norm")
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """Initialise torch.distributed (NCCL on GPUs, gloo on CPU); return (rank, world_size, local_rank)."""
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+def init_distributed(timeout_s: int = 1800) -> tuple[int, int, int]:
+    """Initialise torch.distributed (NCCL on GPUs, gloo on CPU); return (rank, world_size, local_rank).
+
+    ``timeout_s`` bounds every collective: a rank that dies makes the others fail after it instead of waiting forever.
+    """
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=datetime.timedelta(seconds=timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if get_accelerator().device_name() != "cpu":

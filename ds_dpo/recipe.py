@@ -46,7 +46,7 @@ class DPORecipe:
             paths = builtin.materialize(self.output_dir / "builtin", self.cfg.seed)
             self.cfg = dataclasses.replace(self.cfg, **paths)
         cfg = self.cfg
-        self.rank, self.world_size, self.local_rank = engines.init_distributed()
+        self.rank, self.world_size, self.local_rank = engines.init_distributed(cfg.ddp_timeout)
         self.device = engines.device()
         torch.manual_seed(cfg.seed)  # same on every rank: LoRA init and anything else random must agree
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,12 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from conftest import DEEPSPEED, REPO, free_port, launch, read_metrics
 
@@ -40,7 +42,7 @@ def test_resume_reproduces_the_uninterrupted_run(reference, builtin_files, tmp_p
     if reference == "lora":
         common += ["--use_peft", "true", "--lora_r", "4", "--learning_rate", "2e-2"]
     whole, split = tmp_path / "whole", tmp_path / "split"
-    launch(*common, "--max_steps", "7", "--save_steps", "0", "--output_dir", str(whole))
+    launch(*common, "--max_steps", "7", "--save_steps", "7", "--output_dir", str(whole))
     launch(*common, "--max_steps", "4", "--save_steps", "4", "--output_dir", str(split))
     proc = launch(*common, "--max_steps", "7", "--save_steps", "0", "--output_dir", str(split),
                   "--resume_from_checkpoint", "auto")
@@ -49,6 +51,15 @@ def test_resume_reproduces_the_uninterrupted_run(reference, builtin_files, tmp_p
     assert [s for s, _ in got] == list(range(1, 8))
     assert max(abs(a - b) for (_, a), (_, b) in zip(expected, got)) <= 1e-6
     assert_same_weights(whole, split)
+
+    # Offline export of the ZeRO-3 checkpoint (no launcher, no torch.distributed) == the run's own final export
+    exported = tmp_path / "exported"
+    subprocess.run([sys.executable, "launch/export.py", str(whole / "checkpoints" / "step-7"), str(exported),
+                    "--merge"], cwd=REPO, check=True, capture_output=True)
+    assert_same_weights(whole, exported)
+    if reference == "lora":
+        merged = AutoModelForCausalLM.from_pretrained(exported / "merged")  # plain transformers
+        assert merged.config.vocab_size > 0 and (exported / "merged" / "tokenizer.json").is_file()
 
 
 def test_sigterm_saves_and_the_resumed_run_is_the_same_run(tmp_path):
