@@ -1,14 +1,24 @@
-"""DeepSpeed checkpoints during training and the final Hugging Face export.
+"""DeepSpeed checkpoints during training, resuming from them (also on another world size), and HF export.
 
-``Checkpointer`` owns when to save, where (``output_dir/checkpoints/step-N``) and which old checkpoints to delete.
-``export_hf_model`` gathers the ZeRO shards into a plain ``save_pretrained`` directory that loads with
-transformers alone (and, with LoRA, a peft adapter plus optionally the merged model).
+A checkpoint is ``output_dir/checkpoints/step-N``: DeepSpeed's own files (engine, optimizer, LR schedule) plus one
+``trainer_state_rank{R}.json`` per rank (step, epoch, position in the epoch, RNG states, the partial metric window,
+the world size), plain JSON so that resuming unpickles nothing of ours. ``checkpoints/latest`` names the newest
+*complete* checkpoint: it is replaced (atomically) only after every rank has finished writing, so a crash or a kill
+during a save leaves the previous checkpoint in place as the one to resume from.
+
+``Checkpointer`` owns when to save, where, and which old checkpoints to delete; ``export_hf_model`` gathers the ZeRO
+shards into a ``save_pretrained`` directory that loads with transformers alone; ``export_checkpoint`` does the same
+offline from any checkpoint.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -16,20 +26,54 @@ import torch
 from ds_dpo import engines
 
 TAG_PREFIX = "step-"
+LATEST = "latest"
+UNIVERSAL_SUFFIX = "-universal"
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Python and torch RNG states as JSON-ready lists."""
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def find_checkpoint(root: Path, spec: str) -> Path | None:
+    """The checkpoint ``resume_from_checkpoint`` names: ``auto`` -> the one ``latest`` points to (None if none);
+    a ``checkpoints`` directory -> its latest; otherwise the directory itself."""
+    path = root if spec == "auto" else Path(spec)
+    if (path / LATEST).is_file():
+        return path / (path / LATEST).read_text().strip()
+    return None if spec == "auto" else path
+
+
+def read_state(checkpoint: Path, rank: int) -> dict:
+    """This rank's trainer state (rank 0's when resuming on more ranks than wrote the checkpoint)."""
+    own = checkpoint / f"trainer_state_rank{rank}.json"
+    return json.loads((own if own.is_file() else checkpoint / "trainer_state_rank0.json").read_text())
+
+
+def universal_checkpoint(checkpoint: Path) -> Path:
+    """Collective. DeepSpeed's world-size-independent form of ``checkpoint`` (converted once, by global rank 0)."""
+    target = checkpoint.with_name(checkpoint.name + UNIVERSAL_SUFFIX)
+    if torch.distributed.get_rank() == 0 and not (target / "zero").is_dir():
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(checkpoint), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                        "--num_merge_workers", "1"], check=True, capture_output=True)
+        os.replace(tmp, target)
+    torch.distributed.barrier()
+    return target
 
 
 class Checkpointer:
@@ -41,28 +85,31 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return self.save_steps > 0 and step % self.save_steps == 0
 
-    def save(self, step: int, client_state: dict) -> None:
-        """Collective: every rank writes its shards; rank 0 then prunes checkpoints beyond the limit."""
-        self.engine.save_checkpoint(str(self.root), tag=f"{TAG_PREFIX}{step}", client_state=client_state)
+    def save(self, step: int, state: dict) -> None:
+        """Collective: every rank writes its shards and its trainer state; once all are done, rank 0 moves
+        ``latest`` to the new checkpoint and prunes those beyond ``save_total_limit``."""
+        rank, tag = torch.distributed.get_rank(), f"{TAG_PREFIX}{step}"
+        directory = self.root / tag
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"trainer_state_rank{rank}.json").write_text(json.dumps(state))
+        # DeepSpeed writes its own `latest` before the other ranks are known to be done; we move ours after.
+        self.engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
         torch.distributed.barrier()
-        if torch.distributed.get_rank() == 0 and self.save_total_limit:
-            for old in self.tags()[: -self.save_total_limit]:
-                shutil.rmtree(old)
+        if rank == 0:
+            tmp = self.root / f"{LATEST}.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, self.root / LATEST)
+            if self.save_total_limit:
+                for old in self.tags()[: -self.save_total_limit]:
+                    shutil.rmtree(old)
+                    shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+        torch.distributed.barrier()
 
-    def find(self, spec: str) -> Path | None:
-        """The checkpoint directory ``resume_from_checkpoint`` names: ``auto`` -> the newest, if any."""
-        if spec != "auto":
-            path = Path(spec)
-            return self.tags()[-1] if path.resolve() == self.root.resolve() and self.tags() else path
-        tags = self.tags()
-        return tags[-1] if tags else None
-
-    def load(self, path: Path) -> dict:
-        """Collective: restore engine, optimizer and LR schedule from ``path``; returns the client state."""
-        _, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        if client_state is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
-        return client_state
+    def load(self, checkpoint: Path) -> None:
+        """Collective: restore engine, optimizer and LR schedule (a ``-universal`` checkpoint on another world size)."""
+        loaded, _ = self.engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {checkpoint}")
 
     def tags(self) -> list[Path]:
         """Saved checkpoint directories, oldest first."""

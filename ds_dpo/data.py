@@ -69,6 +69,13 @@ class DataReport:
         return "\n".join(lines)
 
 
+def cache_root(configured: str | os.PathLike | None) -> Path:
+    """Where tokenized datasets and precomputed reference log-probs are cached (``dataset_cache_dir``)."""
+    root = Path(configured or Path(datasets.config.HF_DATASETS_CACHE) / "ds_dpo")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def _percentiles(values: list[int]) -> dict[str, int]:
     if not values:
         return {}
@@ -127,9 +134,7 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
 
     table = datasets.Dataset.from_list(canonical)
     key = _cache_key(table, tokenizer, limits)
-    cache_dir = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "ds_dpo")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cache_file = cache_dir / f"tokenized-{key}.arrow"
+    cache_file = cache_root(cache_dir) / f"tokenized-{key}.arrow"
     report.cache_hit = cache_file.exists()
     tokenized = table.map(encode_pair, fn_kwargs={"tokenizer": tokenizer, "limits": limits},
                           remove_columns=table.column_names, cache_file_name=str(cache_file), new_fingerprint=key,

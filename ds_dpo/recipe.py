@@ -17,20 +17,24 @@ import math
 from pathlib import Path
 
 import torch
+from datasets.fingerprint import Hasher
 from transformers import AutoTokenizer
 
 from ds_dpo import builtin, engines
-from ds_dpo.checkpoint import Checkpointer, export_hf_model, rng_state, set_rng_state
+from ds_dpo.checkpoint import (Checkpointer, export_hf_model, find_checkpoint, read_state, rng_state, set_rng_state,
+                               universal_checkpoint)
 from ds_dpo.collate import collate_pairs
 from ds_dpo.config import DPOConfig, dump_config
-from ds_dpo.data import load_preference_data
+from ds_dpo.data import cache_root, load_preference_data
 from ds_dpo.logprobs import PairLogps, concatenated_forward
 from ds_dpo.losses import PreferenceLossOutput, needs_reference, preference_loss
 from ds_dpo.metrics import MetricAccumulator, MetricsLogger, max_over_ranks, peak_memory_mb
 from ds_dpo.preemption import PreemptionGuard
 from ds_dpo.reference import (AdapterReference, EngineReference, PrecomputedReference, Reference,
-                              precompute_reference_logps)
+                              cached_reference_logps, model_fingerprint, score_dataset, with_reference_columns)
 from ds_dpo.sampler import GlobalBatchSampler, StepPlan
+
+REF_CACHE_VERSION = "1"  # bump when the log-prob computation changes
 
 
 class DPORecipe:
@@ -63,6 +67,7 @@ class DPORecipe:
                             else math.ceil(cfg.num_train_epochs * self.sampler.steps_per_epoch))
 
         ds_config = engines.resolve_deepspeed_config(cfg, self.world_size)
+        self.resume_from = self._checkpoint_to_resume(ds_config)
         if self.rank == 0:
             dump_config(cfg, ds_config, self.output_dir / "config.yaml")
         self._setup_models(ds_config)
@@ -110,12 +115,25 @@ class DPORecipe:
             print(f"ds_dpo: {message}", flush=True)
 
     def _precompute_reference(self) -> None:
-        """Score both datasets once with the current reference; afterwards the batches carry the log-probs."""
-        args = dict(batch_size=self.cfg.per_device_eval_batch_size, pad_token_id=self.tokenizer.pad_token_id,
-                    device=self.device)
-        self.train_data = precompute_reference_logps(self.reference, self.train_data, **args)
-        if self.eval_data is not None:
-            self.eval_data = precompute_reference_logps(self.reference, self.eval_data, desc="eval reference", **args)
+        """Score both datasets once with the current reference, or read the scores an earlier run cached for the same
+        reference weights, data and settings (a resumed run or a beta sweep pays for the reference once); afterwards
+        the batches carry the log-probs."""
+        cfg = self.cfg
+        source = cfg.model_name_or_path if cfg.reference == "lora" else (cfg.ref_model_name_or_path or
+                                                                         cfg.model_name_or_path)
+        for name in ("train_data", "eval_data"):
+            data = getattr(self, name)
+            if data is None:
+                continue
+            key = Hasher.hash((REF_CACHE_VERSION, model_fingerprint(source), data._fingerprint, cfg.ld_alpha, cfg.bf16,
+                               cfg.attn_implementation))
+            cache_file = cache_root(cfg.dataset_cache_dir) / f"ref-logps-{key}.safetensors"
+            logps, hit = cached_reference_logps(
+                cache_file, lambda: score_dataset(self.reference, data, cfg.per_device_eval_batch_size,
+                                                  self.tokenizer.pad_token_id, self.device), self.device)
+            self._say(f"reference log-probs of {len(data)} pairs: {'read from cache' if hit else 'computed'} "
+                      f"({cache_file.name})")
+            setattr(self, name, with_reference_columns(data, logps))
         self.reference = PrecomputedReference()
 
     @contextlib.contextmanager
@@ -163,23 +181,38 @@ class DPORecipe:
         """Everything beyond the engine's own state that the run needs to continue exactly where it stopped."""
         self.checkpointer.save(step, {
             "step": step, "epoch": epoch, "done_in_epoch": done_in_epoch, "learning_rate": self.learning_rate,
-            "metric_window": window.sums.tolist(), "rng": rng_state(),
+            "metric_window": window.sums.tolist(), "rng": rng_state(), "world_size": self.world_size,
         })
 
-    def _resume(self, window: MetricAccumulator) -> tuple[int, int, int]:
-        """(step, epoch, steps done in that epoch) to start from: zeros, or a checkpoint's."""
+    def _checkpoint_to_resume(self, ds_config: dict) -> Path | None:
+        """The checkpoint ``resume_from_checkpoint`` names, made loadable on this world size (DeepSpeed's universal
+        format, converted once, when the world size differs from the one that wrote it)."""
         spec = self.cfg.resume_from_checkpoint
-        path = self.checkpointer.find(spec) if spec else None
+        if not spec:
+            return None
+        path = find_checkpoint(self.output_dir / "checkpoints", spec)
         if path is None:
-            if spec:
-                self._say("resume_from_checkpoint: auto, but no checkpoint yet: starting from scratch")
+            self._say("resume_from_checkpoint: auto, but no checkpoint yet: starting from scratch")
+            return None
+        self.resume_state = read_state(path, self.rank)
+        if self.resume_state["world_size"] != self.world_size:
+            self._say(f"{path} was written by {self.resume_state['world_size']} ranks; resuming on "
+                      f"{self.world_size} through DeepSpeed's universal checkpoint format")
+            path = universal_checkpoint(path)
+            ds_config["checkpoint"] = {"load_universal": True}
+        return path
+
+    def _resume(self, window: MetricAccumulator) -> tuple[int, int, int]:
+        """(step, epoch, steps done in that epoch) to start from: zeros, or the checkpoint's."""
+        if self.resume_from is None:
             return 0, 0, 0
-        state = self.checkpointer.load(path)
+        self.checkpointer.load(self.resume_from)
+        state = self.resume_state
         set_rng_state(state["rng"])
         window.sums.copy_(torch.tensor(state["metric_window"], dtype=window.sums.dtype))
         self.learning_rate = state["learning_rate"]
         self.logger.advance(state["step"])
-        self._say(f"resumed from {path} at step {state['step']}")
+        self._say(f"resumed from {self.resume_from} at step {state['step']}")
         epoch, done = state["epoch"], state["done_in_epoch"]
         return (state["step"], epoch + 1, 0) if done >= self.sampler.steps_per_epoch else (state["step"], epoch, done)
 
@@ -269,3 +302,4 @@ class DPORecipe:
     def cleanup(self) -> None:
         self.logger.close()
         torch.distributed.barrier()
+        engines.release_shm_buffers()

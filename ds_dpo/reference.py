@@ -1,16 +1,20 @@
 """Where reference log-probs come from: a frozen engine, the policy with its LoRA adapters off, or the batch itself.
 
 Each reference answers one question, ``logps(batch) -> (chosen, rejected)``, both [B] and detached, so the training
-loop does not care which one it has. ``precompute_reference_logps`` runs any of them once over a dataset and stores
-the result as columns, after which the ``PrecomputedReference`` reads them back from the batch.
+loop does not care which one it has. ``score_dataset`` runs any of them once over a dataset; the table is cached on
+disk (``cached_reference_logps``) and stored as columns, after which the ``PrecomputedReference`` reads them back
+from the batch.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Protocol
 
 import datasets
 import torch
+from safetensors.torch import load_file, save_file
 
 from ds_dpo.collate import collate_pairs
 from ds_dpo.logprobs import concatenated_forward
@@ -54,16 +58,16 @@ class AdapterReference:
 
 
 class PrecomputedReference:
-    """Reads the ``ref_*_logps`` columns that ``precompute_reference_logps`` added to the dataset."""
+    """Reads the ``ref_*_logps`` columns that ``with_reference_columns`` added to the dataset."""
 
     def logps(self, batch):
         return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
 
 
 @torch.no_grad()
-def precompute_reference_logps(reference: Reference, dataset: datasets.Dataset, batch_size: int, pad_token_id: int,
-                               device: torch.device, desc: str = "reference log-probs") -> datasets.Dataset:
-    """Run ``reference`` once over ``dataset`` and return it with ``ref_chosen_logps``/``ref_rejected_logps`` columns.
+def score_dataset(reference: Reference, dataset: datasets.Dataset, batch_size: int, pad_token_id: int,
+                  device: torch.device, desc: str = "reference log-probs") -> torch.Tensor:
+    """[N, 2] float64 (chosen, rejected) reference log-probs of every pair, on every rank.
 
     Each rank scores a disjoint shard (padded with fillers so that every rank runs the same number of forwards,
     as ZeRO-3 requires); one all-gather at the end gives every rank the whole table.
@@ -72,12 +76,12 @@ def precompute_reference_logps(reference: Reference, dataset: datasets.Dataset, 
 
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     sampler = GlobalBatchSampler(len(dataset), batch_size, 1, world, rank, seed=0, shuffle=False)
-    rows = []  # [index, weight, chosen, rejected] per scored pair
+    rows = []  # [position, weight, chosen, rejected] per scored pair
     for plan in tqdm(sampler.epoch(0), total=sampler.steps_per_epoch, desc=desc, disable=rank != 0):
         indices, weights = plan.micro_batches[0], plan.weights[0]
         batch = collate_pairs([dataset[i] for i in indices], weights, pad_token_id)
         chosen, rejected = reference.logps({k: v.to(device) for k, v in batch.items()})
-        rows.append(torch.stack([batch["index"].double(), batch["weight"].double(),
+        rows.append(torch.stack([torch.tensor(indices, dtype=torch.float64), batch["weight"].double(),
                                  chosen.double().cpu(), rejected.double().cpu()], dim=1))
     local = torch.cat(rows).to(device)
     gathered = [torch.empty_like(local) for _ in range(world)]
@@ -86,6 +90,39 @@ def precompute_reference_logps(reference: Reference, dataset: datasets.Dataset, 
     table = table[table[:, 1] > 0]
     logps = torch.empty(len(dataset), 2, dtype=torch.float64)
     logps[table[:, 0].long()] = table[:, 2:]
+    return logps
+
+
+def with_reference_columns(dataset: datasets.Dataset, logps: torch.Tensor) -> datasets.Dataset:
+    """``dataset`` with ``ref_chosen_logps``/``ref_rejected_logps`` columns from an [N, 2] table."""
     dataset = dataset.remove_columns([c for c in REF_COLUMNS if c in dataset.column_names])
     return (dataset.add_column(REF_COLUMNS[0], logps[:, 0].tolist())
                    .add_column(REF_COLUMNS[1], logps[:, 1].tolist()))
+
+
+def cached_reference_logps(cache_file: Path, compute, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """The [N, 2] table from ``cache_file`` if every rank has it, else ``compute()`` (collective) and store it.
+
+    Every rank must take the same branch (computing runs collectives), so the decision is an all-reduce: on nodes
+    without a shared filesystem, one node's missing file makes all of them compute.
+    """
+    have = torch.tensor([float(cache_file.is_file())], device=device)
+    torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
+    if have.item() > 0:
+        return load_file(cache_file)["logps"], True
+    logps = compute()
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f"{cache_file.name}.tmp{os.getpid()}")
+        save_file({"logps": logps}, tmp)
+        os.replace(tmp, cache_file)
+    return logps, False
+
+
+def model_fingerprint(name_or_path: str) -> list:
+    """What identifies a model's weights for caching: a Hub name as such, a local directory by its files."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return [name_or_path]
+    return [str(path.resolve())] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                    for f in sorted(path.iterdir()) if f.is_file()]

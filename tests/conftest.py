@@ -50,7 +50,8 @@ def single_rank():
         os.environ.setdefault(key, value)
     from ds_dpo import engines
 
-    return engines.init_distributed()
+    yield engines.init_distributed()
+    engines.release_shm_buffers()
 
 
 @pytest.fixture(autouse=True)

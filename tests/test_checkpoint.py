@@ -1,6 +1,7 @@
 """Checkpoints, exact resume and preemption, on real 2-rank DeepSpeed runs (CPU, gloo)."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,11 +29,12 @@ def assert_same_weights(a, b, tol=1e-6):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= tol
 
 
-@pytest.mark.parametrize("reference", ["zero", "lora"])
+@pytest.mark.parametrize("reference", ["zero", "lora", "precomputed"])
 def test_resume_reproduces_the_uninterrupted_run(reference, builtin_files, tmp_path):
     """20 pairs, 2 ranks x 2 pairs x 2 accumulation = 8 per step: epochs of 3 steps, the last one short (4 pairs
     plus fillers). 7 steps in one go == 4 steps, stop, resume for 3 more: same per-step losses and final weights
-    (seen: bit-identical)."""
+    (seen: bit-identical). A half-written later checkpoint (a crash during a save) is ignored: `latest` still names
+    the last complete one. Precomputed reference log-probs are read back from their cache, not recomputed."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(open(builtin_files["dataset"]).readlines()[:20]))
     common = ["--model_name_or_path", builtin_files["model_name_or_path"], "--dataset", str(pairs),
@@ -41,12 +43,18 @@ def test_resume_reproduces_the_uninterrupted_run(reference, builtin_files, tmp_p
               "--max_prompt_length", "8", "--reference", reference]
     if reference == "lora":
         common += ["--use_peft", "true", "--lora_r", "4", "--learning_rate", "2e-2"]
+    common += ["--dataset_cache_dir", str(tmp_path / "cache")]
     whole, split = tmp_path / "whole", tmp_path / "split"
     launch(*common, "--max_steps", "7", "--save_steps", "7", "--output_dir", str(whole))
     launch(*common, "--max_steps", "4", "--save_steps", "4", "--output_dir", str(split))
+    partial = split / "checkpoints" / "step-6"  # what a kill in the middle of saving step 6 leaves behind
+    partial.mkdir()
+    (partial / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"truncated")
     proc = launch(*common, "--max_steps", "7", "--save_steps", "0", "--output_dir", str(split),
                   "--resume_from_checkpoint", "auto")
-    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
+    assert "resumed from" in proc.stdout and "step-4 at step 4" in proc.stdout
+    if reference == "precomputed":
+        assert "read from cache" in proc.stdout and "computed (" not in proc.stdout
     expected, got = losses(whole), losses(split)
     assert [s for s, _ in got] == list(range(1, 8))
     assert max(abs(a - b) for (_, a), (_, b) in zip(expected, got)) <= 1e-6
@@ -88,3 +96,21 @@ def test_sigterm_saves_and_the_resumed_run_is_the_same_run(tmp_path):
     assert [s for s, _ in got] == list(range(1, 201))
     assert max(abs(a - b) for (_, a), (_, b) in zip(expected, got)) <= 1e-6
     assert_same_weights(whole, cut)
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
+    """Written by 2 ranks x 4 pairs, resumed by 1 rank x 8 pairs (the same global batch) through DeepSpeed's
+    universal checkpoint format: the continuation matches the 2-rank one (seen: step 5 identical, then <= 5e-8)."""
+    common = ["--max_steps", "8", "--logging_steps", "1", "--save_steps", "4", "--save_total_limit", "3",
+              "--eval_steps", "100"]
+    two = tmp_path / "two"
+    launch(*common, "--per_device_train_batch_size", "4", "--output_dir", str(two))
+    one = tmp_path / "one"
+    shutil.copytree(two / "checkpoints", one / "checkpoints")
+    (one / "checkpoints" / "latest").write_text("step-4")
+    proc = launch(*common, "--per_device_train_batch_size", "8", "--output_dir", str(one),
+                  "--resume_from_checkpoint", "auto", nprocs=1)
+    assert "universal checkpoint format" in proc.stdout and (one / "checkpoints" / "step-4-universal").is_dir()
+    expected, got = losses(two)[4:], losses(one)
+    assert [s for s, _ in got] == [5, 6, 7, 8]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(expected, got)) <= 1e-6

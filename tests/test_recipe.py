@@ -2,6 +2,7 @@
 
 import math
 import re
+from pathlib import Path
 import subprocess
 
 import pytest
@@ -41,6 +42,7 @@ def test_demo_learns_the_task(demo):
     assert accuracy >= 0.9
     first = read_metrics(out)[0]
     assert first["step"] == 10 and 0.3 < first["loss"] < 0.75  # starts near ln 2 = 0.693
+    assert not list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*_29500_*"))  # no leaked shm buffers
 
 
 def test_demo_writes_config_metrics_and_tensorboard(demo):
@@ -154,6 +156,9 @@ def test_two_node_hostfile_launch_takes_yaml_and_overrides(tmp_path):
     assert cfg["deepspeed_config"]["train_batch_size"] == 2 * cfg["per_device_train_batch_size"]
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
     assert (out / "checkpoints" / "step-4").is_dir() and (out / "model.safetensors").is_file()
+    one_node = tmp_path / "one_node"  # the same 2 ranks on one node: the same run
+    launch("--config", str(tmp_path / "run.yaml"), "--learning_rate", "1e-3", "--output_dir", str(one_node))
+    assert losses(out) == pytest.approx(losses(one_node), abs=1e-6)
 
 
 def test_bf16_run(tmp_path):

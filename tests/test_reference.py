@@ -8,7 +8,8 @@ from ds_dpo.collate import collate_pairs
 from ds_dpo.config import make_config
 from ds_dpo.data import load_tokenized
 from ds_dpo.logprobs import concatenated_forward
-from ds_dpo.reference import AdapterReference, EngineReference, PrecomputedReference, precompute_reference_logps
+from ds_dpo.reference import (AdapterReference, EngineReference, PrecomputedReference, cached_reference_logps,
+                              score_dataset, with_reference_columns)
 
 
 def setup_run(files, **overrides):
@@ -51,16 +52,22 @@ def test_lora_reference_is_the_base_model_and_never_moves(single_rank, builtin_f
     assert policy.module.training  # the reference pass restores train mode
 
 
-def test_precomputed_equals_engine_reference(single_rank, builtin_files):
+def test_precomputed_equals_engine_reference(single_rank, builtin_files, tmp_path):
     cfg, tok, data, ds = setup_run(builtin_files, reference="precomputed")
     ref_engine = engines.build_engine(cfg, engines.reference_deepspeed_config(ds, cfg), trainable=False)
     assert ref_engine.zero_optimization_stage() == 3 and not ref_engine.module.training
     assert ref_engine.client_optimizer is None and not any(p.requires_grad for p in ref_engine.module.parameters())
     reference = EngineReference(ref_engine)
     live = [reference.logps(b) for b in batches(data, tok)]
-    scored = precompute_reference_logps(reference, data, batch_size=5, pad_token_id=tok.pad_token_id,
-                                        device=engines.device())
+    cache = tmp_path / "ref.safetensors"
+    compute = lambda: score_dataset(reference, data, batch_size=5, pad_token_id=tok.pad_token_id,  # noqa: E731
+                                    device=engines.device())
+    table, hit = cached_reference_logps(cache, compute, engines.device())
+    assert not hit and cache.is_file()
     engines.release(ref_engine)
+    again, hit = cached_reference_logps(cache, lambda: 1 / 0, engines.device())  # read back, nothing computed
+    assert hit and torch.equal(again, table)
+    scored = with_reference_columns(data, table)
     for (c, r), b in zip(live, batches(scored, tok)):
         pc, pr = PrecomputedReference().logps(b)
         torch.testing.assert_close(pc, c, atol=1e-5, rtol=0)
