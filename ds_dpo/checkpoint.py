@@ -175,9 +175,11 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: boo
 
         lora = LoraConfig(r=run["lora_r"], lora_alpha=run["lora_alpha"], lora_dropout=run["lora_dropout"],
                           target_modules=run["lora_target_modules"], task_type="CAUSAL_LM")
-    model = _cpu_model(AutoConfig.from_pretrained(run["model_name_or_path"]), lora, state_dict)
+    remote = run.get("trust_remote_code", False)
+    config = AutoConfig.from_pretrained(run["model_name_or_path"], trust_remote_code=remote)
+    model = _cpu_model(config, lora, state_dict)
     model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer = AutoTokenizer.from_pretrained(run["model_name_or_path"])
+    tokenizer = AutoTokenizer.from_pretrained(run["model_name_or_path"], trust_remote_code=remote)
     tokenizer.save_pretrained(output_dir)
     if merge and lora is not None:
         model.merge_and_unload().save_pretrained(output_dir / "merged", safe_serialization=True)

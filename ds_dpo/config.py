@@ -68,6 +68,8 @@ class DPOConfig:
     """Where tokenized datasets are cached (default: the datasets cache, ``ds_dpo/`` inside it)."""
     output_dir: str = "outputs/run"
     """Where config.yaml, metrics.jsonl, runs/ (TensorBoard), checkpoints/ and the final HF model go."""
+    trust_remote_code: bool = False
+    """Allow model/tokenizer code from the model's repository to run (off unless you set it)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``)."""
     disable_dropout: bool = True
@@ -173,6 +175,9 @@ class DPOConfig:
     save_merged_model: bool = False
     """With LoRA: also write the merged full model to ``output_dir/merged``."""
 
+    max_consecutive_nan_steps: int = 10
+    """Optimizer steps with a non-finite loss or gradient norm are skipped (and counted in ``skipped_steps``);
+    this many in a row save a checkpoint and stop the run with an error."""
     ddp_timeout: int = 1800
     """Seconds any collective may wait (HF's name): a dead rank fails the job instead of hanging it."""
 
@@ -242,6 +247,7 @@ class DPOConfig:
         need(resume in (None, "auto") or Path(resume).is_dir(),
              f"`resume_from_checkpoint` must be `auto` or an existing checkpoint directory (got {resume!r})")
         need(self.ddp_timeout >= 1, "`ddp_timeout` must be >= 1 second")
+        need(self.max_consecutive_nan_steps >= 1, "`max_consecutive_nan_steps` must be >= 1")
         need(self.save_steps >= 0, "`save_steps` must be >= 0 (0 disables checkpoints)")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "`save_total_limit` must be >= 1 or unset")
         need(self.max_length is None or self.max_length >= 2, "`max_length` must be >= 2 or unset")

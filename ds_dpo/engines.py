@@ -77,6 +77,8 @@ def resolve_deepspeed_config(cfg: DPOConfig, world_size: int) -> dict:
           f" (per_device_train_batch_size {micro} x gradient_accumulation_steps {accum} x world size {world_size})")
     _fill(ds, "gradient_clipping", cfg.max_grad_norm, "gradient_clipping")
     _fill(ds.setdefault("bf16", {}), "enabled", cfg.bf16, "bf16.enabled")
+    if cfg.bf16:  # skip (and count) an update whose gradient norm is not finite, as ZeRO-3 and fp32 always do
+        ds["bf16"].setdefault("check_grad_overflow", True)
     if ds.get("fp16", {}).get("enabled") is True:
         raise ConfigError("fp16 is not supported (DPO log-ratios lose too much precision): use `bf16: true`")
     if "optimizer" in ds:
@@ -121,6 +123,7 @@ def load_model(cfg: DPOConfig, ds_config: dict, trainable: bool) -> tuple[torch.
         path,
         dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
         attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
     )
     model.config.use_cache = False
     if cfg.disable_dropout:

@@ -37,6 +37,10 @@ from ds_dpo.sampler import GlobalBatchSampler, StepPlan
 REF_CACHE_VERSION = "1"  # bump when the log-prob computation changes
 
 
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
 class DPORecipe:
     def __init__(self, cfg: DPOConfig):
         self.cfg = cfg
@@ -75,7 +79,8 @@ class DPORecipe:
         self.logger = MetricsLogger(self.output_dir, self.rank, self.total_steps)
 
     def _load_tokenizer(self):
-        tokenizer = AutoTokenizer.from_pretrained(self.cfg.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(self.cfg.model_name_or_path,
+                                                  trust_remote_code=self.cfg.trust_remote_code)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token  # pads are masked out; any id will do
         template = self.cfg.chat_template
@@ -151,12 +156,22 @@ class DPORecipe:
         cfg = self.cfg
         window = MetricAccumulator(self.device)
         step, epoch, done_in_epoch = self._resume(window)
-        self.preempted = False
+        self.preempted, self.skipped_steps, consecutive = False, self.policy.skipped_steps, 0
         with PreemptionGuard() as guard:
             while step < self.total_steps and not self.preempted:
                 for plan in self.sampler.epoch(epoch, start_step=done_in_epoch):
                     self._train_step(plan, window)
                     step, done_in_epoch = step + 1, done_in_epoch + 1
+                    # DeepSpeed skips an update whose gradient norm is NaN/inf and counts it (a host-side int)
+                    consecutive = consecutive + 1 if self.policy.skipped_steps > self.skipped_steps else 0
+                    self.skipped_steps = self.policy.skipped_steps
+                    if consecutive >= cfg.max_consecutive_nan_steps:
+                        self._save_checkpoint(step, epoch, done_in_epoch, window)
+                        raise NonFiniteError(
+                            f"{consecutive} optimizer steps in a row (up to step {step}) had a non-finite loss or "
+                            f"gradient norm and were skipped; the unchanged weights are saved in checkpoint "
+                            f"step-{step}. Lower the learning rate, check the data, or raise "
+                            "`max_consecutive_nan_steps`.")
                     self.logger.advance()
                     if step % cfg.logging_steps == 0 or step == self.total_steps:
                         self._log_train(step, window)
@@ -271,6 +286,7 @@ class DPORecipe:
         metrics.update(
             learning_rate=self.learning_rate,
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            skipped_steps=self.skipped_steps,
             epoch=step / self.sampler.steps_per_epoch,
             peak_memory_mb=max_over_ranks(peak_memory_mb(), self.device),
         )

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
         print(f"ds_dpo: {e}", file=sys.stderr)
         return 2
 
-    from ds_dpo.recipe import DPORecipe
+    from ds_dpo.recipe import DPORecipe, NonFiniteError
 
     recipe = DPORecipe(cfg)
     try:
@@ -32,7 +32,11 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError) as e:
         print(f"ds_dpo: {e}", file=sys.stderr)
         return 2
-    recipe.train()
+    try:
+        recipe.train()
+    except NonFiniteError as e:
+        print(f"ds_dpo: {e}", file=sys.stderr)
+        return 1
     if recipe.preempted:
         if recipe.rank == 0:
             print(f"ds_dpo: stopped by a signal at step {recipe.stopped_at}; checkpoint saved under "

@@ -1,5 +1,6 @@
 """End-to-end runs of launch/train.py under the real ``deepspeed`` launcher on CPU ranks (gloo)."""
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ from ds_dpo.data import load_tokenized
 from ds_dpo.logprobs import concatenated_forward
 from ds_dpo.losses import LOSS_TYPES, needs_reference
 from ds_dpo.metrics import MetricAccumulator
-from ds_dpo.recipe import DPORecipe
+from ds_dpo.recipe import DPORecipe, NonFiniteError
 
 SHORT = ["--max_steps", "8", "--logging_steps", "1", "--save_steps", "0", "--eval_steps", "100"]
 
@@ -278,3 +279,44 @@ def test_short_training_run_on_hh_rlhf(tmp_path):
     assert [r["step"] for r in read_metrics(out)] == [2, 4]
     assert read_metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=0.05)
     assert math.isfinite(read_metrics(out, "eval_")[-1]["eval_loss"])
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(single_rank, builtin_files, tmp_path, monkeypatch):
+    """A NaN loss (injected into the recipe's loss on chosen steps) gives NaN gradients: DeepSpeed skips that
+    update, the run counts it in `skipped_steps` and goes on with finite losses; too many in a row save a
+    checkpoint and stop with NonFiniteError."""
+    argv = ["--model_name_or_path", builtin_files["model_name_or_path"], "--dataset", builtin_files["dataset"],
+            "--max_steps", "6", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+            "--logging_steps", "1", "--save_steps", "0", "--max_length", "32", "--max_prompt_length", "8",
+            "--max_consecutive_nan_steps", "2"]
+
+    def run(out, nan_steps):
+        cfg, _ = load_config([*argv, "--output_dir", str(out)])
+        recipe = DPORecipe(cfg)
+        recipe.setup()
+        real = recipe._preference_loss
+        calls = []
+
+        def poisoned(*args, **kwargs):
+            loss = real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) in nan_steps:  # one micro-batch per step here
+                return dataclasses.replace(loss, losses=loss.losses * float("nan"))
+            return loss
+
+        monkeypatch.setattr(recipe, "_preference_loss", poisoned)
+        return recipe
+
+    recipe = run(tmp_path / "one", {3})
+    recipe.train()
+    records = read_metrics(tmp_path / "one")
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 1]
+    assert math.isnan(records[2]["loss"]) and not math.isfinite(records[2]["grad_norm"])
+    assert all(math.isfinite(r["loss"]) for i, r in enumerate(records) if i != 2)
+    recipe.cleanup()
+
+    recipe = run(tmp_path / "many", {2, 3, 4, 5, 6})
+    with pytest.raises(NonFiniteError, match="2 optimizer steps in a row \\(up to step 3\\)"):
+        recipe.train()
+    assert (tmp_path / "many" / "checkpoints" / "step-3").is_dir()
+    recipe.cleanup()
