@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -194,10 +195,12 @@ class DPORecipe:
 
     def _save_checkpoint(self, step: int, epoch: int, done_in_epoch: int, window: MetricAccumulator) -> None:
         """Everything beyond the engine's own state that the run needs to continue exactly where it stopped."""
+        started = time.perf_counter()
         self.checkpointer.save(step, {
             "step": step, "epoch": epoch, "done_in_epoch": done_in_epoch, "learning_rate": self.learning_rate,
             "metric_window": window.sums.tolist(), "rng": rng_state(), "world_size": self.world_size,
         })
+        self._say(f"checkpoint step-{step} saved in {time.perf_counter() - started:.2f} s")
 
     def _checkpoint_to_resume(self, ds_config: dict) -> Path | None:
         """The checkpoint ``resume_from_checkpoint`` names, made loadable on this world size (DeepSpeed's universal
