@@ -16,6 +16,16 @@ from ds_dpo.config import ConfigError, load_config  # noqa: E402
 from ds_dpo.data import DataError  # noqa: E402
 
 
+def finish(recipe, code: int) -> int:
+    """Tear the process group down explicitly: left to interpreter exit, gloo's threads can abort a rank
+    ("terminate called without an active exception") after a successful run."""
+    import torch
+
+    recipe.cleanup()
+    torch.distributed.destroy_process_group()
+    return code
+
+
 def main(argv: list[str]) -> int:
     try:
         cfg, _ = load_config(argv)
@@ -41,14 +51,12 @@ def main(argv: list[str]) -> int:
         if recipe.rank == 0:
             print(f"ds_dpo: stopped by a signal at step {recipe.stopped_at}; checkpoint saved under "
                   f"{cfg.output_dir}/checkpoints. Resume with the same command plus --resume_from_checkpoint auto")
-        recipe.cleanup()
-        return 0
+        return finish(recipe, 0)
     recipe.save()
     if recipe.rank == 0 and recipe.final_eval:
         print(f"held-out reward accuracy: {recipe.final_eval['eval_rewards/accuracies']:.4f} "
               f"(eval loss {recipe.final_eval['eval_loss']:.4f}); model saved to {cfg.output_dir}")
-    recipe.cleanup()
-    return 0
+    return finish(recipe, 0)
 
 
 if __name__ == "__main__":
