@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -114,3 +115,29 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
     expected, got = losses(two)[4:], losses(one)
     assert [s for s, _ in got] == [5, 6, 7, 8]
     assert max(abs(a - b) for (_, a), (_, b) in zip(expected, got)) <= 1e-6
+
+
+def test_sigkill_while_saving_every_step_resumes_from_latest(tmp_path):
+    """Saving every step (a save takes about as long as a step here), SIGKILL the whole job at an arbitrary moment —
+    often in the middle of writing a checkpoint. `latest` still names a complete checkpoint and the run resumes
+    from it to the end."""
+    out = tmp_path / "out"
+    common = ["--max_steps", "60", "--logging_steps", "1", "--save_steps", "1", "--save_total_limit", "2",
+              "--eval_steps", "1000", "--output_dir", str(out)]
+    port = free_port()
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "launch/train.py", *common]
+    job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.exists() and int(latest.read_text().split("-")[1]) >= 5):
+        time.sleep(0.05)
+    time.sleep(0.13)  # land somewhere inside a later step or save
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=60)
+    for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):  # killed ranks cannot unlink
+        buffer.unlink(missing_ok=True)
+    tag = latest.read_text().strip()
+    proc = launch(*common, "--resume_from_checkpoint", "auto")
+    assert f"resumed from {out / 'checkpoints' / tag} at step {tag.split('-')[1]}" in proc.stdout
+    assert read_metrics(out)[-1]["step"] == 60
