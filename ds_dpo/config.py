@@ -51,9 +51,11 @@ class DPOConfig:
     max_samples: int | None = None
     """Use at most this many training pairs (after mixing)."""
     prompt_key: str = "prompt"
+    """Column holding the prompt in your data."""
     chosen_key: str = "chosen"
+    """Column holding the preferred completion."""
     rejected_key: str = "rejected"
-    """Column names in your data for the prompt and the two completions."""
+    """Column holding the dispreferred completion."""
     dataset_format: str = "auto"
     """``auto`` (detected per dataset), ``explicit``, ``implicit``, ``conversational`` or ``tokenized``."""
     implicit_prompt_delimiter: str = "\n\nAssistant:"
@@ -168,8 +170,11 @@ class DPOConfig:
     use_peft: bool = False
     """Train LoRA adapters (peft) instead of all weights."""
     lora_r: int = 16
+    """LoRA rank."""
     lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``)."""
     lora_dropout: float = 0.05
+    """Dropout on the LoRA branch (off in reference passes)."""
     lora_target_modules: str | list[str] = "all-linear"
     """Module names to adapt, or ``all-linear``."""
     save_merged_model: bool = False
