@@ -292,8 +292,6 @@ def cpo(x: LossInputs, o: LossOptions) -> torch.Tensor:
 
 
 LOSS_TYPES: tuple[str, ...] = tuple(_REGISTRY)
-BATCH_COUPLED = frozenset({"aot", "aot_unpaired", "sft", "orpo", "cpo"})
-"""Types whose per-pair value depends on the other pairs of the batch (sorting, or a token-level batch mean)."""
 
 
 def needs_reference(loss_type: str | Sequence[str], reference_free: bool = False) -> bool:
