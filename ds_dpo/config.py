@@ -154,6 +154,15 @@ class DPOConfig:
     """Train in bfloat16 (DeepSpeed ``bf16.enabled``)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (HF ``gradient_checkpointing_enable``)."""
+    padding_free: bool = True
+    """Pack each micro-batch's sequences into one row without padding, attention confined to each sequence
+    (flash-attention's varlen path, else a 4D mask; README "How training works")."""
+    prefix_sharing: bool = True
+    """With ``padding_free``: each pair as one sequence ``prompt | chosen | rejected`` so the prompt is computed
+    once; rejected tokens cannot see chosen ones. Not available with flash-attention (packs without sharing)."""
+    logps_chunk_size: int = 1024
+    """Completion tokens per chunk of the vocabulary projection: full-vocabulary logits exist for at most this many
+    tokens at a time and are recomputed in backward. 0: the model's full [2B, T, V] logits (the plain path)."""
 
     # --- DeepSpeed and the reference model --------------------------------------------------------------------------
     deepspeed: str = "ds_configs/zero3.json"
@@ -163,6 +172,9 @@ class DPOConfig:
     ``precomputed``: reference log-probs computed once before training, then the reference is freed."""
     precompute_ref_log_probs: bool = False
     """TRL's flag: compute reference log-probs once up front (implied by ``reference: precomputed``)."""
+    precompute_ref_batch_size: int | None = None
+    """Pairs per no-grad batch of the precomputation pass (TRL's name); unset: ``per_device_eval_batch_size``.
+    Nothing is stored for backward there, so it can be several times the training batch."""
     ref_offload: bool = False
     """Keep the reference engine's ZeRO-3 parameter shards in CPU memory."""
 
@@ -251,6 +263,9 @@ class DPOConfig:
         resume = self.resume_from_checkpoint
         need(resume in (None, "auto") or Path(resume).is_dir(),
              f"`resume_from_checkpoint` must be `auto` or an existing checkpoint directory (got {resume!r})")
+        need(self.precompute_ref_batch_size is None or self.precompute_ref_batch_size >= 1,
+             "`precompute_ref_batch_size` must be >= 1 or unset")
+        need(self.logps_chunk_size >= 0, "`logps_chunk_size` must be >= 0 (0: full logits)")
         need(self.ddp_timeout >= 1, "`ddp_timeout` must be >= 1 second")
         need(self.max_consecutive_nan_steps >= 1, "`max_consecutive_nan_steps` must be >= 1")
         need(self.save_steps >= 0, "`save_steps` must be >= 0 (0 disables checkpoints)")

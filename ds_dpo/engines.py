@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 from ds_dpo.config import ConfigError, DPOConfig
+from ds_dpo.logprobs import enable_token_scoring
 
 _NO_DECAY = ("bias", "norm")
 
@@ -128,7 +129,7 @@ def load_model(cfg: DPOConfig, ds_config: dict, trainable: bool) -> tuple[torch.
     model.config.use_cache = False
     if cfg.disable_dropout:
         _disable_dropout(model)
-    return model, hf_ds
+    return enable_token_scoring(model), hf_ds
 
 
 def _lora(model: torch.nn.Module, cfg: DPOConfig) -> torch.nn.Module:

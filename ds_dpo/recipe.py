@@ -30,12 +30,13 @@ from ds_dpo.data import cache_root, load_preference_data
 from ds_dpo.logprobs import PairLogps, concatenated_forward
 from ds_dpo.losses import PreferenceLossOutput, needs_reference, preference_loss
 from ds_dpo.metrics import MetricAccumulator, MetricsLogger, max_over_ranks, peak_memory_mb
+from ds_dpo.packing import batch_layout
 from ds_dpo.preemption import PreemptionGuard
 from ds_dpo.reference import (AdapterReference, EngineReference, PrecomputedReference, Reference,
                               cached_reference_logps, model_fingerprint, score_dataset, with_reference_columns)
 from ds_dpo.sampler import GlobalBatchSampler, StepPlan
 
-REF_CACHE_VERSION = "1"  # bump when the log-prob computation changes
+REF_CACHE_VERSION = "2"  # bump when the log-prob computation changes
 
 
 class NonFiniteError(RuntimeError):
@@ -57,6 +58,8 @@ class DPORecipe:
         cfg = self.cfg
         self.rank, self.world_size, self.local_rank = engines.init_distributed(cfg.ddp_timeout)
         self.device = engines.device()
+        self.layout = batch_layout(cfg.padding_free, cfg.prefix_sharing, cfg.attn_implementation)
+        self.forward_options = {"ld_alpha": cfg.ld_alpha, "logps_chunk_size": cfg.logps_chunk_size}
         torch.manual_seed(cfg.seed)  # same on every rank: LoRA init and anything else random must agree
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -97,14 +100,16 @@ class DPORecipe:
         # transformers and peft see for the rest of the run.
         if with_reference and cfg.reference != "lora":
             ref_engine = engines.build_engine(cfg, engines.reference_deepspeed_config(ds_config, cfg), trainable=False)
-            self.reference = EngineReference(ref_engine, cfg.ld_alpha)
+            self.reference = EngineReference(ref_engine, **self.forward_options)
             if cfg.precompute_ref_log_probs:
                 self._precompute_reference()
                 engines.release(ref_engine)
         self.policy = engines.build_engine(cfg, ds_config, trainable=True, total_steps=self.total_steps)
-        self._say(f"reference: {self._describe_reference(with_reference)}")
+        chunks = f"chunks of {cfg.logps_chunk_size} tokens" if cfg.logps_chunk_size else "full logits"
+        self._say(f"reference: {self._describe_reference(with_reference)}; batches: {self.layout}; log-probs from "
+                  f"{chunks}")
         if with_reference and cfg.reference == "lora":
-            self.reference = AdapterReference(self.policy, cfg.ld_alpha)
+            self.reference = AdapterReference(self.policy, **self.forward_options)
             if cfg.precompute_ref_log_probs:
                 self._precompute_reference()
 
@@ -127,6 +132,7 @@ class DPORecipe:
         cfg = self.cfg
         source = cfg.model_name_or_path if cfg.reference == "lora" else (cfg.ref_model_name_or_path or
                                                                          cfg.model_name_or_path)
+        batch_size = cfg.precompute_ref_batch_size or cfg.per_device_eval_batch_size
         for name in ("train_data", "eval_data"):
             data = getattr(self, name)
             if data is None:
@@ -135,8 +141,8 @@ class DPORecipe:
                                cfg.attn_implementation))
             cache_file = cache_root(cfg.dataset_cache_dir) / f"ref-logps-{key}.safetensors"
             logps, hit = cached_reference_logps(
-                cache_file, lambda: score_dataset(self.reference, data, cfg.per_device_eval_batch_size,
-                                                  self.tokenizer.pad_token_id, self.device), self.device)
+                cache_file, lambda: score_dataset(self.reference, data, batch_size,
+                                                  self.tokenizer.pad_token_id, self.device, self.layout), self.device)
             self._say(f"reference log-probs of {len(data)} pairs: {'read from cache' if hit else 'computed'} "
                       f"({cache_file.name})")
             setattr(self, name, with_reference_columns(data, logps))
@@ -161,7 +167,7 @@ class DPORecipe:
         with PreemptionGuard() as guard:
             while step < self.total_steps and not self.preempted:
                 for plan in self.sampler.epoch(epoch, start_step=done_in_epoch):
-                    self._train_step(plan, window)
+                    self.train_step(plan, window)
                     step, done_in_epoch = step + 1, done_in_epoch + 1
                     # DeepSpeed skips an update whose gradient norm is NaN/inf and counts it (a host-side int)
                     consecutive = consecutive + 1 if self.policy.skipped_steps > self.skipped_steps else 0
@@ -234,7 +240,8 @@ class DPORecipe:
         epoch, done = state["epoch"], state["done_in_epoch"]
         return (state["step"], epoch + 1, 0) if done >= self.sampler.steps_per_epoch else (state["step"], epoch, done)
 
-    def _train_step(self, plan: StepPlan, window: MetricAccumulator) -> None:
+    def train_step(self, plan: StepPlan, window: MetricAccumulator) -> None:
+        """One optimizer step over this rank's micro-batches of ``plan``; adds their statistics to ``window``."""
         # engine.backward divides by gradient_accumulation_steps and gradients are averaged over ranks; this scale
         # turns the sums of real pairs' losses into the exact mean over the global batch's real pairs.
         scale = self.world_size * self.cfg.gradient_accumulation_steps / plan.num_pairs
@@ -251,7 +258,7 @@ class DPORecipe:
         """Sum of the per-pair losses of the micro-batch's real pairs (a zero still attached to the graph when it
         holds only fillers: every rank must run backward under ZeRO-3); adds the pairs' statistics to ``window``."""
         ref_chosen, ref_rejected = self.reference.logps(batch) if self.reference is not None else (None, None)
-        policy = concatenated_forward(self.policy, batch, self.cfg.ld_alpha, self.cfg.use_weighting)
+        policy = concatenated_forward(self.policy, batch, with_wpo=self.cfg.use_weighting, **self.forward_options)
         real = [i for i, w in enumerate(weights) if w > 0]
         if not real:
             return policy.chosen.sum() * 0.0
@@ -260,7 +267,7 @@ class DPORecipe:
             policy = policy.select(index)
             ref_chosen, ref_rejected = (None, None) if ref_chosen is None else (ref_chosen[index], ref_rejected[index])
         out = self._preference_loss(policy, ref_chosen, ref_rejected)
-        window.add(out, policy, self._real_tokens(batch))
+        window.add(out, policy, (batch["pair_tokens"] * batch["weight"]).sum())
         return out.losses.sum()
 
     def _preference_loss(self, policy: PairLogps, ref_chosen, ref_rejected) -> PreferenceLossOutput:
@@ -275,13 +282,8 @@ class DPORecipe:
             rejected_wpo_logps=policy.rejected_wpo)
 
     def _batch(self, dataset, indices: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
-        batch = collate_pairs([dataset[i] for i in indices], weights, self.tokenizer.pad_token_id)
+        batch = collate_pairs([dataset[i] for i in indices], weights, self.tokenizer.pad_token_id, self.layout)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    @staticmethod
-    def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        per_pair = batch["attention_mask"].sum(-1).view(2, -1).sum(0)
-        return (per_pair * batch["weight"]).sum()
 
     def _log_train(self, step: int, window: MetricAccumulator) -> None:
         metrics = window.reduce()

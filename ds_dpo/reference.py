@@ -28,22 +28,24 @@ class Reference(Protocol):
 
 
 class EngineReference:
-    """A separate frozen model: an inference-only ZeRO-3 engine (see ``engines.build_engine(trainable=False)``)."""
+    """A separate frozen model: an inference-only ZeRO-3 engine (see ``engines.build_engine(trainable=False)``).
 
-    def __init__(self, engine, ld_alpha: float | None = None):
-        self.engine, self.ld_alpha = engine, ld_alpha
+    ``forward_options``: keyword arguments of ``concatenated_forward`` (``ld_alpha``, ``logps_chunk_size``)."""
+
+    def __init__(self, engine, **forward_options):
+        self.engine, self.forward_options = engine, forward_options
 
     @torch.no_grad()
     def logps(self, batch):
-        out = concatenated_forward(self.engine, batch, self.ld_alpha)
+        out = concatenated_forward(self.engine, batch, **self.forward_options)
         return out.chosen, out.rejected
 
 
 class AdapterReference:
     """The LoRA policy's base model: same weights with adapters disabled, no second copy in memory."""
 
-    def __init__(self, policy_engine, ld_alpha: float | None = None):
-        self.engine, self.ld_alpha = policy_engine, ld_alpha
+    def __init__(self, policy_engine, **forward_options):
+        self.engine, self.forward_options = policy_engine, forward_options
 
     @torch.no_grad()
     def logps(self, batch):
@@ -51,7 +53,7 @@ class AdapterReference:
         self.engine.eval()  # adapter dropout off, exactly the base model
         try:
             with self.engine.module.disable_adapter():
-                out = concatenated_forward(self.engine, batch, self.ld_alpha)
+                out = concatenated_forward(self.engine, batch, **self.forward_options)
         finally:
             self.engine.train(was_training)
         return out.chosen, out.rejected
@@ -66,7 +68,7 @@ class PrecomputedReference:
 
 @torch.no_grad()
 def score_dataset(reference: Reference, dataset: datasets.Dataset, batch_size: int, pad_token_id: int,
-                  device: torch.device, desc: str = "reference log-probs") -> torch.Tensor:
+                  device: torch.device, layout: str = "padded", desc: str = "reference log-probs") -> torch.Tensor:
     """[N, 2] float64 (chosen, rejected) reference log-probs of every pair, on every rank.
 
     Each rank scores a disjoint shard (padded with fillers so that every rank runs the same number of forwards,
@@ -79,7 +81,7 @@ def score_dataset(reference: Reference, dataset: datasets.Dataset, batch_size: i
     rows = []  # [position, weight, chosen, rejected] per scored pair
     for plan in tqdm(sampler.epoch(0), total=sampler.steps_per_epoch, desc=desc, disable=rank != 0):
         indices, weights = plan.micro_batches[0], plan.weights[0]
-        batch = collate_pairs([dataset[i] for i in indices], weights, pad_token_id)
+        batch = collate_pairs([dataset[i] for i in indices], weights, pad_token_id, layout)
         chosen, rejected = reference.logps({k: v.to(device) for k, v in batch.items()})
         rows.append(torch.stack([torch.tensor(indices, dtype=torch.float64), batch["weight"].double(),
                                  chosen.double().cpu(), rejected.double().cpu()], dim=1))

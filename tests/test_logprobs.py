@@ -1,10 +1,32 @@
+import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
-from ds_dpo import builtin
+from ds_dpo import builtin, logprobs
 from ds_dpo.collate import collate_pairs
 from ds_dpo.data import load_tokenized
-from ds_dpo.logprobs import concatenated_forward
+from ds_dpo.logprobs import concatenated_forward, enable_token_scoring, token_stats
+from ds_dpo.packing import LAYOUTS
+
+VOCAB = 101
+ARCHITECTURES = {
+    "llama": LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2),
+    "qwen2-tied": Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "gpt2": GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1),
+}
+
+
+def random_pairs(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(1, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    return [{"index": i, "prompt_input_ids": ids(p), "chosen_input_ids": ids(c), "rejected_input_ids": ids(r)}
+            for i, (p, c, r) in enumerate(lengths)]
+
+
+# uneven prompt and completion lengths; the last pair has an empty prompt
+PAIRS = random_pairs([(5, 3, 7), (1, 6, 2), (9, 1, 1), (4, 4, 4), (0, 4, 3)])
 
 
 def one_at_a_time(model, prompt, completion):
@@ -12,24 +34,89 @@ def one_at_a_time(model, prompt, completion):
     ids = torch.tensor([prompt + completion])
     logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
     token_logps = logp.gather(-1, ids[0, 1:, None])[:, 0]
-    return token_logps[len(prompt) - 1:].sum()
+    return token_logps[max(len(prompt) - 1, 0):].sum()
 
 
-def test_concatenated_padded_forward_equals_one_sequence_at_a_time(builtin_files):
+def forward_and_grad(model, layout, chunk, ld_alpha=None):
+    model.zero_grad()
+    batch = collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, layout)
+    out = concatenated_forward(model, batch, ld_alpha=ld_alpha, with_wpo=True, logps_chunk_size=chunk)
+    (out.chosen * torch.arange(1.0, 6.0) - 0.7 * out.rejected).sum().backward()
+    return out, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_layout_and_chunking_equals_the_plain_padded_path(arch, attn):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(builtin_files["model_name_or_path"]).eval()
-    tok = builtin.build_tokenizer()
-    data = load_tokenized(builtin_files["eval_dataset"], tok, max_length=None, max_prompt_length=None)
-    rows = [data[i] for i in range(6)]
-    rows[1] = {**rows[1], "chosen_input_ids": rows[1]["chosen_input_ids"][:2]}  # uneven lengths -> real padding
-    rows[2] = {**rows[2], "prompt_input_ids": rows[2]["prompt_input_ids"][:2]}
-    batch = collate_pairs(rows, [1.0] * 6, tok.pad_token_id)
-    assert (batch["attention_mask"] == 0).any()
+    model = enable_token_scoring(AutoModelForCausalLM.from_config(ARCHITECTURES[arch], attn_implementation=attn))
+    model.eval()  # dropout off (GPT-2 has some); gradients still flow
+    for ld_alpha in (None, 0.5):
+        expected, expected_grad = forward_and_grad(model, "padded", 0, ld_alpha)
+        for layout in LAYOUTS:
+            for chunk in (0, 3, 1024):
+                out, grad = forward_and_grad(model, layout, chunk, ld_alpha)
+                for field in ("chosen", "rejected", "chosen_logits", "rejected_logits", "chosen_wpo",
+                              "rejected_wpo", "chosen_tokens", "rejected_tokens"):
+                    torch.testing.assert_close(getattr(out, field), getattr(expected, field), atol=1e-5, rtol=0,
+                                               msg=f"{layout} chunk {chunk} {field}")
+                torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=0, msg=f"{layout} chunk {chunk}")
+    # the empty prompt's first completion token has no predicting position and is not scored, as in padded batches
+    assert expected.chosen_tokens.tolist() == [3, 6, 1, 4, 3] and expected.rejected_tokens.tolist() == [7, 2, 1, 4, 2]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_log_probs_equal_one_sequence_at_a_time(layout):
+    torch.manual_seed(0)
+    model = enable_token_scoring(AutoModelForCausalLM.from_config(ARCHITECTURES["llama"])).eval()
     with torch.no_grad():
-        out = concatenated_forward(model, batch)
-        for i, row in enumerate(rows):
+        out = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, layout))
+        for i, row in enumerate(PAIRS):
             for side, got in (("chosen", out.chosen[i]), ("rejected", out.rejected[i])):
                 expected = one_at_a_time(model, row["prompt_input_ids"], row[f"{side}_input_ids"])
                 torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    assert out.chosen_tokens.tolist() == [len(r["chosen_input_ids"]) for r in rows]
-    assert out.rejected_tokens.tolist() == [len(r["rejected_input_ids"]) for r in rows]
+
+
+def test_chunking_bounds_the_logits_and_keeps_the_plain_forward(builtin_files, monkeypatch):
+    model = enable_token_scoring(AutoModelForCausalLM.from_pretrained(builtin_files["model_name_or_path"]))
+    tok = builtin.build_tokenizer()
+    rows = [load_tokenized(builtin_files["eval_dataset"], tok, None, None)[i] for i in range(8)]
+    batch = collate_pairs(rows, [1.0] * 8, tok.pad_token_id, "shared")
+    logits_shapes = []
+
+    def recording(logits, *args):
+        logits_shapes.append(tuple(logits.shape))
+        return token_stats(logits, *args)
+
+    monkeypatch.setattr(logprobs, "token_stats", recording)
+    out = concatenated_forward(model, batch, logps_chunk_size=16)
+    (out.chosen.sum() - out.rejected.sum()).backward()  # recomputes each chunk
+    scored = len(batch["score_index"])
+    assert scored == int(out.chosen_tokens.sum() + out.rejected_tokens.sum()) > 16
+    # logits exist only chunk by chunk, once in forward and once more in backward
+    assert max(n for n, _ in logits_shapes) == 16 and sum(n for n, _ in logits_shapes) == 2 * scored
+    assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+    # without scoring arguments the model is an ordinary causal LM
+    ids = batch["input_ids"][:, :20]
+    plain = model(input_ids=ids).logits
+    assert plain.shape == (1, 20, model.config.vocab_size)
+    torch.testing.assert_close(plain, model._ds_dpo_plain_forward(input_ids=ids).logits)
+    assert model.state_dict().keys() == AutoModelForCausalLM.from_pretrained(
+        builtin_files["model_name_or_path"]).state_dict().keys()  # checkpoints keep the model's own keys
+
+
+def test_models_that_transform_their_logits_keep_the_full_logits_path():
+    """Gemma-2 soft-caps its logits in its forward; projecting hidden states in chunks would skip that."""
+    from transformers import Gemma2Config
+
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5)
+    torch.manual_seed(0)
+    model = enable_token_scoring(AutoModelForCausalLM.from_config(config, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        plain = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, "padded"),
+                                     logps_chunk_size=0)
+        chunked = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, "shared"),
+                                       logps_chunk_size=4)
+    torch.testing.assert_close(chunked.chosen, plain.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked.rejected, plain.rejected, atol=1e-5, rtol=0)

@@ -95,10 +95,14 @@ def ds_dpo_loss(inputs, policy, ref, log_sum_sq, ld_alpha=None, use_weighting=Fa
     """ds_dpo's loss and gradient w.r.t. the per-token policy log-probs, through its own reduction functions."""
     tokens = policy.clone().requires_grad_(True)
     mask = inputs["completion_mask"][:, 1:]
-    logps = completion_logps(tokens, mask, ld_alpha)
-    ref_logps = completion_logps(ref, mask, ld_alpha)
+    n = mask.shape[0]
+    # the scored-token form of ds_dpo's batches: one entry per completion token
+    sequence = torch.arange(n).unsqueeze(1).expand_as(mask)[mask]
+    rank = mask.cumsum(-1)[mask]
+    logps = completion_logps(tokens[mask], sequence, rank, n, ld_alpha)
+    ref_logps = completion_logps(ref[mask], sequence, rank, n, ld_alpha)
     lengths = mask.sum(-1)
-    wpo = wpo_logps(tokens, log_sum_sq, mask).chunk(2) if use_weighting else (None, None)
+    wpo = wpo_logps(tokens[mask], log_sum_sq[mask], sequence, n).chunk(2) if use_weighting else (None, None)
     out = preference_loss(*logps.chunk(2), *ref_logps.chunk(2), *lengths.chunk(2), use_weighting=use_weighting,
                           chosen_wpo_logps=wpo[0], rejected_wpo_logps=wpo[1], **options)
     (grad,) = torch.autograd.grad(out.loss, tokens)

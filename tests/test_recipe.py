@@ -12,10 +12,11 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import DEEPSPEED, REPO, free_port, launch, read_metrics
+from ds_dpo import engines
 from ds_dpo.collate import collate_pairs
-from ds_dpo.config import load_config
+from ds_dpo.config import load_config, make_config
 from ds_dpo.data import load_tokenized
-from ds_dpo.logprobs import concatenated_forward
+from ds_dpo.logprobs import concatenated_forward, enable_token_scoring
 from ds_dpo.losses import LOSS_TYPES, needs_reference
 from ds_dpo.metrics import MetricAccumulator
 from ds_dpo.recipe import DPORecipe, NonFiniteError
@@ -78,6 +79,7 @@ def test_demo_checkpoints_rotate(demo):
 def test_exported_model_loads_with_plain_transformers_and_matches_engine(demo):
     out, _ = demo
     model = AutoModelForCausalLM.from_pretrained(out).eval()  # config + safetensors + tokenizer, nothing else
+    enable_token_scoring(model)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert (out / "model.safetensors").is_file()
     final = read_metrics(out, "eval_")[-1]
@@ -86,7 +88,9 @@ def test_exported_model_loads_with_plain_transformers_and_matches_engine(demo):
     with torch.no_grad():
         for s in range(0, len(data), 32):
             rows = [data[i] for i in range(s, min(s + 32, len(data)))]
-            logps = concatenated_forward(model, collate_pairs(rows, [1.0] * len(rows), tokenizer.pad_token_id))
+            # the plain padded path; the run itself used prefix-shared batches and chunked log-probs
+            logps = concatenated_forward(model, collate_pairs(rows, [1.0] * len(rows), tokenizer.pad_token_id),
+                                         logps_chunk_size=0)
             chosen.append(logps.chosen)
             rejected.append(logps.rejected)
     assert torch.cat(chosen).mean().item() == pytest.approx(final["eval_logps/chosen"], abs=1e-4)
@@ -96,9 +100,17 @@ def test_exported_model_loads_with_plain_transformers_and_matches_engine(demo):
 def test_two_ranks_and_accumulation_reproduce_one_rank(tmp_path):
     """Same global batch of 8 pairs: 1 rank x 8, 2 ranks x 4 (ZeRO-3 policy + ZeRO-3 reference), 1 rank x 2 x 4
     accumulation; on 2 ranks also the precomputed reference, a ZeRO-2 policy (reference still ZeRO-3), and ZeRO-3
-    with parameter + optimizer offload (DeepSpeedCPUAdam), reference offload and gradient checkpointing.
+    with parameter + optimizer offload (DeepSpeedCPUAdam), reference offload and gradient checkpointing. All of
+    these use the default prefix-shared batches and chunked log-probs; the plain padded path with full logits
+    (1 and 2 ranks), packing without prefix sharing, and tiny log-prob chunks must give the same trajectory.
     Loss trajectories agree to 1e-6 (seen: at most ~6e-8)."""
+    plain = ["--padding_free", "false", "--logps_chunk_size", "0"]
     runs = {
+        "1x8_plain": (1, ["--per_device_train_batch_size", "8", *plain]),
+        "2x4_plain": (2, ["--per_device_train_batch_size", "4", *plain]),
+        "2x4_packed": (2, ["--per_device_train_batch_size", "4", "--prefix_sharing", "false"]),
+        # ranks score different numbers of tokens, so they run different numbers of chunks
+        "2x4_chunk3": (2, ["--per_device_train_batch_size", "4", "--logps_chunk_size", "3"]),
         "1x8": (1, ["--per_device_train_batch_size", "8"]),
         "2x4": (2, ["--per_device_train_batch_size", "4"]),
         "1x2x4": (1, ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4"]),
@@ -111,10 +123,11 @@ def test_two_ranks_and_accumulation_reproduce_one_rank(tmp_path):
     for name, (nprocs, args) in runs.items():
         launch(*SHORT, *args, "--output_dir", str(tmp_path / name), nprocs=nprocs)
         curves[name] = losses(tmp_path / name)
-    assert len(curves["1x8"]) == 8 and curves["1x8"][0] == pytest.approx(0.6931472, abs=1e-6)
-    assert max(curves["1x8"]) - min(curves["1x8"]) > 1e-2  # the runs really train
+    expected = curves["1x8_plain"]
+    assert len(expected) == 8 and expected[0] == pytest.approx(0.6931472, abs=1e-6)
+    assert max(expected) - min(expected) > 1e-2  # the runs really train
     for name, curve in curves.items():
-        assert curve == pytest.approx(curves["1x8"], abs=1e-6), name
+        assert curve == pytest.approx(expected, abs=1e-6), name
 
 
 def test_lora_reference_run_exports_adapter_and_merged_model(tmp_path):
@@ -123,7 +136,7 @@ def test_lora_reference_run_exports_adapter_and_merged_model(tmp_path):
            "--learning_rate", "1e-2", "--save_merged_model", "true", "--output_dir", str(out))
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert (out / "checkpoints" / "step-6").is_dir()
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    merged = enable_token_scoring(AutoModelForCausalLM.from_pretrained(out / "merged").eval())
     tokenizer = AutoTokenizer.from_pretrained(out / "merged")
     data = load_tokenized(out / "builtin" / "eval.jsonl", tokenizer, 32, 8)
     rows = [data[i] for i in range(len(data))]
@@ -207,7 +220,10 @@ def test_first_step_loss_matches_trl_compute_loss(options, builtin_files, tmp_pa
     data = load_tokenized(pairs, tokenizer, 32, 8)
     batch = collate_pairs([data[i] for i in range(4)], [1.0] * 4, tokenizer.pad_token_id)
     trainer = configure(build_trainer(policy_dir, str(tmp_path / "trl"), ref_model=reference.eval()), **options)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+    completion_mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    completion_mask.view(-1)[batch["score_index"] + 1] = True  # in padded rows each label follows its predictor
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "completion_mask": completion_mask}
     with torch.no_grad():
         expected = trainer._compute_loss(trainer.model, inputs, return_outputs=False).item()
     print(f"step-1 loss {options}: ds_dpo {ours:.8f} TRL {expected:.8f} diff {ours - expected:.1e}")
@@ -320,3 +336,36 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(single_rank, buil
         recipe.train()
     assert (tmp_path / "many" / "checkpoints" / "step-3").is_dir()
     recipe.cleanup()
+
+
+def test_reference_cache_is_reused_and_invalidated_by_model_data_and_lengths(single_rank, builtin_files, tmp_path,
+                                                                              capsys):
+    """Precomputed reference log-probs are read back by a second run with the same reference, data and lengths (a
+    beta sweep pays once) and recomputed when any of them changes."""
+    other_model = tmp_path / "other_reference"
+    with engines.zero3_disabled():
+        model = AutoModelForCausalLM.from_pretrained(builtin_files["model_name_or_path"])
+        torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+        model.save_pretrained(other_model)
+    base = {**builtin_files, "reference": "precomputed", "max_length": 32, "max_prompt_length": 8,
+            "per_device_train_batch_size": 4, "max_steps": 1, "save_steps": 0,
+            "dataset_cache_dir": str(tmp_path / "cache")}
+
+    def setup(name, **changes):
+        recipe = DPORecipe(make_config({**base, "output_dir": str(tmp_path / name), **changes}))
+        recipe.setup()
+        lines = [line for line in capsys.readouterr().out.splitlines() if "reference log-probs of" in line]
+        table = recipe.train_data.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).to_pandas().to_numpy()
+        engines.release(recipe.policy)
+        return lines[0].split(": ", 2)[-1].split(" (")[0], table
+
+    first, table = setup("first")
+    assert first == "computed"
+    again, cached = setup("beta_sweep", beta=0.5)
+    assert again == "read from cache" and (cached == table).all()
+    assert setup("other_model", ref_model_name_or_path=str(other_model))[0] == "computed"
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(open(builtin_files["dataset"]).readlines()[:40]))
+    assert setup("other_data", dataset=str(fewer))[0] == "computed"
+    assert setup("other_lengths", max_length=24)[0] == "computed"
+    assert setup("same_again", learning_rate=1e-3)[0] == "read from cache"

@@ -7,7 +7,7 @@ from ds_dpo import builtin, engines
 from ds_dpo.collate import collate_pairs
 from ds_dpo.config import make_config
 from ds_dpo.data import load_tokenized
-from ds_dpo.logprobs import concatenated_forward
+from ds_dpo.logprobs import concatenated_forward, enable_token_scoring
 from ds_dpo.reference import (AdapterReference, EngineReference, PrecomputedReference, cached_reference_logps,
                               score_dataset, with_reference_columns)
 
@@ -20,8 +20,8 @@ def setup_run(files, **overrides):
     return cfg, tok, data, engines.resolve_deepspeed_config(cfg, world_size=1)
 
 
-def batches(data, tok, size=4):
-    return [collate_pairs([data[i] for i in range(s, s + size)], [1.0] * size, tok.pad_token_id)
+def batches(data, tok, size=4, layout="shared"):
+    return [collate_pairs([data[i] for i in range(s, s + size)], [1.0] * size, tok.pad_token_id, layout)
             for s in range(0, len(data), size)]
 
 
@@ -32,14 +32,14 @@ def test_lora_reference_is_the_base_model_and_never_moves(single_rank, builtin_f
     assert engines.zero_stage(ds) == 3 and policy.zero_optimization_stage() == 3
     reference = AdapterReference(policy)
     with engines.zero3_disabled():  # a plain, unpartitioned copy of the base model
-        base = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path).eval()
-    bs = batches(data, tok)
-    with torch.no_grad():
-        expected = [concatenated_forward(base, b) for b in bs]
+        base = enable_token_scoring(AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path).eval())
+    bs = batches(data, tok)  # prefix-shared, log-probs in chunks, through ZeRO-3 and peft ...
+    with torch.no_grad():  # ... equal to the plain padded path on the plain model
+        expected = [concatenated_forward(base, b, logps_chunk_size=0) for b in batches(data, tok, layout="padded")]
     before = [reference.logps(b) for b in bs]
     for (c, r), e in zip(before, expected):
-        torch.testing.assert_close(c, e.chosen, atol=1e-6, rtol=0)
-        torch.testing.assert_close(r, e.rejected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(c, e.chosen, atol=1e-5, rtol=0)
+        torch.testing.assert_close(r, e.rejected, atol=1e-5, rtol=0)
     for b in bs * 2:  # a few real optimizer steps on the adapters
         out = concatenated_forward(policy, b)
         policy.backward(-(out.chosen - out.rejected).mean())
@@ -61,7 +61,7 @@ def test_precomputed_equals_engine_reference(single_rank, builtin_files, tmp_pat
     live = [reference.logps(b) for b in batches(data, tok)]
     cache = tmp_path / "ref.safetensors"
     compute = lambda: score_dataset(reference, data, batch_size=5, pad_token_id=tok.pad_token_id,  # noqa: E731
-                                    device=engines.device())
+                                    device=engines.device(), layout="packed")
     table, hit = cached_reference_logps(cache, compute, engines.device())
     assert not hit and cache.is_file()
     engines.release(ref_engine)

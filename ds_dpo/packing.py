@@ -1,0 +1,131 @@
+"""Padding-free layouts of a micro-batch, and the attention inputs that keep packed sequences apart.
+
+``packed``: the 2B sequences ``prompt + chosen`` and ``prompt + rejected`` of B pairs concatenated into one row,
+``position_ids`` restarting at 0 for each. ``shared`` (prefix sharing): each pair as one sequence
+``prompt | chosen | rejected`` whose rejected tokens continue the positions from the end of the prompt and cannot
+attend to the chosen tokens, so every rejected token sees exactly ``prompt + rejected[:t]`` — the prompt is
+computed once per pair instead of twice.
+
+Which tokens may attend to which is described per token by ``segment`` (the sequence it belongs to in the row) and
+``branch`` (0 prompt, 1 chosen, 2 rejected), and turned into the attention kernel's input in ``model_inputs``:
+
+- flash-attention (``attn_implementation`` containing ``flash``): no mask; the kernel's varlen path finds sequence
+  boundaries where ``position_ids`` restart. Cannot express prefix sharing (``batch_layout`` falls back to packed).
+- everything else (``sdpa``, ``eager``): a 4D [1, 1, S, S] mask, bool for sdpa, additive float for the others;
+  ``position_ids`` restarting alone does not isolate sequences there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+LAYOUTS = ("padded", "packed", "shared")
+
+
+def is_varlen(attn_implementation: str) -> bool:
+    """Kernels that take packed sequences from ``position_ids`` (and no mask)."""
+    return "flash" in attn_implementation
+
+
+def batch_layout(padding_free: bool, prefix_sharing: bool, attn_implementation: str) -> str:
+    """The layout a run uses: prefix sharing needs padding-free batches and a mask-capable attention kernel."""
+    if not padding_free:
+        return "padded"
+    return "shared" if prefix_sharing and not is_varlen(attn_implementation) else "packed"
+
+
+class ScoredTokens:
+    """Collects the scored-token description of a batch (see ``ds_dpo.logprobs``)."""
+
+    def __init__(self):
+        self.index, self.labels, self.sequence, self.rank = [], [], [], []
+
+    def add(self, sequence: int, completion: list[int], before: int | None, start: int) -> None:
+        """Score ``completion``, whose tokens sit at flat positions ``start, start + 1, ...`` and follow the token at
+        flat position ``before`` (the prompt's last; None for an empty prompt: then nothing predicts the
+        completion's first token, which is not scored)."""
+        predictors = list(range(start, start + len(completion) - 1))
+        labels = completion
+        if before is None:
+            labels = completion[1:]
+        else:
+            predictors.insert(0, before)
+        self.index += predictors
+        self.labels += labels
+        self.sequence += [sequence] * len(labels)
+        self.rank += range(1, len(labels) + 1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "score_index": torch.tensor(self.index, dtype=torch.long),
+            "score_labels": torch.tensor(self.labels, dtype=torch.long),
+            "score_sequence": torch.tensor(self.sequence, dtype=torch.long),
+            "score_rank": torch.tensor(self.rank, dtype=torch.long),
+        }
+
+
+def pack_pairs(rows: list[dict[str, Any]], share_prompt: bool) -> dict[str, torch.Tensor]:
+    """One [1, S] row holding every sequence of the pairs in ``rows`` (``packed`` or, with ``share_prompt``,
+    ``shared``), with ``position_ids``, ``segment``, ``branch`` ([1, S] each) and the scored tokens."""
+    b = len(rows)
+    tokens, positions, segment, branch = [], [], [], []
+    scores = ScoredTokens()
+
+    def append(ids: list[int], first_position: int, kind: int, seg: int) -> int:
+        start = len(tokens)
+        tokens.extend(ids)
+        positions.extend(range(first_position, first_position + len(ids)))
+        segment.extend([seg] * len(ids))
+        branch.extend([kind] * len(ids))
+        return start
+
+    for i, row in enumerate(rows):
+        prompt, chosen, rejected = row["prompt_input_ids"], row["chosen_input_ids"], row["rejected_input_ids"]
+        p = len(prompt)
+        if share_prompt:
+            start = append(prompt, 0, PROMPT, i)
+            before = start + p - 1 if p else None
+            scores.add(i, chosen, before, append(chosen, p, CHOSEN, i))
+            scores.add(b + i, rejected, before, append(rejected, p, REJECTED, i))
+        else:
+            for sequence, completion, kind in ((i, chosen, CHOSEN), (b + i, rejected, REJECTED)):
+                start = append(prompt, 0, PROMPT, sequence)
+                scores.add(sequence, completion, start + p - 1 if p else None, append(completion, p, kind, sequence))
+    return {
+        "input_ids": torch.tensor([tokens], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "segment": torch.tensor([segment], dtype=torch.long),
+        "branch": torch.tensor([branch], dtype=torch.int8),
+        **scores.tensors(),
+    }
+
+
+def packed_attention_mask(segment: torch.Tensor, branch: torch.Tensor, attn_implementation: str,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, S, S] mask from [1, S] ``segment``/``branch``: causal within a segment, rejected blind to chosen.
+
+    Bool (True = may attend) for sdpa, else additive float in ``dtype`` (0 or the dtype's minimum)."""
+    seg, kind = segment[0], branch[0]
+    same = seg.unsqueeze(1) == seg.unsqueeze(0)
+    causal = torch.ones(same.shape, dtype=torch.bool, device=seg.device).tril()
+    crossing = (kind == REJECTED).unsqueeze(1) & (kind == CHOSEN).unsqueeze(0)
+    allowed = (same & causal & ~crossing)[None, None]
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed,
+                                                                                    torch.finfo(dtype).min)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], attn_implementation: str, dtype: torch.dtype) -> dict:
+    """The keyword arguments for the model's forward: padded batches as they are; packed ones with
+    ``position_ids`` and, unless the kernel is varlen, the 4D mask."""
+    if "segment" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if not is_varlen(attn_implementation):
+        inputs["attention_mask"] = packed_attention_mask(batch["segment"], batch["branch"], attn_implementation,
+                                                         dtype)
+    return inputs

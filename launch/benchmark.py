@@ -1,0 +1,362 @@
+"""Speed and memory of a DPO step, ds_dpo side by side with TRL 1.16's DPOTrainer (README "Benchmark").
+
+    .venv/bin/python launch/benchmark.py --data ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz
+
+One invocation prepares the shared inputs once — a byte-level BPE tokenizer trained on the data, a random-init
+policy and a different random-init reference built from one Llama config, the pairs tokenized and truncated by
+ds_dpo's pipeline (``max_length`` 1024) in one seeded order — and then runs every configuration in a fresh process
+of its own (one CPU process, fp32, 8 pairs per optimizer step, the same pairs in the same order), round-robin, so
+slow drifts of the machine hit all of them alike. Each run does ``--warmup`` steps, then ``--steps`` timed steps;
+pairs/s is the median over ``--repeats`` rounds; memory is the process's peak resident set size and its rise
+during the steps (sampled every 2 ms). The table goes to ``--out`` (docs/benchmarks.md).
+
+Useful-token efficiency = distinct real tokens (prompt + chosen + rejected per pair) / token positions the step
+runs through the model (policy forward, plus the reference forward when it is not precomputed); precomputed
+reference log-probs cost one no-grad pass over the data before training, not counted per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PAIRS_PER_STEP = 8
+MAX_LENGTH = 1024
+MAX_PROMPT_LENGTH = 512
+MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=MAX_LENGTH, tie_word_embeddings=False)
+
+# name -> (trainer, options); ds_dpo options are DPOConfig fields
+CONFIGS = {
+    "TRL DPOTrainer (default)": ("trl", {}),
+    "TRL DPOTrainer, precompute_ref_log_probs": ("trl", {"precompute_ref_log_probs": True}),
+    "ds_dpo padded, full logits": ("ds_dpo", {"padding_free": False, "logps_chunk_size": 0}),
+    "ds_dpo padded": ("ds_dpo", {"padding_free": False}),
+    "ds_dpo padded, precomputed reference": ("ds_dpo", {"padding_free": False, "reference": "precomputed"}),
+    "ds_dpo packed": ("ds_dpo", {"prefix_sharing": False}),
+    "ds_dpo packed, precomputed reference": ("ds_dpo", {"prefix_sharing": False, "reference": "precomputed"}),
+    "ds_dpo packed + prefix sharing": ("ds_dpo", {}),
+    "ds_dpo packed + prefix sharing, precomputed reference": ("ds_dpo", {"reference": "precomputed"}),
+}
+
+
+# --- shared inputs ----------------------------------------------------------------------------------------------------
+
+def prepare(data: Path, work: Path, num_pairs: int, vocab_size: int, seed: int) -> list[dict]:
+    """Tokenizer, policy and reference directories and ``pairs.jsonl`` under ``work``; returns the pairs."""
+    import gzip
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ds_dpo import builtin
+    from ds_dpo.config import make_config
+    from ds_dpo.data import load_preference_data
+
+    rows = [json.loads(line) for line in gzip.open(data, "rt")]
+    tokenizer = builtin.train_bpe_tokenizer((r[k] for r in rows for k in ("chosen", "rejected")), vocab_size)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL)
+    for name, model_seed in (("policy", seed), ("reference", seed + 1)):
+        torch.manual_seed(model_seed)
+        AutoModelForCausalLM.from_config(config).save_pretrained(work / name)
+        tokenizer.save_pretrained(work / name)
+    cfg = make_config({"model_name_or_path": str(work / "policy"), "dataset": str(data), "on_bad_rows": "skip",
+                       "max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT_LENGTH,
+                       "dataset_cache_dir": str(work / "cache")})
+    train, _, _ = load_preference_data(cfg, tokenizer)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:num_pairs].tolist()
+    fields = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+    pairs = [{k: train[i][k] for k in fields} for i in order]
+    with open(work / "pairs.jsonl", "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in pairs)
+    return pairs
+
+
+def token_positions(pairs: list[dict], layout: str) -> int:
+    """Token positions one forward of these pairs runs through the model."""
+    best = max((n for n in summary if CONFIGS[n][0] == "ds_dpo"), key=lambda n: summary[n]["pairs_s"])
+    b, trl_pre = summary[best], summary.get("TRL DPOTrainer, precompute_ref_log_probs")
+    headline = (f"Best ds_dpo setting, {best}: {b['pairs_s'] / trl['pairs_s']:.1f}x the pairs/s of TRL's default, "
+                f"at {b['peak'] / trl['peak']:.2f}x its peak memory and {b['step'] / trl['step']:.2f}x its step "
+                "memory" + (f"; {b['pairs_s'] / trl_pre['pairs_s']:.1f}x the pairs/s of TRL with "
+                            "`precompute_ref_log_probs`." if trl_pre else "."))
+    lengths = [(len(p["prompt_input_ids"]), len(p["chosen_input_ids"]), len(p["rejected_input_ids"])) for p in pairs]
+    if layout == "padded":
+        return 2 * len(lengths) * max(pl + max(c, r) for pl, c, r in lengths)
+    if layout == "packed":
+        return sum(2 * pl + c + r for pl, c, r in lengths)
+    return sum(pl + c + r for pl, c, r in lengths)
+
+
+def efficiency(pairs: list[dict], trainer: str, options: dict) -> float:
+    layout = ("padded" if trainer == "trl" or options.get("padding_free") is False else
+              "packed" if options.get("prefix_sharing") is False else "shared")
+    precomputed = options.get("precompute_ref_log_probs") or options.get("reference") == "precomputed"
+    distinct = computed = 0
+    for s in range(0, len(pairs), PAIRS_PER_STEP):
+        step = pairs[s:s + PAIRS_PER_STEP]
+        distinct += token_positions(step, "shared")
+        computed += token_positions(step, layout) * (1 if precomputed else 2)
+    return distinct / computed
+
+
+# --- one configuration in its own process -----------------------------------------------------------------------------
+
+class PeakRSS:
+    """Samples this process's resident set size every 2 ms in a thread while in the ``with`` block: ``start`` and
+    ``peak`` in MiB."""
+
+    def __init__(self):
+        self.start = self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def current() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self.start = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_ds_dpo(work: Path, options: dict, total_steps: int) -> tuple[list[float], float, PeakRSS]:
+    import torch
+
+    from ds_dpo.config import make_config
+    from ds_dpo.metrics import MetricAccumulator
+    from ds_dpo.recipe import DPORecipe
+    from ds_dpo.sampler import StepPlan
+
+    cfg = make_config({
+        "model_name_or_path": str(work / "policy"), "ref_model_name_or_path": str(work / "reference"),
+        "dataset": str(work / "pairs.jsonl"), "dataset_format": "tokenized", "max_length": MAX_LENGTH,
+        "max_prompt_length": MAX_PROMPT_LENGTH, "per_device_train_batch_size": PAIRS_PER_STEP,
+        "max_steps": total_steps, "save_steps": 0, "learning_rate": 1e-6, "output_dir": str(work / "ds_dpo_run"),
+        "dataset_cache_dir": str(work / "cache"), **options})
+    cfg.validate()
+    recipe = DPORecipe(cfg)
+    recipe.setup()
+    window = MetricAccumulator(recipe.device)
+    times, first_loss = [], None
+    with PeakRSS() as memory:
+        for step in range(total_steps):
+            indices = list(range(step * PAIRS_PER_STEP, (step + 1) * PAIRS_PER_STEP))
+            started = time.perf_counter()
+            recipe.train_step(StepPlan([indices], [[1.0] * PAIRS_PER_STEP], PAIRS_PER_STEP), window)
+            times.append(time.perf_counter() - started)
+            if step == 0:
+                first_loss = window.reduce()["loss"]
+    recipe.cleanup()
+    torch.distributed.destroy_process_group()
+    return times, first_loss, memory
+
+
+def run_trl(work: Path, options: dict, total_steps: int) -> tuple[list[float], float, PeakRSS]:
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    pairs = [json.loads(line) for line in open(work / "pairs.jsonl")]
+    dataset = Dataset.from_list([{"prompt_ids": p["prompt_input_ids"], "chosen_ids": p["chosen_input_ids"],
+                                  "rejected_ids": p["rejected_input_ids"]} for p in pairs])
+    losses, times = [], []
+
+    class Trainer(DPOTrainer):
+        """TRL's trainer on the pairs exactly as ds_dpo tokenized them, in file order."""
+
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+        def compute_loss(self, *args, **kwargs):
+            loss = super().compute_loss(*args, **kwargs)
+            losses.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
+            return loss
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.perf_counter() - self.started)
+
+    args = DPOConfig(output_dir=str(work / "trl_run"), per_device_train_batch_size=PAIRS_PER_STEP,
+                     max_length=MAX_LENGTH, max_steps=total_steps, learning_rate=1e-6, bf16=False, use_cpu=True,
+                     report_to=[], save_strategy="no", logging_steps=10**6, dataloader_num_workers=0,
+                     **options)
+    tokenizer = AutoTokenizer.from_pretrained(work / "policy")
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(work / "policy"),
+                      ref_model=AutoModelForCausalLM.from_pretrained(work / "reference"), args=args,
+                      train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()])
+    with PeakRSS() as memory:
+        trainer.train()
+    return times, losses[0], memory
+
+
+def worker(name: str, work: Path, total_steps: int) -> None:
+    import resource
+
+    import torch
+
+    torch.manual_seed(0)
+    trainer, options = CONFIGS[name]
+    times, first_loss, memory = (run_trl if trainer == "trl" else run_ds_dpo)(work, options, total_steps)
+    lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+    print("RESULT " + json.dumps({"times": times, "first_loss": first_loss, "peak_mib": lifetime_peak,
+                                  "step_mib": memory.peak - memory.start}), flush=True)
+
+
+# --- the comparison ---------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_config(name: str, work: Path, total_steps: int) -> dict:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--work", str(work),
+                           "--total_steps", str(total_steps)], env=env, capture_output=True, text=True)
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(results[-1].removeprefix("RESULT "))
+
+
+def machine() -> str:
+    import deepspeed
+    import torch
+    import transformers
+    import trl
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    memory = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")) / 2**20
+    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, no GPU; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
+            f"trl {trl.__version__}")
+
+
+def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line: str) -> str:
+    base = "TRL DPOTrainer (default)"
+    rows, summary = [], {}
+    for name, runs in results.items():
+        rates = [PAIRS_PER_STEP * args.steps / sum(r["times"][args.warmup:]) for r in runs]
+        summary[name] = {"pairs_s": statistics.median(rates), "peak": statistics.median(r["peak_mib"] for r in runs),
+                         "step": statistics.median(r["step_mib"] for r in runs), "loss": runs[0]["first_loss"],
+                         "eff": efficiency(pairs, *CONFIGS[name])}
+    trl = summary[base]
+    for name, s in summary.items():
+        rows.append(f"| {name} | {s['pairs_s']:.2f} | {s['pairs_s'] / trl['pairs_s']:.2f}x | {s['peak']:.0f} | "
+                    f"{s['peak'] / trl['peak']:.2f}x | {s['step']:.0f} | {s['step'] / trl['step']:.2f}x | "
+                    f"{s['eff']:.1%} | {s['loss']:.7f} | {s['loss'] - trl['loss']:+.1e} |")
+    best = max((n for n in summary if CONFIGS[n][0] == "ds_dpo"), key=lambda n: summary[n]["pairs_s"])
+    b, trl_pre = summary[best], summary.get("TRL DPOTrainer, precompute_ref_log_probs")
+    headline = (f"Best ds_dpo setting, {best}: {b['pairs_s'] / trl['pairs_s']:.1f}x the pairs/s of TRL's default, "
+                f"at {b['peak'] / trl['peak']:.2f}x its peak memory and {b['step'] / trl['step']:.2f}x its step "
+                "memory" + (f"; {b['pairs_s'] / trl_pre['pairs_s']:.1f}x the pairs/s of TRL with "
+                            "`precompute_ref_log_probs`." if trl_pre else "."))
+    lengths = [(len(p["prompt_input_ids"]), len(p["chosen_input_ids"]), len(p["rejected_input_ids"])) for p in pairs]
+    median = [statistics.median(x) for x in zip(*lengths)]
+    return "\n".join([
+        "# Benchmark: ds_dpo vs TRL 1.16 DPOTrainer",
+        "",
+        f"Produced by `launch/benchmark.py` on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
+        "",
+        f"- Machine: {machine_line}.",
+        f"- Data: HH-RLHF harmless-base test, tokenized and truncated by ds_dpo (`max_length` {MAX_LENGTH}, "
+        f"`max_prompt_length` {MAX_PROMPT_LENGTH}) with a {args.vocab_size}-token byte-level BPE trained on it; "
+        f"{len(pairs)} pairs in one seeded order (median prompt {median[0]:.0f}, chosen {median[1]:.0f}, "
+        f"rejected {median[2]:.0f} tokens).",
+        f"- Model: random-init Llama {MODEL['num_hidden_layers']} layers x {MODEL['hidden_size']} "
+        f"(intermediate {MODEL['intermediate_size']}, untied {args.vocab_size}-token embeddings), policy and a "
+        "different random-init reference; fp32; AdamW; one CPU process.",
+        f"- Step: {PAIRS_PER_STEP} pairs; {args.warmup} warm-up steps, then {args.steps} timed steps per run; "
+        f"{args.repeats} rounds, all configurations interleaved; each run in a fresh process. ds_dpo: "
+        "DeepSpeed ZeRO-3 engine (the default preset) around policy and reference.",
+        "- pairs/s: median over rounds. Peak MiB: the process's peak resident set size over its whole life (imports, "
+        "model setup, reference precomputation, steps). Step MiB: how far the resident set size rose during the "
+        "steps above what it was before the first one (activations, logits, gradients, optimizer state); medians "
+        "over rounds.",
+        "- Efficiency: distinct real tokens / token positions run through a model per step (policy forward, plus "
+        "reference forward unless precomputed).",
+        "- Step-1 loss: sigmoid DPO, beta 0.1, the first step's pairs; policy and reference differ, so it is not "
+        "log 2.",
+        "",
+        "| configuration | pairs/s | vs TRL | peak MiB | vs TRL | step MiB | vs TRL | efficiency | step-1 loss "
+        "| vs TRL |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        headline,
+        "",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
+    parser.add_argument("--work", type=Path, default=REPO / "outputs" / "benchmark")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vocab_size", type=int, default=8192)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", help="run only these configurations (names as in the table)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--total_steps", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.work, args.total_steps)
+
+    total = args.warmup + args.steps
+    args.work.mkdir(parents=True, exist_ok=True)
+    pairs = prepare(args.data, args.work, total * PAIRS_PER_STEP, args.vocab_size, args.seed)
+    names = args.only or list(CONFIGS)
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(args.repeats):
+        for name in names:
+            result = run_config(name, args.work, total)
+            results[name].append(result)
+            rate = PAIRS_PER_STEP * args.steps / sum(result["times"][args.warmup:])
+            print(f"round {round_ + 1}/{args.repeats} {name}: {rate:.2f} pairs/s, peak {result['peak_mib']:.0f} MiB, "
+                  f"step-1 loss {result['first_loss']:.7f}", flush=True)
+    table = report(results, pairs, args, machine())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

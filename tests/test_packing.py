@@ -1,0 +1,60 @@
+import torch
+
+from ds_dpo.collate import collate_pairs
+from ds_dpo.packing import CHOSEN, REJECTED, batch_layout, model_inputs, packed_attention_mask
+
+ROWS = [{"index": 7, "prompt_input_ids": [1, 2, 3], "chosen_input_ids": [4, 5], "rejected_input_ids": [6, 7, 8]},
+        {"index": 9, "prompt_input_ids": [], "chosen_input_ids": [10, 11], "rejected_input_ids": [12]}]
+
+
+def test_packed_row_restarts_positions_per_sequence_and_scores_every_completion_token():
+    batch = collate_pairs(ROWS, [1.0, 0.0], pad_token_id=0, layout="packed")
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 1, 2, 3, 6, 7, 8, 10, 11, 12]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1, 0]]
+    assert batch["segment"].tolist() == [[0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 1, 1, 3]]
+    # each scored token is the one after its predicting position; the empty prompt's first tokens are unscored
+    assert batch["score_labels"].tolist() == [4, 5, 6, 7, 8, 11]
+    assert (batch["input_ids"][0, batch["score_index"] + 1] == batch["score_labels"]).all()
+    assert batch["score_sequence"].tolist() == [0, 0, 2, 2, 2, 1]
+    assert batch["score_rank"].tolist() == [1, 2, 1, 2, 3, 1]
+    assert batch["index"].tolist() == [7, 9] and batch["weight"].tolist() == [1.0, 0.0]
+    assert batch["pair_tokens"].tolist() == [11, 3]
+
+
+def test_shared_prefix_layout_continues_rejected_positions_from_the_prompt():
+    batch = collate_pairs(ROWS, [1.0, 1.0], pad_token_id=0, layout="shared")
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 0]]
+    assert batch["branch"].tolist() == [[0, 0, 0, CHOSEN, CHOSEN, REJECTED, REJECTED, REJECTED, CHOSEN, CHOSEN,
+                                         REJECTED]]
+    # the last prompt token (position 2) predicts both the first chosen and the first rejected token
+    assert batch["score_index"].tolist() == [2, 3, 2, 5, 6, 8]
+    assert batch["score_labels"].tolist() == [4, 5, 6, 7, 8, 11]
+    assert batch["score_sequence"].tolist() == [0, 0, 2, 2, 2, 1]
+
+
+def test_mask_is_causal_per_sequence_and_hides_chosen_from_rejected():
+    batch = collate_pairs(ROWS, [1.0, 1.0], pad_token_id=0, layout="shared")
+    allowed = packed_attention_mask(batch["segment"], batch["branch"], "sdpa", torch.float32)[0, 0]
+    assert allowed.dtype == torch.bool and allowed.shape == (11, 11)
+    visible = {t: allowed[t].nonzero().flatten().tolist() for t in range(11)}
+    assert visible[4] == [0, 1, 2, 3, 4]  # chosen: prompt + itself
+    assert visible[6] == [0, 1, 2, 5, 6]  # rejected: prompt + earlier rejected, never chosen
+    assert visible[8] == [8] and visible[10] == [10]  # the second pair sees nothing of the first; empty prompt
+    additive = packed_attention_mask(batch["segment"], batch["branch"], "eager", torch.bfloat16)[0, 0]
+    assert additive.dtype == torch.bfloat16
+    assert ((additive == 0) == allowed).all() and (additive[~allowed] == torch.finfo(torch.bfloat16).min).all()
+
+
+def test_layout_choice_and_kernel_inputs():
+    assert batch_layout(True, True, "sdpa") == "shared"
+    assert batch_layout(True, False, "eager") == "packed"
+    assert batch_layout(False, True, "sdpa") == "padded"
+    assert batch_layout(True, True, "flash_attention_2") == "packed"  # varlen kernels cannot share a prefix
+    packed = collate_pairs(ROWS, [1.0, 1.0], 0, "packed")
+    assert set(model_inputs(packed, "flash_attention_2", torch.bfloat16)) == {"input_ids", "position_ids"}
+    assert model_inputs(packed, "sdpa", torch.float32)["attention_mask"].shape == (1, 1, 14, 14)
+    padded = collate_pairs(ROWS, [1.0, 1.0], 0, "padded")
+    assert padded["input_ids"].shape == (4, 6) and set(model_inputs(padded, "sdpa", torch.float32)) == {
+        "input_ids", "attention_mask"}
+    assert (padded["input_ids"].flatten()[padded["score_index"] + 1] == padded["score_labels"]).all()
