@@ -22,7 +22,7 @@ import torch
 import torch._dynamo  # noqa: F401
 import deepspeed
 from deepspeed.accelerator import get_accelerator
-from transformers import AutoModelForCausalLM, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 from ds_dpo.config import ConfigError, DPOConfig
@@ -82,6 +82,7 @@ def resolve_deepspeed_config(cfg: DPOConfig, world_size: int) -> dict:
         ds["bf16"].setdefault("check_grad_overflow", True)
     if ds.get("fp16", {}).get("enabled") is True:
         raise ConfigError("fp16 is not supported (DPO log-ratios lose too much precision): use `bf16: true`")
+    _fill_bucket_sizes(ds.get("zero_optimization", {}), cfg)
     if "optimizer" in ds:
         params = ds["optimizer"].setdefault("params", {})
         _fill(params, "lr", cfg.learning_rate, "optimizer.params.lr")
@@ -89,6 +90,24 @@ def resolve_deepspeed_config(cfg: DPOConfig, world_size: int) -> dict:
     else:
         raise ConfigError(f"DeepSpeed config {cfg.deepspeed} has no `optimizer` block (see ds_configs/zero3.json)")
     return ds
+
+
+def _fill_bucket_sizes(zero: dict, cfg: DPOConfig) -> None:
+    """HF Trainer's sizes for ``"auto"`` ZeRO buckets, from the model's hidden size H: reduce bucket H^2, ZeRO-3
+    prefetch bucket 0.9 H^2, parameters below 10 H kept whole. Fixed sizes would allocate hundreds of MB of
+    buffers for a small model and be too small for a large one."""
+    sizes = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+             "stage3_param_persistence_threshold": lambda h: 10 * h}
+    auto = [key for key in sizes if zero.get(key) == "auto"]
+    if not auto:
+        return
+    model_config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    hidden = getattr(model_config.get_text_config(), "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise ConfigError(f"cannot fill the DeepSpeed config's \"auto\" {auto}: the model config has no "
+                          "`hidden_size`; set them to numbers in the DeepSpeed JSON")
+    for key in auto:
+        zero[key] = sizes[key](hidden)
 
 
 def reference_deepspeed_config(policy_ds: dict, cfg: DPOConfig) -> dict:

@@ -87,12 +87,6 @@ def prepare(data: Path, work: Path, num_pairs: int, vocab_size: int, seed: int) 
 
 def token_positions(pairs: list[dict], layout: str) -> int:
     """Token positions one forward of these pairs runs through the model."""
-    best = max((n for n in summary if CONFIGS[n][0] == "ds_dpo"), key=lambda n: summary[n]["pairs_s"])
-    b, trl_pre = summary[best], summary.get("TRL DPOTrainer, precompute_ref_log_probs")
-    headline = (f"Best ds_dpo setting, {best}: {b['pairs_s'] / trl['pairs_s']:.1f}x the pairs/s of TRL's default, "
-                f"at {b['peak'] / trl['peak']:.2f}x its peak memory and {b['step'] / trl['step']:.2f}x its step "
-                "memory" + (f"; {b['pairs_s'] / trl_pre['pairs_s']:.1f}x the pairs/s of TRL with "
-                            "`precompute_ref_log_probs`." if trl_pre else "."))
     lengths = [(len(p["prompt_input_ids"]), len(p["chosen_input_ids"]), len(p["rejected_input_ids"])) for p in pairs]
     if layout == "padded":
         return 2 * len(lengths) * max(pl + max(c, r) for pl, c, r in lengths)

@@ -86,14 +86,17 @@ def test_precomputed_implies_precompute_flag():
     assert make_config({"reference": "precomputed"}).precompute_ref_log_probs
 
 
-def test_deepspeed_auto_values_filled():
-    cfg = make_config({"per_device_train_batch_size": 3, "gradient_accumulation_steps": 2, "learning_rate": 1e-5,
-                       "max_grad_norm": 0.5, "weight_decay": 0.01})
+def test_deepspeed_auto_values_filled(builtin_files):
+    cfg = make_config({**builtin_files, "per_device_train_batch_size": 3, "gradient_accumulation_steps": 2,
+                       "learning_rate": 1e-5, "max_grad_norm": 0.5, "weight_decay": 0.01})
     ds = resolve_deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["lr"] == 1e-5 and ds["optimizer"]["params"]["weight_decay"] == 0.01
     assert ds["bf16"]["enabled"] is False and ds["zero_optimization"]["stage"] == 3
+    zero = ds["zero_optimization"]  # HF Trainer's bucket rule from the built-in model's hidden size, 64
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (4096, 3686, 640)
     ref = reference_deepspeed_config(ds, make_config({"ref_offload": True}))
     assert ref["zero_optimization"]["stage"] == 3 and ref["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert "optimizer" not in ref and ref["train_batch_size"] == 24
@@ -108,14 +111,15 @@ def test_deepspeed_batch_size_conflict_is_explained(tmp_path):
         resolve_deepspeed_config(cfg, world_size=2)
 
 
-def test_every_preset_resolves():
+def test_every_preset_resolves(builtin_files):
     for preset in ("zero1", "zero2", "zero3", "zero3_offload", "ddp"):
-        ds = resolve_deepspeed_config(make_config({"deepspeed": f"ds_configs/{preset}.json"}), world_size=2)
+        ds = resolve_deepspeed_config(make_config({**builtin_files, "deepspeed": f"ds_configs/{preset}.json"}),
+                                      world_size=2)
         assert "auto" not in json.dumps(ds)
 
 
-def test_dump_includes_deepspeed_config(tmp_path):
-    cfg = make_config({"beta": 0.25})
+def test_dump_includes_deepspeed_config(builtin_files, tmp_path):
+    cfg = make_config({**builtin_files, "beta": 0.25})
     ds = resolve_deepspeed_config(cfg, world_size=1)
     dump_config(cfg, ds, tmp_path / "config.yaml")
     doc = yaml.safe_load((tmp_path / "config.yaml").read_text())
