@@ -160,6 +160,10 @@ class DPOConfig:
     prefix_sharing: bool = True
     """With ``padding_free``: each pair as one sequence ``prompt | chosen | rejected`` so the prompt is computed
     once; rejected tokens cannot see chosen ones. Not available with flash-attention (packs without sharing)."""
+    max_tokens_per_batch: int | None = None
+    """Token-budget micro-batches: each step's pairs (the same as without it) are regrouped on each rank into
+    micro-batches of at most this many tokens (``prompt + chosen + rejected`` per pair with prefix sharing, the
+    prompt twice otherwise; a longer pair alone), so forwards carry similar token counts."""
     logps_chunk_size: int = 1024
     """Completion tokens per chunk of the vocabulary projection: full-vocabulary logits exist for at most this many
     tokens at a time and are recomputed in backward. 0: the model's full [2B, T, V] logits (the plain path)."""
@@ -265,6 +269,8 @@ class DPOConfig:
              f"`resume_from_checkpoint` must be `auto` or an existing checkpoint directory (got {resume!r})")
         need(self.precompute_ref_batch_size is None or self.precompute_ref_batch_size >= 1,
              "`precompute_ref_batch_size` must be >= 1 or unset")
+        need(self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 1,
+             "`max_tokens_per_batch` must be >= 1 or unset")
         need(self.logps_chunk_size >= 0, "`logps_chunk_size` must be >= 0 (0: full logits)")
         need(self.ddp_timeout >= 1, "`ddp_timeout` must be >= 1 second")
         need(self.max_consecutive_nan_steps >= 1, "`max_consecutive_nan_steps` must be >= 1")

@@ -70,7 +70,9 @@ class DPORecipe:
             print(report.format(), flush=True)
             (self.output_dir / "data_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
         self.sampler = GlobalBatchSampler(len(self.train_data), cfg.per_device_train_batch_size,
-                                          cfg.gradient_accumulation_steps, self.world_size, self.rank, cfg.seed)
+                                          cfg.gradient_accumulation_steps, self.world_size, self.rank, cfg.seed,
+                                          pair_tokens=self._pair_tokens(self.train_data) if cfg.max_tokens_per_batch
+                                          else None, max_tokens_per_batch=cfg.max_tokens_per_batch)
         self.total_steps = (cfg.max_steps if cfg.max_steps > 0
                             else math.ceil(cfg.num_train_epochs * self.sampler.steps_per_epoch))
 
@@ -81,6 +83,12 @@ class DPORecipe:
         self._setup_models(ds_config)
         self.checkpointer = Checkpointer(self.policy, self.output_dir, cfg.save_steps, cfg.save_total_limit)
         self.logger = MetricsLogger(self.output_dir, self.rank, self.total_steps)
+
+    def _pair_tokens(self, data) -> list[int]:
+        """Tokens each pair puts into a forward in this run's layout (the prompt once when shared, else twice)."""
+        prompts = 1 if self.layout == "shared" else 2
+        return [prompts * len(p) + len(c) + len(r) for p, c, r in zip(
+            data["prompt_input_ids"], data["chosen_input_ids"], data["rejected_input_ids"])]
 
     def _load_tokenizer(self):
         tokenizer = AutoTokenizer.from_pretrained(self.cfg.model_name_or_path,
@@ -245,7 +253,9 @@ class DPORecipe:
         # engine.backward divides by gradient_accumulation_steps and gradients are averaged over ranks; this scale
         # turns the sums of real pairs' losses into the exact mean over the global batch's real pairs.
         scale = self.world_size * self.cfg.gradient_accumulation_steps / plan.num_pairs
-        for indices, weights in zip(plan.micro_batches, plan.weights):
+        for i, (indices, weights) in enumerate(zip(plan.micro_batches, plan.weights)):
+            if self.cfg.max_tokens_per_batch:  # the micro-batch count varies per step: tell DeepSpeed where it ends
+                self.policy.set_gradient_accumulation_boundary(i == len(plan.micro_batches) - 1)
             batch = self._batch(self.train_data, indices, weights)
             loss_sum = self._micro_batch_loss(batch, weights, window)
             self.policy.backward(loss_sum * scale)

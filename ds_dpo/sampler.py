@@ -19,7 +19,8 @@ import torch
 @dataclass(frozen=True)
 class StepPlan:
     micro_batches: list[list[int]]
-    """This rank's micro-batches for the step (dataset row indices), ``gradient_accumulation_steps`` of them."""
+    """This rank's micro-batches for the step (dataset row indices): ``gradient_accumulation_steps`` of
+    ``micro_batch_size`` pairs, or, with a token budget, as many as the rank that needs most."""
     weights: list[list[float]]
     """1.0 for a real pair, 0.0 for a filler; same shape as ``micro_batches``."""
     num_pairs: int
@@ -28,9 +29,12 @@ class StepPlan:
 
 class GlobalBatchSampler:
     def __init__(self, num_pairs: int, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int,
-                 rank: int, seed: int, shuffle: bool = True):
+                 rank: int, seed: int, shuffle: bool = True, pair_tokens: list[int] | None = None,
+                 max_tokens_per_batch: int | None = None):
+        """``pair_tokens`` and ``max_tokens_per_batch``: token-budget micro-batches (see ``token_budget``)."""
         self.num_pairs, self.micro, self.accum = num_pairs, micro_batch_size, gradient_accumulation_steps
         self.world_size, self.rank, self.seed, self.shuffle = world_size, rank, seed, shuffle
+        self.pair_tokens, self.max_tokens = pair_tokens, max_tokens_per_batch
         self.global_batch_size = micro_batch_size * gradient_accumulation_steps * world_size
 
     @property
@@ -51,9 +55,37 @@ class GlobalBatchSampler:
             chunk += [order[i % self.num_pairs] for i in range(g - real)]
             weights = [1.0] * real + [0.0] * (g - real)
             # Micro-batch m of rank r holds global slots [(m * world + r) * micro, ... + micro).
-            slots = [(m * self.world_size + self.rank) * self.micro for m in range(self.accum)]
-            yield StepPlan(
-                micro_batches=[chunk[s : s + self.micro] for s in slots],
-                weights=[weights[s : s + self.micro] for s in slots],
-                num_pairs=real,
-            )
+            per_rank = []
+            for rank in range(self.world_size):
+                slots = [(m * self.world_size + rank) * self.micro for m in range(self.accum)]
+                per_rank.append(([chunk[s : s + self.micro] for s in slots],
+                                 [weights[s : s + self.micro] for s in slots]))
+            micro_batches, micro_weights = (self.token_budget(per_rank) if self.max_tokens else per_rank[self.rank])
+            yield StepPlan(micro_batches=micro_batches, weights=micro_weights, num_pairs=real)
+
+    def token_budget(self, per_rank: list[tuple[list[list[int]], list[list[float]]]]):
+        """This rank's pairs of the step regrouped into micro-batches of at most ``max_tokens_per_batch`` tokens (a
+        longer pair alone), each rank's pairs and order unchanged. Ranks must run equally many forwards (ZeRO-3
+        gathers are collectives), so ranks that need fewer split their largest micro-batches until they have as many
+        as the rank that needs most; every rank computes every rank's split, so this needs no communication."""
+        def split(pairs: list[tuple[int, float]]) -> list[list[tuple[int, float]]]:
+            groups, tokens = [[]], 0
+            for pair in pairs:
+                if groups[-1] and tokens + self.pair_tokens[pair[0]] > self.max_tokens:
+                    groups.append([])
+                    tokens = 0
+                groups[-1].append(pair)
+                tokens += self.pair_tokens[pair[0]]
+            return groups
+
+        ranks = [split([p for mb, ws in zip(*r) for p in zip(mb, ws)]) for r in per_rank]
+        count = max(map(len, ranks))
+        groups = ranks[self.rank]
+        while len(groups) < count:  # each rank holds micro x accum >= count pairs, so this ends
+            size = lambda g: sum(self.pair_tokens[i] for i, _ in g) if len(g) > 1 else -1  # noqa: E731
+            largest = max(range(len(groups)), key=lambda k: size(groups[k]))
+            group, half, cut = groups[largest], size(groups[largest]) / 2, 1
+            while cut < len(group) - 1 and sum(self.pair_tokens[i] for i, _ in group[:cut]) < half:
+                cut += 1
+            groups[largest : largest + 1] = [group[:cut], group[cut:]]
+        return [[i for i, _ in g] for g in groups], [[w for _, w in g] for g in groups]

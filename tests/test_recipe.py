@@ -102,7 +102,8 @@ def test_two_ranks_and_accumulation_reproduce_one_rank(tmp_path):
     accumulation; on 2 ranks also the precomputed reference, a ZeRO-2 policy (reference still ZeRO-3), and ZeRO-3
     with parameter + optimizer offload (DeepSpeedCPUAdam), reference offload and gradient checkpointing. All of
     these use the default prefix-shared batches and chunked log-probs; the plain padded path with full logits
-    (1 and 2 ranks), packing without prefix sharing, and tiny log-prob chunks must give the same trajectory.
+    (1 and 2 ranks), packing without prefix sharing, tiny log-prob chunks and token-budget micro-batches must give
+    the same trajectory.
     Loss trajectories agree to 1e-6 (seen: at most ~6e-8)."""
     plain = ["--padding_free", "false", "--logps_chunk_size", "0"]
     runs = {
@@ -111,6 +112,8 @@ def test_two_ranks_and_accumulation_reproduce_one_rank(tmp_path):
         "2x4_packed": (2, ["--per_device_train_batch_size", "4", "--prefix_sharing", "false"]),
         # ranks score different numbers of tokens, so they run different numbers of chunks
         "2x4_chunk3": (2, ["--per_device_train_batch_size", "4", "--logps_chunk_size", "3"]),
+        # 18-token pairs, 40-token budget: 2 micro-batches of 2 pairs per rank and step where the config says 1
+        "2x4_token_budget": (2, ["--per_device_train_batch_size", "4", "--max_tokens_per_batch", "40"]),
         "1x8": (1, ["--per_device_train_batch_size", "8"]),
         "2x4": (2, ["--per_device_train_batch_size", "4"]),
         "1x2x4": (1, ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4"]),

@@ -34,3 +34,29 @@ def test_same_global_batches_for_any_split():
         return [sorted(i for p in step for mb in p.micro_batches for i in mb) for step in plans(50, micro, accum, world)]
 
     assert step_sets(2, 4, 1) == step_sets(2, 1, 4) == step_sets(2, 2, 2) == step_sets(8, 1, 1)
+
+
+@pytest.mark.parametrize("budget", [1, 40, 100, 10**6])
+def test_token_budget_regroups_each_ranks_pairs_and_keeps_ranks_in_step(budget):
+    n, micro, accum, world = 53, 4, 2, 3
+    tokens = [(7 * i) % 50 + 5 for i in range(n)]  # uneven pair sizes, 5..54 tokens
+
+    def sampler(rank, **budgeted):
+        return GlobalBatchSampler(n, micro, accum, world, rank, seed=1, **budgeted)
+
+    for r in range(world):
+        plain = list(sampler(r).epoch(0))
+        budgeted = list(sampler(r, pair_tokens=tokens, max_tokens_per_batch=budget).epoch(0))
+        for p, b in zip(plain, budgeted):
+            # the same pairs, in the same order, with the same weights; only the grouping differs
+            assert [i for mb in b.micro_batches for i in mb] == [i for mb in p.micro_batches for i in mb]
+            assert [w for ws in b.weights for w in ws] == [w for ws in p.weights for w in ws]
+            assert b.num_pairs == p.num_pairs and all(b.micro_batches)
+            # a micro-batch over budget is one pair, unless it was split only to match another rank's count
+            assert all(len(mb) == 1 or sum(tokens[i] for i in mb) <= budget or budget == 1 for mb in b.micro_batches)
+    for step in zip(*(sampler(r, pair_tokens=tokens, max_tokens_per_batch=budget).epoch(0) for r in range(world))):
+        assert len({len(p.micro_batches) for p in step}) == 1  # every rank runs the same number of forwards
+    if budget == 1:
+        assert all(len(mb) == 1 for p in budgeted for mb in p.micro_batches)
+    if budget == 10**6:
+        assert all(len(p.micro_batches) == 1 for p in budgeted)
