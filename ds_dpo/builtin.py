@@ -5,7 +5,8 @@ Nothing is downloaded: the tokenizer, a random-init model and the data are gener
 
 The task: a prompt asks to count up or down from a number; the preferred completion counts correctly, the rejected
 one counts the wrong way, skips, or wanders at random. A small model learns the rule in a few hundred steps, and
-held-out reward accuracy (chance 0.5) shows whether DPO learned it.
+held-out reward accuracy (chance 0.5) shows whether DPO learned it. The run's settings for it are
+``ds_dpo.config.BUILTIN_DEFAULTS``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import random
 import shutil
 import socket
 from pathlib import Path
-from typing import Any
 
 MAX_NUMBER = 60
 COUNT = 5
@@ -34,25 +34,6 @@ MODEL_CONFIG = dict(
     max_position_embeddings=64,
     tie_word_embeddings=False,
 )
-
-DEFAULTS: dict[str, Any] = dict(
-    max_steps=150,
-    per_device_train_batch_size=16,
-    per_device_eval_batch_size=32,
-    learning_rate=3e-3,
-    warmup_ratio=0.05,
-    lr_scheduler_type="cosine",
-    beta=0.1,
-    max_length=32,
-    max_prompt_length=8,
-    logging_steps=10,
-    eval_steps=50,
-    save_steps=100,
-    save_total_limit=1,
-    output_dir="outputs/builtin",
-)
-"""Settings the built-in run uses for every key the user did not set."""
-
 
 def make_pair(rng: random.Random) -> dict[str, str]:
     direction = rng.choice(["up", "down"])
@@ -136,7 +117,7 @@ def _write_model(model_dir: Path, seed: int) -> None:
     tokenizer = build_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL_CONFIG)
-    from ds_dpo.engines import zero3_disabled
+    from ds_dpo.ds_config import zero3_disabled
 
     torch.manual_seed(seed)
     tmp = _private_tmp(model_dir)
@@ -148,11 +129,6 @@ def _write_model(model_dir: Path, seed: int) -> None:
         tmp.rename(model_dir)
     except OSError:  # another node got there first with the same files
         shutil.rmtree(tmp)
-
-
-def with_defaults(values: dict[str, Any]) -> dict[str, Any]:
-    """The user's config values over the built-in run's defaults."""
-    return {**DEFAULTS, **values}
 
 
 def train_bpe_tokenizer(texts, vocab_size: int = 4096):

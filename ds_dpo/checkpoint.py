@@ -19,12 +19,17 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ds_dpo import engines
+from ds_dpo.config import CheckpointConfig, make_config
+from ds_dpo.distributed import say
+from ds_dpo.ds_config import zero3_disabled
+from ds_dpo.train_state import TrainState
 
 TAG_PREFIX = "step-"
 LATEST = "latest"
@@ -82,39 +87,72 @@ def universal_checkpoint(checkpoint: Path) -> Path:
 
 
 class Checkpointer:
-    def __init__(self, engine, output_dir: str | Path, save_steps: int, save_total_limit: int | None):
-        self.engine = engine
+    """Owns the run's checkpoints: when to save, what goes in, where a run resumes from, and the conversion when it
+    resumes on another world size."""
+
+    def __init__(self, cfg: CheckpointConfig, output_dir: str | Path, world_size: int):
+        self.cfg, self.world_size = cfg, world_size
         self.root = Path(output_dir) / "checkpoints"
-        self.save_steps, self.save_total_limit = save_steps, save_total_limit
+        self.resume_from: Path | None = None
+        self._resume_state: dict | None = None
+
+    def prepare_resume(self, ds_config: dict) -> None:
+        """Collective, before the engines are built: find the checkpoint ``resume_from_checkpoint`` names; when
+        another world size wrote it, convert it once to DeepSpeed's universal format and have DeepSpeed load that
+        (``ds_config`` is the policy's)."""
+        spec = self.cfg.resume_from_checkpoint
+        if not spec:
+            return
+        path = find_checkpoint(self.root, spec)
+        if path is None:
+            say("resume_from_checkpoint: auto, but no checkpoint yet: starting from scratch")
+            return
+        self._resume_state = read_state(path, torch.distributed.get_rank())
+        if self._resume_state["world_size"] != self.world_size:
+            say(f"{path} was written by {self._resume_state['world_size']} ranks; resuming on {self.world_size} "
+                "through DeepSpeed's universal checkpoint format")
+            path = universal_checkpoint(path)
+            ds_config["checkpoint"] = {"load_universal": True}
+        self.resume_from = path
+
+    def restore(self, engine, state: TrainState) -> None:
+        """Collective: load the engine (weights, optimizer, LR schedule) and the run's state from the checkpoint
+        ``prepare_resume`` chose; nothing when starting fresh."""
+        if self.resume_from is None:
+            return
+        loaded, _ = engine.load_checkpoint(str(self.resume_from.parent), tag=self.resume_from.name)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {self.resume_from}")
+        set_rng_state(self._resume_state["rng"])
+        state.load_state_dict(self._resume_state)
+        state.skipped_steps = engine.skipped_steps  # restored by DeepSpeed with the engine
+        say(f"resumed from {self.resume_from} at step {state.step}")
 
     def due(self, step: int) -> bool:
-        return self.save_steps > 0 and step % self.save_steps == 0
+        return self.cfg.save_steps > 0 and step % self.cfg.save_steps == 0
 
-    def save(self, step: int, state: dict) -> None:
+    def save(self, engine, state: TrainState) -> None:
         """Collective: every rank writes its shards and its trainer state; once all are done, rank 0 moves
         ``latest`` to the new checkpoint and prunes those beyond ``save_total_limit``."""
-        rank, tag = torch.distributed.get_rank(), f"{TAG_PREFIX}{step}"
+        started = time.perf_counter()
+        rank, tag = torch.distributed.get_rank(), f"{TAG_PREFIX}{state.step}"
         directory = self.root / tag
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / f"trainer_state_rank{rank}.json").write_text(json.dumps(state))
+        payload = {**state.state_dict(), "rng": rng_state(), "world_size": self.world_size}
+        (directory / f"trainer_state_rank{rank}.json").write_text(json.dumps(payload))
         # DeepSpeed writes its own `latest` before the other ranks are known to be done; we move ours after.
-        self.engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
         torch.distributed.barrier()
         if rank == 0:
             tmp = self.root / f"{LATEST}.tmp"
             tmp.write_text(tag)
             os.replace(tmp, self.root / LATEST)
-            if self.save_total_limit:
-                for old in self.tags()[: -self.save_total_limit]:
+            if self.cfg.save_total_limit:
+                for old in self.tags()[: -self.cfg.save_total_limit]:
                     shutil.rmtree(old)
                     shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
         torch.distributed.barrier()
-
-    def load(self, checkpoint: Path) -> None:
-        """Collective: restore engine, optimizer and LR schedule (a ``-universal`` checkpoint on another world size)."""
-        loaded, _ = self.engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-        if loaded is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {checkpoint}")
+        say(f"checkpoint {tag} saved in {time.perf_counter() - started:.2f} s")
 
     def tags(self) -> list[Path]:
         """Saved checkpoint directories, oldest first."""
@@ -150,7 +188,7 @@ def _cpu_model(config, lora_config, state_dict: dict[str, torch.Tensor]):
     """An ordinary (unpartitioned) model, peft-wrapped when ``lora_config`` is given, holding ``state_dict``."""
     from transformers import AutoModelForCausalLM
 
-    with engines.zero3_disabled():
+    with zero3_disabled():
         model = AutoModelForCausalLM.from_config(config)
     if lora_config is not None:
         from peft import get_peft_model
@@ -172,19 +210,13 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: boo
     from transformers import AutoConfig, AutoTokenizer
 
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    run = yaml.safe_load((checkpoint.parent.parent / "config.yaml").read_text())
+    run = make_config(yaml.safe_load((checkpoint.parent.parent / "config.yaml").read_text())).model
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    lora = None
-    if run["use_peft"]:
-        from peft import LoraConfig
-
-        lora = LoraConfig(r=run["lora_r"], lora_alpha=run["lora_alpha"], lora_dropout=run["lora_dropout"],
-                          target_modules=run["lora_target_modules"], task_type="CAUSAL_LM")
-    remote = run.get("trust_remote_code", False)
-    config = AutoConfig.from_pretrained(run["model_name_or_path"], trust_remote_code=remote)
+    lora = engines.lora_config(run) if run.use_peft else None
+    config = AutoConfig.from_pretrained(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
     model = _cpu_model(config, lora, state_dict)
     model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer = AutoTokenizer.from_pretrained(run["model_name_or_path"], trust_remote_code=remote)
+    tokenizer = AutoTokenizer.from_pretrained(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
     tokenizer.save_pretrained(output_dir)
     if merge and lora is not None:
         model.merge_and_unload().save_pretrained(output_dir / "merged", safe_serialization=True)

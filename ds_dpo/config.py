@@ -1,19 +1,25 @@
-"""Typed run configuration: defaults, YAML + command-line loading, validation, dump.
+"""Typed run configuration, one dataclass per concern, behind flat YAML/command-line keys.
 
-Field names follow TRL's ``DPOConfig`` and HF ``TrainingArguments`` wherever the concept is the same, so a user's
-existing YAML mostly carries over. Every default lives here, in the dataclass, and nowhere else.
+Users type flat keys named as in TRL's ``DPOConfig`` and HF ``TrainingArguments`` (``beta``, ``learning_rate``,
+``max_length``, ...); each key belongs to exactly one section, and the code reads ``cfg.loss.beta``,
+``cfg.optim.learning_rate``, ``cfg.data.max_length``. Every default lives here, on its field, with its docstring,
+except the loss's, which live on ``ds_dpo.losses.LossConfig`` (the losses take that object directly).
 
     cfg = load_config(["--config", "run.yaml", "--beta", "0.2"])
+    cfg.validate()
 
 Values on the command line are parsed as YAML scalars/lists (``--loss_type '[sigmoid, sft]'``), which also works
 through the ``deepspeed`` launcher and hostfile (pdsh) runs, where only plain ``--key value`` arguments survive.
+``dump_config`` writes the flat keys back out, so ``--config OUTPUT_DIR/config.yaml`` starts the same run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
+import json
 import os
 import types
 import typing
@@ -22,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ds_dpo.formats import FORMATS
+from ds_dpo.losses import LossConfig
+from ds_dpo.sources import looks_local
+from ds_dpo.tokenization import TRUNCATION_MODES, LengthLimits
 
 REFERENCE_MODES = ("zero", "lora", "precomputed")
 LR_SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -32,16 +43,71 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the message says how."""
 
 
+def as_list(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def resolve_path(path: str) -> Path:
+    """A relative path is looked up in the working directory first, then in the repository (for presets)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def preset_names() -> list[str]:
+    return sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "ds_configs").glob("*.json"))
+
+
+def _missing_dir(path: str | None) -> bool:
+    """A path-looking model name that is not a directory (Hub ids are checked when loading)."""
+    return bool(path) and path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir()
+
+
 @dataclass
-class DPOConfig:
-    # --- model and data -------------------------------------------------------------------------------------------
+class ModelConfig:
+    """The policy: which checkpoint, how it is loaded, and which of its weights train."""
+
     model_name_or_path: str | None = None
     """Hugging Face model id or local directory. Unset together with ``dataset``: the built-in tiny default."""
-    ref_model_name_or_path: str | None = None
-    """The reference model for ``reference: zero``/``precomputed``; unset: the same checkpoint as the policy."""
+    trust_remote_code: bool = False
+    """Allow model/tokenizer code from the model's repository to run (off unless you set it)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``)."""
+    disable_dropout: bool = True
+    """Zero every dropout in policy and reference, as TRL does, so that log-probs are deterministic."""
+    bf16: bool = False
+    """Train in bfloat16 (DeepSpeed ``bf16.enabled``)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (HF ``gradient_checkpointing_enable``)."""
+    use_peft: bool = False
+    """Train LoRA adapters (peft) instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch (off in reference passes)."""
+    lora_target_modules: str | list[str] = "all-linear"
+    """Module names to adapt, or ``all-linear``."""
+
+    def problems(self) -> list[str]:
+        checks = [
+            (not _missing_dir(self.model_name_or_path),
+             f"`model_name_or_path` directory {self.model_name_or_path!r} does not exist"),
+            (not self.use_peft or self.lora_r >= 1, "`lora_r` must be >= 1"),
+            (not self.use_peft or 0.0 <= self.lora_dropout < 1.0, "`lora_dropout` must be in [0, 1)"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class DataConfig:
+    """Where the pairs come from, how rows are read, and how long a tokenized pair may be (README "Data")."""
+
     dataset: str | list[str] | None = None
     """Training pairs: a ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet``/``.csv`` file, a ``save_to_disk`` directory
-    or a Hub dataset name; a list mixes several (see ``dataset_probs``). Formats: README "Data"."""
+    or a Hub dataset name; a list mixes several (see ``dataset_probs``)."""
     dataset_probs: list[float] | None = None
     """Sampling probabilities for a list of datasets (OpenRLHF-style blending); unset: concatenated."""
     eval_dataset: str | list[str] | None = None
@@ -67,25 +133,97 @@ class DPOConfig:
     dataset_num_proc: int | None = None
     """Processes for tokenization."""
     dataset_cache_dir: str | None = None
-    """Where tokenized datasets are cached (default: the datasets cache, ``ds_dpo/`` inside it)."""
-    output_dir: str = "outputs/run"
-    """Where config.yaml, metrics.jsonl, runs/ (TensorBoard), checkpoints/ and the final HF model go."""
-    trust_remote_code: bool = False
-    """Allow model/tokenizer code from the model's repository to run (off unless you set it)."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``)."""
-    disable_dropout: bool = True
-    """Zero every dropout in policy and reference, as TRL does, so that log-probs are deterministic."""
+    """Where tokenized datasets and precomputed reference log-probs are cached (default: ``ds_dpo/`` in the datasets
+    cache)."""
+    max_length: int | None = 1024
+    """Upper bound on prompt + completion tokens (TRL's): completions are cut to fit; a prompt is cut only when it
+    leaves no room for a completion (see ``truncation_mode``)."""
+    max_prompt_length: int | None = None
+    """Prompts longer than this are truncated (see ``truncation_mode``); unset: only ``max_length`` bounds them."""
+    max_completion_length: int | None = None
+    """Completions longer than this are cut from the right."""
+    truncation_mode: str = "keep_end"
+    """Which end of a prompt that must be cut to keep: ``keep_end`` (nearest the answer) or ``keep_start``."""
 
-    # --- schedule ---------------------------------------------------------------------------------------------------
+    @property
+    def length_limits(self) -> LengthLimits:
+        return LengthLimits(self.max_length, self.max_prompt_length, self.max_completion_length, self.truncation_mode)
+
+    @property
+    def column_names(self) -> dict[str, str]:
+        """Your column name -> ours, for the columns you renamed."""
+        ours = {self.prompt_key: "prompt", self.chosen_key: "chosen", self.rejected_key: "rejected"}
+        return {column: name for column, name in ours.items() if column != name}
+
+    def problems(self) -> list[str]:
+        checks = [(not looks_local(spec) or Path(spec).expanduser().exists(), f"`{name}` {spec!r} does not exist")
+                  for name in ("dataset", "eval_dataset") for spec in as_list(getattr(self, name))]
+        checks += [
+            (self.dataset_probs is None or (len(self.dataset_probs) == len(as_list(self.dataset))
+                                            and all(p > 0 for p in self.dataset_probs)),
+             "`dataset_probs` needs one positive probability per `dataset` entry"),
+            (0.0 <= self.eval_split_ratio < 1.0, "`eval_split_ratio` must be in [0, 1)"),
+            (not (self.eval_dataset and self.eval_split_ratio), "set `eval_dataset` or `eval_split_ratio`, not both"),
+            (self.max_samples is None or self.max_samples >= 1, "`max_samples` must be >= 1 or unset"),
+            (self.dataset_format in ("auto", *FORMATS),
+             f"`dataset_format` must be auto or one of {FORMATS} (got {self.dataset_format!r})"),
+            (self.on_bad_rows in ("error", "skip"), "`on_bad_rows` must be `error` or `skip`"),
+            (self.truncation_mode in TRUNCATION_MODES, f"`truncation_mode` must be one of {TRUNCATION_MODES}"),
+            (self.max_length is None or self.max_length >= 2, "`max_length` must be >= 2 or unset"),
+            (self.max_prompt_length is None or self.max_prompt_length >= 1, "`max_prompt_length` must be >= 1 or unset"),
+            (self.max_completion_length is None or self.max_completion_length >= 1,
+             "`max_completion_length` must be >= 1 or unset"),
+            (None in (self.max_length, self.max_prompt_length) or self.max_prompt_length < self.max_length,
+             f"`max_prompt_length` ({self.max_prompt_length}) must be < `max_length` ({self.max_length}) to leave "
+             "room for the completion (or leave `max_prompt_length` unset)"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class ReferenceConfig:
+    """Where the reference log-probs come from (README "DeepSpeed presets and the reference model")."""
+
+    reference: str = "zero"
+    """``zero``: a separate inference-only ZeRO-3 engine; ``lora``: the policy with adapters disabled;
+    ``precomputed``: reference log-probs computed once before training, then the reference is freed."""
+    ref_model_name_or_path: str | None = None
+    """The reference model for ``reference: zero``/``precomputed``; unset: the same checkpoint as the policy."""
+    precompute_ref_log_probs: bool = False
+    """TRL's flag: compute reference log-probs once up front (implied by ``reference: precomputed``)."""
+    precompute_ref_batch_size: int | None = None
+    """Pairs per no-grad batch of the precomputation pass (TRL's name); unset: ``per_device_eval_batch_size``.
+    Nothing is stored for backward there, so it can be several times the training batch."""
+    ref_offload: bool = False
+    """Keep the reference engine's ZeRO-3 parameter shards in CPU memory."""
+
+    def __post_init__(self) -> None:
+        if self.reference == "precomputed":
+            self.precompute_ref_log_probs = True
+
+    def problems(self) -> list[str]:
+        checks = [
+            (self.reference in REFERENCE_MODES, f"`reference` must be one of {REFERENCE_MODES} (got {self.reference!r})"),
+            (self.precompute_ref_batch_size is None or self.precompute_ref_batch_size >= 1,
+             "`precompute_ref_batch_size` must be >= 1 or unset"),
+            (not _missing_dir(self.ref_model_name_or_path),
+             f"`ref_model_name_or_path` directory {self.ref_model_name_or_path!r} does not exist"),
+            (self.ref_model_name_or_path is None or self.reference != "lora",
+             "`ref_model_name_or_path` cannot be used with `reference: lora` (the reference is the LoRA base model)"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class OptimConfig:
+    """How long to train, on how many pairs per step, and how the optimizer moves."""
+
     max_steps: int = -1
     """Optimizer steps to run; overrides ``num_train_epochs`` when > 0."""
     num_train_epochs: float = 1.0
     """Passes over the training pairs when ``max_steps`` <= 0."""
     per_device_train_batch_size: int = 8
     """Pairs per micro-batch per rank (each forward carries 2x this many sequences)."""
-    per_device_eval_batch_size: int = 8
-    """Pairs per eval micro-batch per rank."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
     learning_rate: float = 1e-6
@@ -95,68 +233,37 @@ class DPOConfig:
     warmup_ratio: float = 0.0
     """Fraction of the optimizer steps spent warming the learning rate up linearly from 0."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """AdamW weight decay (not on biases and norm weights)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (DeepSpeed ``gradient_clipping``); 0 disables."""
-    seed: int = 42
-    """Seeds model init (built-in model), data order and sampling."""
+    max_consecutive_nan_steps: int = 10
+    """Optimizer steps with a non-finite loss or gradient norm are skipped (and counted in ``skipped_steps``);
+    this many in a row save a checkpoint and stop the run with an error."""
 
-    # --- objective --------------------------------------------------------------------------------------------------
-    beta: float = 0.1
-    """Temperature of the implicit reward ``beta * log(pi / pi_ref)`` (IPO's tau, ORPO's lambda)."""
-    loss_type: str | list[str] = "sigmoid"
-    """A name from ``ds_dpo.losses.LOSS_TYPES``, or a list of names for a weighted mixture (see docs/losses.md)."""
-    loss_weights: list[float] | None = None
-    """One weight per ``loss_type`` entry (default 1 each)."""
-    label_smoothing: float = 0.0
-    """Label-noise probability in [0, 0.5): cDPO for sigmoid, Robust DPO, EXO's epsilon, AOT, SimPO/CPO."""
-    f_divergence_type: str = "reverse_kl"
-    """f-DPO divergence: ``reverse_kl``, ``forward_kl``, ``js_divergence``, ``alpha_divergence``."""
-    f_alpha_divergence_coef: float = 0.5
-    """alpha of ``alpha_divergence``."""
-    discopop_tau: float = 0.05
-    """Temperature of DiscoPOP's log-ratio modulation."""
-    simpo_gamma: float = 0.5
-    """SimPO's target reward margin gamma."""
-    cpo_alpha: float = 1.0
-    """Weight of CPO's behaviour-cloning NLL term."""
-    reference_free: bool = False
-    """Take the reference log-ratio as 0 for every loss type; no reference model is built."""
-    use_weighting: bool = False
-    """WPO: weight each pair by the policy's length-normalised probability of both completions."""
-    ld_alpha: float | None = None
-    """LD-DPO: weight of completion tokens past the shorter completion of a pair (policy and reference)."""
+    def problems(self) -> list[str]:
+        checks = [
+            (self.max_steps > 0 or self.num_train_epochs > 0, "set `max_steps` > 0 or `num_train_epochs` > 0"),
+            (self.per_device_train_batch_size >= 1,
+             f"`per_device_train_batch_size` must be >= 1 (got {self.per_device_train_batch_size})"),
+            (self.gradient_accumulation_steps >= 1,
+             f"`gradient_accumulation_steps` must be >= 1 (got {self.gradient_accumulation_steps})"),
+            (self.learning_rate > 0, f"`learning_rate` must be > 0 (got {self.learning_rate})"),
+            (self.lr_scheduler_type in LR_SCHEDULER_TYPES,
+             f"`lr_scheduler_type` must be one of {LR_SCHEDULER_TYPES} (got {self.lr_scheduler_type!r})"),
+            (0.0 <= self.warmup_ratio <= 1.0, f"`warmup_ratio` must be in [0, 1] (got {self.warmup_ratio})"),
+            (self.max_grad_norm >= 0, f"`max_grad_norm` must be >= 0 (got {self.max_grad_norm})"),
+            (self.max_consecutive_nan_steps >= 1, "`max_consecutive_nan_steps` must be >= 1"),
+        ]
+        return [message for ok, message in checks if not ok]
 
-    # --- sequence lengths -------------------------------------------------------------------------------------------
-    max_length: int | None = 1024
-    """Upper bound on prompt + completion tokens; completions are truncated to fit."""
-    max_prompt_length: int | None = 512
-    """Prompts longer than this are truncated (see ``truncation_mode``)."""
-    max_completion_length: int | None = None
-    """Completions longer than this are cut from the right."""
-    truncation_mode: str = "keep_end"
-    """Which end of a long prompt to keep: ``keep_end`` (nearest the answer) or ``keep_start``."""
 
-    # --- logging, eval, checkpoints ---------------------------------------------------------------------------------
-    logging_steps: int = 10
-    """Optimizer steps between metric logs."""
-    eval_steps: int | None = None
-    """Optimizer steps between evaluations; unset: evaluate only at the end."""
-    save_steps: int = 500
-    """Optimizer steps between DeepSpeed checkpoints under ``output_dir/checkpoints``; 0 disables."""
-    save_total_limit: int | None = None
-    """Keep at most this many checkpoints (oldest deleted first)."""
-    resume_from_checkpoint: str | None = None
-    """``auto`` (the newest checkpoint under ``output_dir/checkpoints``, if any) or a checkpoint directory."""
+@dataclass
+class BatchConfig:
+    """How a micro-batch is laid out and scored (README "How training works")."""
 
-    # --- precision and memory ---------------------------------------------------------------------------------------
-    bf16: bool = False
-    """Train in bfloat16 (DeepSpeed ``bf16.enabled``)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward (HF ``gradient_checkpointing_enable``)."""
     padding_free: bool = True
     """Pack each micro-batch's sequences into one row without padding, attention confined to each sequence
-    (flash-attention's varlen path, else a 4D mask; README "How training works")."""
+    (flash-attention's varlen path, else a 4D mask)."""
     prefix_sharing: bool = True
     """With ``padding_free``: each pair as one sequence ``prompt | chosen | rejected`` so the prompt is computed
     once; rejected tokens cannot see chosen ones. Not available with flash-attention (packs without sharing)."""
@@ -168,177 +275,180 @@ class DPOConfig:
     """Completion tokens per chunk of the vocabulary projection: full-vocabulary logits exist for at most this many
     tokens at a time and are recomputed in backward. 0: the model's full [2B, T, V] logits (the plain path)."""
 
-    # --- DeepSpeed and the reference model --------------------------------------------------------------------------
-    deepspeed: str = "ds_configs/zero3.json"
-    """DeepSpeed JSON; ``"auto"`` values in it are filled from this config. Relative paths: cwd, then the repo."""
-    reference: str = "zero"
-    """``zero``: a separate inference-only ZeRO-3 engine; ``lora``: the policy with adapters disabled;
-    ``precomputed``: reference log-probs computed once before training, then the reference is freed."""
-    precompute_ref_log_probs: bool = False
-    """TRL's flag: compute reference log-probs once up front (implied by ``reference: precomputed``)."""
-    precompute_ref_batch_size: int | None = None
-    """Pairs per no-grad batch of the precomputation pass (TRL's name); unset: ``per_device_eval_batch_size``.
-    Nothing is stored for backward there, so it can be several times the training batch."""
-    ref_offload: bool = False
-    """Keep the reference engine's ZeRO-3 parameter shards in CPU memory."""
+    def problems(self) -> list[str]:
+        checks = [
+            (self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 1,
+             "`max_tokens_per_batch` must be >= 1 or unset"),
+            (self.logps_chunk_size >= 0, "`logps_chunk_size` must be >= 0 (0: full logits)"),
+        ]
+        return [message for ok, message in checks if not ok]
 
-    # --- LoRA -------------------------------------------------------------------------------------------------------
-    use_peft: bool = False
-    """Train LoRA adapters (peft) instead of all weights."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA branch (off in reference passes)."""
-    lora_target_modules: str | list[str] = "all-linear"
-    """Module names to adapt, or ``all-linear``."""
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written, how many are kept, where a run resumes from, and what the final model holds."""
+
+    save_steps: int = 500
+    """Optimizer steps between DeepSpeed checkpoints under ``output_dir/checkpoints``; 0 disables."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (oldest deleted first)."""
+    resume_from_checkpoint: str | None = None
+    """``auto`` (the newest checkpoint under ``output_dir/checkpoints``, if any) or a checkpoint directory."""
     save_merged_model: bool = False
     """With LoRA: also write the merged full model to ``output_dir/merged``."""
 
-    max_consecutive_nan_steps: int = 10
-    """Optimizer steps with a non-finite loss or gradient norm are skipped (and counted in ``skipped_steps``);
-    this many in a row save a checkpoint and stop the run with an error."""
+    def problems(self) -> list[str]:
+        resume = self.resume_from_checkpoint
+        checks = [
+            (self.save_steps >= 0, "`save_steps` must be >= 0 (0 disables checkpoints)"),
+            (self.save_total_limit is None or self.save_total_limit >= 1, "`save_total_limit` must be >= 1 or unset"),
+            (resume in (None, "auto") or Path(resume).is_dir(),
+             f"`resume_from_checkpoint` must be `auto` or an existing checkpoint directory (got {resume!r})"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class LoggingConfig:
+    """How often metrics are logged and the held-out pairs evaluated."""
+
+    logging_steps: int = 10
+    """Optimizer steps between metric logs."""
+    eval_steps: int | None = None
+    """Optimizer steps between evaluations; unset: evaluate only at the end."""
+    per_device_eval_batch_size: int = 8
+    """Pairs per eval micro-batch per rank."""
+
+    def problems(self) -> list[str]:
+        checks = [
+            (self.logging_steps >= 1, f"`logging_steps` must be >= 1 (got {self.logging_steps})"),
+            (self.eval_steps is None or self.eval_steps >= 1, "`eval_steps` must be >= 1 or unset"),
+            (self.per_device_eval_batch_size >= 1,
+             f"`per_device_eval_batch_size` must be >= 1 (got {self.per_device_eval_batch_size})"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class ParallelConfig:
+    """DeepSpeed and the process group."""
+
+    deepspeed: str | dict = "ds_configs/zero3.json"
+    """DeepSpeed JSON file (relative paths: cwd, then the repo's presets) or the same as an inline mapping;
+    ``"auto"`` values in it are filled from this config."""
     ddp_timeout: int = 1800
     """Seconds any collective may wait (HF's name): a dead rank fails the job instead of hanging it."""
-
-    # --- set by the launcher ----------------------------------------------------------------------------------------
     local_rank: int = -1
     """Filled by the ``deepspeed`` launcher; ignored otherwise."""
 
-    def __post_init__(self) -> None:
-        if self.reference == "precomputed":
-            self.precompute_ref_log_probs = True
+    def deepspeed_json(self) -> dict:
+        """The DeepSpeed config as written (``"auto"`` values still in it)."""
+        if isinstance(self.deepspeed, dict):
+            return copy.deepcopy(self.deepspeed)
+        try:
+            return json.loads(resolve_path(self.deepspeed).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"DeepSpeed config {self.deepspeed}: invalid JSON ({e})") from None
+
+    def problems(self) -> list[str]:
+        checks = [
+            (isinstance(self.deepspeed, dict) or resolve_path(self.deepspeed).is_file(),
+             f"DeepSpeed config `{self.deepspeed}` not found (presets: {preset_names()})"),
+            (self.ddp_timeout >= 1, "`ddp_timeout` must be >= 1 second"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class DPOConfig:
+    """A whole run: two run-wide keys and one section per concern."""
+
+    output_dir: str = "outputs/run"
+    """Where config.yaml, metrics.jsonl, runs/ (TensorBoard), checkpoints/ and the final HF model go."""
+    seed: int = 42
+    """Seeds model init (built-in model), data order and sampling."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ref: ReferenceConfig = field(default_factory=ReferenceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def builtin(self) -> bool:
         """True when neither a model nor a dataset was given: the run uses the built-in tiny task."""
-        return self.model_name_or_path is None and self.dataset is None
+        return self.model.model_name_or_path is None and self.data.dataset is None
 
     @property
-    def loss_types(self) -> list[str]:
-        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-
-    @property
-    def deepspeed_path(self) -> Path:
-        return resolve_path(self.deepspeed)
+    def ref_model_path(self) -> str | None:
+        """The checkpoint reference log-probs come from: ``ref_model_name_or_path``, else the policy's starting
+        weights (also the LoRA base model's)."""
+        return self.ref.ref_model_name_or_path or self.model.model_name_or_path
 
     def validate(self) -> None:
-        """Check everything that can be checked without a model, data or world size; raise ConfigError."""
-        from ds_dpo.formats import FORMATS
-        from ds_dpo.losses import LOSS_TYPES, check_options
-        from ds_dpo.sources import looks_local
-        from ds_dpo.tokenization import TRUNCATION_MODES
-
-        problems = []
-
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                problems.append(message)
-
-        need((self.model_name_or_path is None) == (self.dataset is None),
-             "give both `model_name_or_path` and `dataset`, or neither (neither runs the built-in tiny task)")
-        need(self.max_steps > 0 or self.num_train_epochs > 0, "set `max_steps` > 0 or `num_train_epochs` > 0")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps"):
-            need(getattr(self, name) >= 1, f"`{name}` must be >= 1 (got {getattr(self, name)})")
-        need(self.learning_rate > 0, f"`learning_rate` must be > 0 (got {self.learning_rate})")
-        need(self.beta > 0, f"`beta` must be > 0 (got {self.beta})")
-        need(0.0 <= self.warmup_ratio <= 1.0, f"`warmup_ratio` must be in [0, 1] (got {self.warmup_ratio})")
-        need(self.max_grad_norm >= 0, f"`max_grad_norm` must be >= 0 (got {self.max_grad_norm})")
-        need(self.lr_scheduler_type in LR_SCHEDULER_TYPES,
-             f"`lr_scheduler_type` must be one of {LR_SCHEDULER_TYPES} (got {self.lr_scheduler_type!r})")
-        for name in self.loss_types:
-            need(name in LOSS_TYPES, f"unknown `loss_type` {name!r}; known: {sorted(LOSS_TYPES)}")
-        if all(name in LOSS_TYPES for name in self.loss_types):
-            try:
-                check_options(self.loss_type, self.loss_weights, self.label_smoothing, self.f_divergence_type,
-                              self.use_weighting, max(self.beta, 1e-12), self.discopop_tau)
-            except ValueError as e:
-                problems.append(str(e))
-        need(self.ld_alpha is None or 0.0 <= self.ld_alpha <= 1.0, f"`ld_alpha` must be in [0, 1] or unset")
-        need(self.reference in REFERENCE_MODES,
-             f"`reference` must be one of {REFERENCE_MODES} (got {self.reference!r})")
-        need(self.reference != "lora" or self.use_peft,
+        """Check everything that can be checked without a model, data or world size; raise ConfigError listing
+        every problem."""
+        problems = [p for name in SECTIONS for p in getattr(self, name).problems()]
+        checks = [
+            ((self.model.model_name_or_path is None) == (self.data.dataset is None),
+             "give both `model_name_or_path` and `dataset`, or neither (neither runs the built-in tiny task)"),
+            (self.ref.reference != "lora" or self.model.use_peft,
              "`reference: lora` takes reference log-probs from the LoRA base model: set `use_peft: true` "
-             "(or use `reference: zero`)")
-        need(not self.save_merged_model or self.use_peft, "`save_merged_model` needs `use_peft: true`")
-        need(self.eval_steps is None or self.eval_steps >= 1, "`eval_steps` must be >= 1 or unset")
-        resume = self.resume_from_checkpoint
-        need(resume in (None, "auto") or Path(resume).is_dir(),
-             f"`resume_from_checkpoint` must be `auto` or an existing checkpoint directory (got {resume!r})")
-        need(self.precompute_ref_batch_size is None or self.precompute_ref_batch_size >= 1,
-             "`precompute_ref_batch_size` must be >= 1 or unset")
-        need(self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 1,
-             "`max_tokens_per_batch` must be >= 1 or unset")
-        need(self.logps_chunk_size >= 0, "`logps_chunk_size` must be >= 0 (0: full logits)")
-        need(self.ddp_timeout >= 1, "`ddp_timeout` must be >= 1 second")
-        need(self.max_consecutive_nan_steps >= 1, "`max_consecutive_nan_steps` must be >= 1")
-        need(self.save_steps >= 0, "`save_steps` must be >= 0 (0 disables checkpoints)")
-        need(self.save_total_limit is None or self.save_total_limit >= 1, "`save_total_limit` must be >= 1 or unset")
-        need(self.max_length is None or self.max_length >= 2, "`max_length` must be >= 2 or unset")
-        if self.max_length is not None and self.max_prompt_length is not None:
-            need(self.max_prompt_length < self.max_length,
-                 f"`max_prompt_length` ({self.max_prompt_length}) must be < `max_length` ({self.max_length}) "
-                 "to leave room for the completion")
-        if self.use_peft:
-            need(self.lora_r >= 1, "`lora_r` must be >= 1")
-            need(0.0 <= self.lora_dropout < 1.0, "`lora_dropout` must be in [0, 1)")
-        need(self.deepspeed_path.is_file(),
-             f"DeepSpeed config `{self.deepspeed}` not found (presets: {preset_names()})")
-        for name in ("dataset", "eval_dataset"):
-            for spec in as_list(getattr(self, name)):
-                need(not looks_local(spec) or Path(spec).expanduser().exists(),
-                     f"`{name}` {spec!r} does not exist")
-        if self.dataset_probs is not None:
-            need(len(self.dataset_probs) == len(as_list(self.dataset)) and all(p > 0 for p in self.dataset_probs),
-                 "`dataset_probs` needs one positive probability per `dataset` entry")
-        need(0.0 <= self.eval_split_ratio < 1.0, "`eval_split_ratio` must be in [0, 1)")
-        need(not (self.eval_dataset and self.eval_split_ratio), "set `eval_dataset` or `eval_split_ratio`, not both")
-        need(self.max_samples is None or self.max_samples >= 1, "`max_samples` must be >= 1 or unset")
-        need(self.dataset_format in ("auto", *FORMATS),
-             f"`dataset_format` must be auto or one of {FORMATS} (got {self.dataset_format!r})")
-        need(self.on_bad_rows in ("error", "skip"), "`on_bad_rows` must be `error` or `skip`")
-        need(self.truncation_mode in TRUNCATION_MODES, f"`truncation_mode` must be one of {TRUNCATION_MODES}")
-        need(self.max_completion_length is None or self.max_completion_length >= 1,
-             "`max_completion_length` must be >= 1 or unset")
-        for name in ("model_name_or_path", "ref_model_name_or_path"):
-            path = getattr(self, name)
-            if path and path.startswith((".", "/", "~")):
-                need(Path(path).expanduser().is_dir(), f"`{name}` directory {path!r} does not exist")
-        need(self.ref_model_name_or_path is None or self.reference != "lora",
-             "`ref_model_name_or_path` cannot be used with `reference: lora` (the reference is the LoRA base model)")
+             "(or use `reference: zero`)"),
+            (not self.checkpoint.save_merged_model or self.model.use_peft, "`save_merged_model` needs `use_peft: true`"),
+        ]
+        problems += [message for ok, message in checks if not ok]
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        """The flat keys a user types, with this run's values."""
+        out = {key: getattr(self, key) for key in TOP_LEVEL}
+        for name in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, name)))
         out.pop("local_rank")
         return out
 
-
-def as_list(value: str | list[str] | None) -> list[str]:
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
-
-
-def resolve_path(path: str) -> Path:
-    """A relative path is looked up in the working directory first, then in the repository (for presets)."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    return REPO_ROOT / p
+    def replace(self, **values: Any) -> "DPOConfig":
+        """A copy with some flat keys changed."""
+        return make_config({**self.to_dict(), **values})
 
 
-def preset_names() -> list[str]:
-    return sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "ds_configs").glob("*.json"))
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(DPOConfig)
+                             if f.default_factory is not dataclasses.MISSING}
+TOP_LEVEL = tuple(f.name for f in dataclasses.fields(DPOConfig) if f.name not in SECTIONS)
+KEYS: dict[str, str | None] = {key: None for key in TOP_LEVEL}
+"""Every flat key -> the section that holds it (None: ``DPOConfig`` itself)."""
+for _section, _cls in SECTIONS.items():
+    for _field in dataclasses.fields(_cls):
+        assert _field.name not in KEYS, f"config key {_field.name} defined twice"
+        KEYS[_field.name] = _section
+
+BUILTIN_DEFAULTS: dict[str, Any] = dict(
+    max_steps=150,
+    per_device_train_batch_size=16,
+    per_device_eval_batch_size=32,
+    learning_rate=3e-3,
+    warmup_ratio=0.05,
+    lr_scheduler_type="cosine",
+    beta=0.1,
+    max_length=32,
+    max_prompt_length=8,
+    logging_steps=10,
+    eval_steps=50,
+    save_steps=100,
+    save_total_limit=1,
+    output_dir="outputs/builtin",
+)
+"""The built-in run's settings (``ds_dpo.builtin``) for every key the user did not set."""
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(DPOConfig)}
-
-
-def _coerce(name: str, value: Any) -> Any:
+def _coerce(owner: type, name: str, value: Any) -> Any:
     """Check ``value`` against the annotation of field ``name``; ints are accepted where floats are expected."""
-    hint = typing.get_type_hints(DPOConfig)[name]
+    hint = typing.get_type_hints(owner)[name]
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for option in options:
         origin = typing.get_origin(option) or option
@@ -355,7 +465,7 @@ def _coerce(name: str, value: Any) -> Any:
                 return [float(v) for v in value]
             if all(type(v) is inner for v in value):
                 return value
-        if origin in (str, int, bool) and type(value) is origin:
+        if origin in (str, int, bool, dict) and type(value) is origin:
             return value
         if origin is str and isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
@@ -364,9 +474,14 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _FIELDS, n=1)
+    close = difflib.get_close_matches(key, KEYS, n=1)
     hint = f"; did you mean `{close[0]}`?" if close else ""
     return ConfigError(f"unknown config key `{key}` in {where}{hint}")
+
+
+def _is_bool(key: str) -> bool:
+    owner = DPOConfig if KEYS[key] is None else SECTIONS[KEYS[key]]
+    return typing.get_type_hints(owner)[key] is bool
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
@@ -381,7 +496,7 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
         key = key.replace("-", "_")
         if not eq:
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                if _FIELDS.get(key) and _FIELDS[key].type in ("bool", bool):
+                if key in KEYS and _is_bool(key):
                     value = "true"  # a bare boolean flag
                 else:
                     raise ConfigError(f"`--{key}` needs a value")
@@ -392,16 +507,16 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
         if key == "config":
             config_file = value
             continue
-        if key not in _FIELDS:
+        if key not in KEYS:
             raise _unknown_key(key, "the command line")
         overrides[key] = yaml.safe_load(value) if value != "" else None
     return config_file, overrides
 
 
-def load_config(argv: list[str]) -> tuple[DPOConfig, set[str]]:
-    """Build the config from ``--config`` YAML plus overrides; returns it and the set of keys the user set.
+def load_config(argv: list[str]) -> DPOConfig:
+    """Build the config from ``--config`` YAML plus overrides (not yet validated).
 
-    With neither a model nor a dataset, unset keys take the built-in tiny run's defaults (``builtin.DEFAULTS``).
+    With neither a model nor a dataset, unset keys take the built-in tiny run's defaults (``BUILTIN_DEFAULTS``).
     """
     config_file, overrides = parse_cli(argv)
     values: dict[str, Any] = {}
@@ -413,27 +528,83 @@ def load_config(argv: list[str]) -> tuple[DPOConfig, set[str]]:
         if not isinstance(loaded, dict):
             raise ConfigError(f"{config_file}: expected a mapping of `key: value`, got {type(loaded).__name__}")
         for key in loaded:
-            if key not in _FIELDS:
+            if key not in KEYS:
                 raise _unknown_key(key, config_file)
         values.update(loaded)
     values.update(overrides)
-    explicit = set(values)
     if values.get("model_name_or_path") is None and values.get("dataset") is None:
-        from ds_dpo import builtin
-
-        values = builtin.with_defaults(values)
-    return make_config(values), explicit
+        values = {**BUILTIN_DEFAULTS, **values}
+    return make_config(values)
 
 
 def make_config(values: dict[str, Any]) -> DPOConfig:
-    for key in values:
-        if key not in _FIELDS:
+    """A config from flat ``key: value`` pairs (types checked; unset keys take their defaults)."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        if key not in KEYS:
             raise _unknown_key(key, "the config")
-    return DPOConfig(**{k: _coerce(k, v) for k, v in values.items()})
+        section = KEYS[key]
+        owner = DPOConfig if section is None else SECTIONS[section]
+        (top if section is None else sections[section])[key] = _coerce(owner, key, value)
+    return DPOConfig(**top, **{name: SECTIONS[name](**kwargs) for name, kwargs in sections.items()})
 
 
-def dump_config(cfg: DPOConfig, deepspeed_config: dict, path: str | os.PathLike) -> None:
-    """Write the resolved run config, with the DeepSpeed config as it was handed to DeepSpeed, as YAML."""
+def dump_config(cfg: DPOConfig, path: str | os.PathLike) -> None:
+    """Write the run's flat keys as YAML that ``--config`` reads back into the same run; the DeepSpeed config is
+    inlined as written (its ``"auto"`` values are filled again from the same keys)."""
     doc = cfg.to_dict()
-    doc["deepspeed_config"] = deepspeed_config
+    doc["deepspeed"] = cfg.parallel.deepspeed_json()
     Path(path).write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (attribute docstrings are not kept at runtime)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(after.value.value.split()).replace("``", "`")
+    return docs
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "unset"
+    plain = isinstance(value, (int, float)) and not isinstance(value, bool) or (
+        isinstance(value, str) and value.strip() == value)
+    return f"`{value if plain else json.dumps(value)}`"
+
+
+def config_reference() -> str:
+    """Markdown tables of every key, section by section, with defaults and docstrings (the README's)."""
+    defaults = DPOConfig()
+    parts = []
+    for name, owner in [("run", DPOConfig), *SECTIONS.items()]:
+        section = defaults if owner is DPOConfig else getattr(defaults, name)
+        rows = [f"| `{key}` | {_show(getattr(section, key))} | {doc} |" for key, doc in _field_docs(owner).items()
+                if key != "local_rank" and KEYS.get(key, "") == (None if owner is DPOConfig else name)]
+        title = (owner.__doc__ or "").strip().splitlines()[0]
+        parts.append("\n".join([f"**{name}** — {title}", "", "| key | default | meaning |", "| --- | --- | --- |",
+                                *rows]))
+    return "\n\n".join(parts)
+
+
+README_TABLE_START = "<!-- config keys: generated by `python -m ds_dpo.config --readme`; do not edit by hand -->"
+README_TABLE_END = "<!-- end of config keys -->"
+
+if __name__ == "__main__":
+    import sys
+
+    table = config_reference()
+    if sys.argv[1:] == ["--readme"]:
+        readme = REPO_ROOT / "README.md"
+        text = readme.read_text()
+        start, end = text.index(README_TABLE_START) + len(README_TABLE_START), text.index(README_TABLE_END)
+        readme.write_text(f"{text[:start]}\n{table}\n{text[end:]}")
+    else:
+        print(table)

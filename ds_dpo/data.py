@@ -1,6 +1,6 @@
 """Preference data for a run: read every source, check every row, tokenize (cached), mix, split, report.
 
-    train, eval, report = load_preference_data(cfg, tokenizer)
+    train, eval, report = load_preference_data(cfg.data, tokenizer, cfg.seed)
 
 Every row problem is found here, before any model is built: with ``on_bad_rows: error`` the run stops listing the
 first offenders (file, row, field, reason) and the total; with ``skip`` they are dropped and counted. Tokenization runs
@@ -21,7 +21,7 @@ from typing import Any
 import datasets
 from datasets.fingerprint import Hasher
 
-from ds_dpo.config import as_list
+from ds_dpo.config import DataConfig, as_list
 from ds_dpo.formats import RowError, detect, normalize
 from ds_dpo.sources import DataError, RowProblem, read_source
 from ds_dpo.tokenization import LengthLimits, encode_pair
@@ -155,39 +155,38 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
     return (pairs if len(kept) == len(tokenized) else pairs.select(kept)), report
 
 
-def _load_all(specs: list[str], probs: list[float] | None, cfg, tokenizer, report: DataReport) -> datasets.Dataset:
-    limits = LengthLimits(cfg.max_length, cfg.max_prompt_length, cfg.max_completion_length, cfg.truncation_mode)
-    renames = {cfg.prompt_key: "prompt", cfg.chosen_key: "chosen", cfg.rejected_key: "rejected"}
-    keys = {column: name for column, name in renames.items() if column != name}
+def _load_all(specs: list[str], probs: list[float] | None, cfg: DataConfig, seed: int, tokenizer,
+              report: DataReport) -> datasets.Dataset:
     parts = []
     for spec in specs:
         part, source_report = prepare_source(
-            spec, tokenizer, limits, dataset_format=cfg.dataset_format, delimiter=cfg.implicit_prompt_delimiter,
-            keys=keys, on_bad_rows=cfg.on_bad_rows, cache_dir=cfg.dataset_cache_dir, num_proc=cfg.dataset_num_proc)
+            spec, tokenizer, cfg.length_limits, dataset_format=cfg.dataset_format,
+            delimiter=cfg.implicit_prompt_delimiter, keys=cfg.column_names, on_bad_rows=cfg.on_bad_rows,
+            cache_dir=cfg.dataset_cache_dir, num_proc=cfg.dataset_num_proc)
         parts.append(part)
         report.sources.append(source_report)
     if len(parts) == 1:
         return parts[0]
     if probs:
         # OpenRLHF's blending: sample sources by probability until every one is used up (smaller ones repeat)
-        return datasets.interleave_datasets(parts, probabilities=probs, seed=cfg.seed,
-                                            stopping_strategy="all_exhausted")
+        return datasets.interleave_datasets(parts, probabilities=probs, seed=seed, stopping_strategy="all_exhausted")
     return datasets.concatenate_datasets(parts)
 
 
-def load_preference_data(cfg, tokenizer) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
+def load_preference_data(cfg: DataConfig, tokenizer, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None,
+                                                                          DataReport]:
     """The run's training and eval pairs (each with an ``index`` column) and the data report."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; completions must be closed by one")
     report = DataReport()
-    train = _load_all(as_list(cfg.dataset), cfg.dataset_probs, cfg, tokenizer, report)
+    train = _load_all(as_list(cfg.dataset), cfg.dataset_probs, cfg, seed, tokenizer, report)
     if cfg.max_samples is not None:
         train = train.select(range(min(cfg.max_samples, len(train))))
     evals = None
     if cfg.eval_dataset:
-        evals = _load_all(as_list(cfg.eval_dataset), None, cfg, tokenizer, report)
+        evals = _load_all(as_list(cfg.eval_dataset), None, cfg, seed, tokenizer, report)
     elif cfg.eval_split_ratio > 0:
-        split = train.train_test_split(test_size=cfg.eval_split_ratio, seed=cfg.seed, shuffle=True)
+        split = train.train_test_split(test_size=cfg.eval_split_ratio, seed=seed, shuffle=True)
         train, evals = split["train"], split["test"]
     train = train.add_column("index", list(range(len(train))))
     if evals is not None:

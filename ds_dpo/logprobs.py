@@ -1,6 +1,6 @@
 """Sequence log-probs of completions from one forward over a micro-batch's chosen and rejected sequences.
 
-A batch (``ds_dpo.collate``) lists the M *scored tokens* of its completions: for each, the flat position in the
+A batch (``ds_dpo.layouts``) lists the M *scored tokens* of its completions: for each, the flat position in the
 model's output whose hidden state predicts it (``score_index``), the token (``score_labels``), the sequence it
 belongs to (``score_sequence``: chosen of pair i is i, rejected is B + i) and its 1-based rank in that completion
 (``score_rank``). That one description serves every layout (padded, packed, prefix-shared), so the log-prob code
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 from torch.utils.checkpoint import checkpoint
 
-from ds_dpo.packing import model_inputs
+from ds_dpo.layouts import model_inputs
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def enable_token_scoring(model: torch.nn.Module) -> torch.nn.Module:
 
 def concatenated_forward(model, batch: dict[str, torch.Tensor], ld_alpha: float | None = None,
                          with_wpo: bool = False, logps_chunk_size: int = 1024) -> PairLogps:
-    """One forward over all sequences of a micro-batch (any layout from ``ds_dpo.collate``).
+    """One forward over all sequences of a micro-batch (any layout from ``ds_dpo.layouts``).
 
     ``model`` is a DeepSpeed engine or a causal LM on which ``enable_token_scoring`` was called.
     """

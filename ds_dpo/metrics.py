@@ -49,6 +49,13 @@ class MetricAccumulator:
         pairs = torch.full((1,), per_pair.shape[1], dtype=torch.float64, device=self.sums.device)
         self.sums += torch.cat([per_pair.double().sum(-1), pairs, num_tokens.double().view(1)])
 
+    def state_dict(self) -> list[float]:
+        """The partial window's sums (a checkpoint taken between logs carries them over)."""
+        return self.sums.tolist()
+
+    def load_state_dict(self, sums: list[float]) -> None:
+        self.sums.copy_(torch.tensor(sums, dtype=self.sums.dtype))
+
     def reduce(self, prefix: str = "") -> dict[str, float]:
         """All-reduce the sums, return means and rates over the window, and start a new window."""
         torch.distributed.all_reduce(self.sums)
@@ -74,7 +81,8 @@ def max_over_ranks(value: float, device: torch.device) -> float:
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a logger that does nothing."""
 
-    def __init__(self, output_dir: str | Path, rank: int, total_steps: int):
+    def __init__(self, output_dir: str | Path, rank: int, total_steps: int, initial: int = 0):
+        """``initial``: steps already done (a resumed run)."""
         self.enabled = rank == 0
         if not self.enabled:
             return
@@ -84,7 +92,7 @@ class MetricsLogger:
         output_dir = Path(output_dir)
         self.writer = SummaryWriter(log_dir=str(output_dir / "runs"))
         self.jsonl = (output_dir / "metrics.jsonl").open("a")
-        self.bar = tqdm(total=total_steps, desc="training", dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=initial, desc="training", dynamic_ncols=True)
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:

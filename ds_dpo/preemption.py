@@ -13,6 +13,8 @@ import signal
 
 import torch
 
+from ds_dpo.distributed import any_rank
+
 
 class PreemptionGuard:
     def __init__(self):
@@ -35,6 +37,4 @@ class PreemptionGuard:
 
     def agreed_stop(self, device: torch.device) -> bool:
         """Collective (one all-reduce of a scalar): True on every rank once any rank was signalled."""
-        flag = torch.tensor([float(self.requested)], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.requested, device)

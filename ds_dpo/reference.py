@@ -16,11 +16,17 @@ import datasets
 import torch
 from safetensors.torch import load_file, save_file
 
-from ds_dpo.collate import collate_pairs
+from datasets.fingerprint import Hasher
+
+from ds_dpo.config import DPOConfig
+from ds_dpo.data import cache_root
+from ds_dpo.distributed import say
+from ds_dpo.layouts import collate_pairs
 from ds_dpo.logprobs import concatenated_forward
 from ds_dpo.sampler import GlobalBatchSampler
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+REF_CACHE_VERSION = "2"  # bump when the log-prob computation changes
 
 
 class Reference(Protocol):
@@ -119,6 +125,21 @@ def cached_reference_logps(cache_file: Path, compute, device: torch.device) -> t
         save_file({"logps": logps}, tmp)
         os.replace(tmp, cache_file)
     return logps, False
+
+
+def precompute_reference_logps(reference: Reference, data: datasets.Dataset, cfg: DPOConfig, pad_token_id: int,
+                               device: torch.device, layout: str) -> datasets.Dataset:
+    """Collective. ``data`` with its reference log-probs as columns: read from the cache when an earlier run scored
+    the same pairs with the same reference weights and settings (a resumed run, a beta sweep), else computed once
+    with ``reference`` and cached."""
+    key = Hasher.hash((REF_CACHE_VERSION, model_fingerprint(cfg.ref_model_path), data._fingerprint, cfg.loss.ld_alpha,
+                       cfg.model.bf16, cfg.model.attn_implementation))
+    cache_file = cache_root(cfg.data.dataset_cache_dir) / f"ref-logps-{key}.safetensors"
+    batch_size = cfg.ref.precompute_ref_batch_size or cfg.logging.per_device_eval_batch_size
+    logps, hit = cached_reference_logps(
+        cache_file, lambda: score_dataset(reference, data, batch_size, pad_token_id, device, layout), device)
+    say(f"reference log-probs of {len(data)} pairs: {'read from cache' if hit else 'computed'} ({cache_file.name})")
+    return with_reference_columns(data, logps)
 
 
 def model_fingerprint(name_or_path: str) -> list:

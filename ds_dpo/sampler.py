@@ -9,6 +9,7 @@ nothing to the loss, the gradients or the metrics. Every rank computes the same 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -62,6 +63,14 @@ class GlobalBatchSampler:
                                  [weights[s : s + self.micro] for s in slots]))
             micro_batches, micro_weights = (self.token_budget(per_rank) if self.max_tokens else per_rank[self.rank])
             yield StepPlan(micro_batches=micro_batches, weights=micro_weights, num_pairs=real)
+
+    def plans(self, epoch: int = 0, done_in_epoch: int = 0) -> Iterator[tuple[int, int, StepPlan]]:
+        """``(epoch, steps of that epoch done once this one is, plan)`` for every step after ``done_in_epoch`` steps
+        of ``epoch``, epoch after epoch, without end."""
+        for epoch in itertools.count(epoch):
+            for done, plan in enumerate(self.epoch(epoch, start_step=done_in_epoch), start=done_in_epoch + 1):
+                yield epoch, done, plan
+            done_in_epoch = 0
 
     def token_budget(self, per_rank: list[tuple[list[list[int]], list[list[float]]]]):
         """This rank's pairs of the step regrouped into micro-batches of at most ``max_tokens_per_batch`` tokens (a

@@ -11,13 +11,16 @@ a pair cannot be trained on, or "") and the untruncated lengths for the data rep
   end-of-turn closes each reply;
 - pre-tokenized ids are taken as they are;
 - a prompt longer than ``max_prompt_length`` keeps its end (``truncation_mode: keep_end``) or its start
-  (``keep_start``); completions are cut to ``max_completion_length`` and to what ``max_length`` leaves; a pair with
-  no room for a completion token is dropped. Every truncation and drop is counted in the data report.
+  (``keep_start``); without ``max_prompt_length`` (the default, as in TRL) a prompt is cut only when it alone fills
+  ``max_length``, to half of ``max_length``; completions are cut to ``max_completion_length`` and to what
+  ``max_length`` leaves; a pair with no room for a completion token is dropped. Every truncation and drop is counted
+  in the data report.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -29,6 +32,20 @@ class LengthLimits:
     max_prompt_length: int | None
     max_completion_length: int | None
     truncation_mode: str = "keep_end"
+
+
+def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The model's tokenizer, with a pad token (pads are masked out, so EOS serves) and ``chat_template`` (a Jinja
+    string or a file holding one) in place of its own when given."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        is_file = "{" not in chat_template and Path(chat_template).expanduser().is_file()  # Jinja has braces
+        tokenizer.chat_template = Path(chat_template).expanduser().read_text() if is_file else chat_template
+    return tokenizer
 
 
 def _common_prefix(*sequences: list[int]) -> int:
@@ -87,6 +104,8 @@ def encode_pair(pair: dict[str, Any], tokenizer, limits: LengthLimits) -> dict[s
     elif not chosen or not rejected:
         out["drop"] = "empty completion after tokenization"
     m = limits.max_prompt_length
+    if m is None and limits.max_length is not None and len(prompt) >= limits.max_length:
+        m = limits.max_length // 2  # the prompt alone fills max_length: keep half of it for the prompt
     if m is not None and len(prompt) > m:
         prompt = prompt[-m:] if limits.truncation_mode == "keep_end" else prompt[:m]
         out["prompt_truncated"] = True

@@ -9,6 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+HH_DATA = Path(os.environ.get("DS_DPO_HH_DATA", REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"))
+"""Anthropic HH-RLHF, harmless-base test split (2,312 rows, the `test.jsonl.gz` of the dataset's `harmless-base/`)."""
 
 
 def free_port() -> int:
@@ -31,6 +33,15 @@ def read_metrics(output_dir: Path, prefix: str = "") -> list[dict]:
     records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if any(k.startswith(prefix) for k in r if k != "step") and
             (prefix or "loss" in r)]
+
+
+@pytest.fixture
+def hh_data() -> Path:
+    """The HH-RLHF file; tests that need it are skipped, saying how to get it, where it is absent."""
+    if not HH_DATA.is_file():
+        pytest.skip(f"HH-RLHF data not found at {HH_DATA}: download `harmless-base/test.jsonl.gz` of the Hub dataset "
+                    "Anthropic/hh-rlhf and set DS_DPO_HH_DATA to its path")
+    return HH_DATA
 
 
 @pytest.fixture(scope="session")

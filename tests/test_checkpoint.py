@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import DEEPSPEED, REPO, free_port, launch, read_metrics
 
+pytestmark = pytest.mark.slow  # every test here launches real multi-process runs
+
 
 def losses(output_dir):
     return [(r["step"], r["loss"]) for r in read_metrics(output_dir)]

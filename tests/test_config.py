@@ -3,27 +3,25 @@ import json
 import pytest
 import yaml
 
-from ds_dpo import builtin
-from ds_dpo.config import ConfigError, DPOConfig, dump_config, load_config, make_config
-from ds_dpo.engines import reference_deepspeed_config, resolve_deepspeed_config
+from ds_dpo.config import BUILTIN_DEFAULTS, KEYS, SECTIONS, ConfigError, DPOConfig, dump_config, load_config, make_config
+from ds_dpo.ds_config import reference_deepspeed_config, resolve_deepspeed_config
 
 
 def test_yaml_then_cli_overrides(tmp_path):
     run = tmp_path / "run.yaml"
     run.write_text("beta: 0.3\nlearning_rate: 5e-7\nloss_type: sigmoid\nlora_target_modules: [q_proj, v_proj]\n"
                    "model_name_or_path: m\ndataset: d\n")
-    cfg, explicit = load_config(["--config", str(run), "--beta", "0.2", "--per_device_train_batch_size=4",
-                                 "--bf16", "--local_rank=1"])
-    assert cfg.beta == 0.2 and cfg.learning_rate == 5e-7 and cfg.per_device_train_batch_size == 4
-    assert cfg.bf16 is True and cfg.lora_target_modules == ["q_proj", "v_proj"]
-    assert "beta" in explicit and "max_steps" not in explicit
-    assert cfg.max_steps == DPOConfig.max_steps  # not the built-in default: a model and dataset were given
+    cfg = load_config(["--config", str(run), "--beta", "0.2", "--per_device_train_batch_size=4", "--bf16",
+                       "--local_rank=1"])
+    assert cfg.loss.beta == 0.2 and cfg.optim.learning_rate == 5e-7 and cfg.optim.per_device_train_batch_size == 4
+    assert cfg.model.bf16 is True and cfg.model.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.optim.max_steps == DPOConfig().optim.max_steps  # not the built-in default: a model and dataset given
 
 
 def test_builtin_defaults_fill_only_unset_keys():
-    cfg, _ = load_config(["--max_steps", "7"])
-    assert cfg.builtin and cfg.max_steps == 7
-    assert cfg.learning_rate == builtin.DEFAULTS["learning_rate"]
+    cfg = load_config(["--max_steps", "7"])
+    assert cfg.builtin and cfg.optim.max_steps == 7
+    assert cfg.optim.learning_rate == BUILTIN_DEFAULTS["learning_rate"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -75,15 +73,15 @@ def test_validation_lists_every_problem():
 
 
 def test_loss_mixture_from_the_command_line():
-    cfg, _ = load_config(["--loss_type", "[sigmoid, sft]", "--loss_weights", "[1, 0.5]"])
+    cfg = load_config(["--loss_type", "[sigmoid, sft]", "--loss_weights", "[1, 0.5]"])
     cfg.validate()
-    assert cfg.loss_types == ["sigmoid", "sft"] and cfg.loss_weights == [1.0, 0.5]
+    assert cfg.loss.loss_types == ["sigmoid", "sft"] and cfg.loss.loss_weights == [1.0, 0.5]
     with pytest.raises(ConfigError, match="`loss_weights` expects"):
         load_config(["--loss_weights", "[a, b]"])
 
 
 def test_precomputed_implies_precompute_flag():
-    assert make_config({"reference": "precomputed"}).precompute_ref_log_probs
+    assert make_config({"reference": "precomputed"}).ref.precompute_ref_log_probs
 
 
 def test_deepspeed_auto_values_filled(builtin_files):
@@ -97,14 +95,14 @@ def test_deepspeed_auto_values_filled(builtin_files):
     zero = ds["zero_optimization"]  # HF Trainer's bucket rule from the built-in model's hidden size, 64
     assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
             zero["stage3_param_persistence_threshold"]) == (4096, 3686, 640)
-    ref = reference_deepspeed_config(ds, make_config({"ref_offload": True}))
+    ref = reference_deepspeed_config(ds, ref_offload=True)
     assert ref["zero_optimization"]["stage"] == 3 and ref["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert "optimizer" not in ref and ref["train_batch_size"] == 24
 
 
 def test_deepspeed_batch_size_conflict_is_explained(tmp_path):
     ds_file = tmp_path / "ds.json"
-    preset = json.loads(open(make_config({}).deepspeed_path).read())
+    preset = make_config({}).parallel.deepspeed_json()
     ds_file.write_text(json.dumps({**preset, "train_batch_size": 32}))
     cfg = make_config({"deepspeed": str(ds_file), "per_device_train_batch_size": 4})
     with pytest.raises(ConfigError, match=r"train_batch_size.*32.*needs 8.*world size 2"):
@@ -118,10 +116,36 @@ def test_every_preset_resolves(builtin_files):
         assert "auto" not in json.dumps(ds)
 
 
-def test_dump_includes_deepspeed_config(builtin_files, tmp_path):
-    cfg = make_config({**builtin_files, "beta": 0.25})
-    ds = resolve_deepspeed_config(cfg, world_size=1)
-    dump_config(cfg, ds, tmp_path / "config.yaml")
+def test_dump_reads_back_as_the_same_config(builtin_files, tmp_path):
+    """config.yaml holds the flat keys a user types, the DeepSpeed JSON inlined as written ("auto" values kept, so
+    it resolves again for any world size); --config on it gives the same config."""
+    cfg = make_config({**builtin_files, "beta": 0.25, "loss_type": ["sigmoid", "sft"], "max_prompt_length": None})
+    dump_config(cfg, tmp_path / "config.yaml")
     doc = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert doc["beta"] == 0.25 and doc["deepspeed_config"]["train_batch_size"] == 8 and "local_rank" not in doc
-    assert make_config({k: v for k, v in doc.items() if k != "deepspeed_config"}) == cfg
+    assert doc["beta"] == 0.25 and "local_rank" not in doc and set(doc) == set(KEYS) - {"local_rank"}
+    assert doc["deepspeed"]["train_batch_size"] == "auto"
+    again = load_config(["--config", str(tmp_path / "config.yaml")])
+    again.validate()
+    assert again.to_dict() == {**cfg.to_dict(), "deepspeed": doc["deepspeed"]}
+    assert resolve_deepspeed_config(again, world_size=2) == resolve_deepspeed_config(cfg, world_size=2)
+
+
+def test_every_key_is_documented_and_the_readme_table_is_the_generated_one():
+    """Every key has a docstring on its field, and README's table is `python -m ds_dpo.config --readme`'s output."""
+    from ds_dpo import config
+
+    for key, section in KEYS.items():
+        owner = DPOConfig if section is None else SECTIONS[section]
+        assert config._field_docs(owner).get(key), f"`{key}` has no docstring"
+    readme = (config.REPO_ROOT / "README.md").read_text()
+    table = readme.split(config.README_TABLE_START)[1].split(config.README_TABLE_END)[0]
+    assert table.strip() == config.config_reference().strip(), "run `python -m ds_dpo.config --readme`"
+    assert all(f"| `{key}` |" in table for key in KEYS if key != "local_rank")
+
+
+def test_max_length_alone_is_enough():
+    """A TRL habit: `--max_length 512` with nothing else (TRL 1.16 has no `max_prompt_length`)."""
+    cfg = load_config(["--model_name_or_path", "m", "--dataset", "d", "--max_length", "512"])
+    assert cfg.data.max_prompt_length is None
+    problems = [p for p in cfg.data.problems() if "max_length" in p or "max_prompt_length" in p]
+    assert problems == []

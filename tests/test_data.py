@@ -5,11 +5,10 @@ from pathlib import Path
 import pytest
 
 from ds_dpo import builtin, data
-from ds_dpo.collate import collate_pairs
+from ds_dpo.layouts import collate_pairs
 from ds_dpo.config import make_config
 from ds_dpo.data import DataError, load_preference_data
 
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 GOOD = {"prompt": "count up from 3 :", "chosen": " 4 5", "rejected": " 2 1"}
 USER = {"role": "user", "content": "count up from 3 :"}
 
@@ -17,6 +16,10 @@ USER = {"role": "user", "content": "count up from 3 :"}
 def write(path, rows):
     path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows))
     return str(path)
+
+
+def load(cfg, tokenizer):
+    return load_preference_data(cfg.data, tokenizer, cfg.seed)
 
 
 def config(tmp_path, **values):
@@ -36,8 +39,8 @@ def test_each_defect_is_reported_with_file_row_and_field(tmp_path, bad, where):
     path = write(tmp_path / "pairs.jsonl", [GOOD, bad, GOOD])
     cfg = config(tmp_path, dataset=path)
     with pytest.raises(DataError, match=f"(?s)1 bad row.*pairs.jsonl: {where}.*on_bad_rows: skip"):
-        load_preference_data(cfg, builtin.build_tokenizer())
-    train, _, report = load_preference_data(config(tmp_path, dataset=path, on_bad_rows="skip"),
+        load(cfg, builtin.build_tokenizer())
+    train, _, report = load(config(tmp_path, dataset=path, on_bad_rows="skip"),
                                             builtin.build_tokenizer())
     assert len(train) == 2 and sum(report.sources[0].bad_rows.values()) == 1
 
@@ -50,20 +53,20 @@ def test_conversational_defects(tmp_path):
              "rejected": [USER, {"role": "assistant", "content": "c"}]}]
     with pytest.raises(DataError, match=r"(?s)2 bad row.*row 2: field `prompt\[0\].role`: invalid role 'robot'.*"
                                         r"row 3: field `chosen\[1\].role`: .*differ before the final assistant turn"):
-        load_preference_data(config(tmp_path, dataset=write(tmp_path / "c.jsonl", rows)), builtin.build_tokenizer())
+        load(config(tmp_path, dataset=write(tmp_path / "c.jsonl", rows)), builtin.build_tokenizer())
 
 
 def test_empty_and_missing_datasets(tmp_path):
     with pytest.raises(DataError, match="empty.jsonl: no rows"):
-        load_preference_data(config(tmp_path, dataset=write(tmp_path / "empty.jsonl", [])), builtin.build_tokenizer())
+        load(config(tmp_path, dataset=write(tmp_path / "empty.jsonl", [])), builtin.build_tokenizer())
     with pytest.raises(DataError, match="absent.jsonl: no such file"):
-        load_preference_data(config(tmp_path, dataset=str(tmp_path / "absent.jsonl")), builtin.build_tokenizer())
+        load(config(tmp_path, dataset=str(tmp_path / "absent.jsonl")), builtin.build_tokenizer())
 
 
 def test_error_lists_the_first_ten_and_the_total(tmp_path):
     path = write(tmp_path / "p.jsonl", [GOOD] + [{"prompt": "p"}] * 14)
     with pytest.raises(DataError) as e:
-        load_preference_data(config(tmp_path, dataset=path), builtin.build_tokenizer())
+        load(config(tmp_path, dataset=path), builtin.build_tokenizer())
     assert str(e.value).startswith("14 bad row(s)") and "row 11:" in str(e.value) and "row 12:" not in str(e.value)
     assert "... and 4 more" in str(e.value)
 
@@ -73,12 +76,12 @@ def test_second_load_hits_the_tokenization_cache(tmp_path, monkeypatch):
     calls = []
     real = data.encode_pair
     monkeypatch.setattr(data, "encode_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
-    first, _, r1 = load_preference_data(config(tmp_path, dataset=path), builtin.build_tokenizer())
+    first, _, r1 = load(config(tmp_path, dataset=path), builtin.build_tokenizer())
     assert len(calls) == 2 and not r1.sources[0].cache_hit
-    second, _, r2 = load_preference_data(config(tmp_path, dataset=path), builtin.build_tokenizer())
+    second, _, r2 = load(config(tmp_path, dataset=path), builtin.build_tokenizer())
     assert len(calls) == 2 and r2.sources[0].cache_hit  # nothing was tokenized again
     assert second[:] == first[:]
-    load_preference_data(config(tmp_path, dataset=path, max_length=8, max_prompt_length=4), builtin.build_tokenizer())
+    load(config(tmp_path, dataset=path, max_length=8, max_prompt_length=4), builtin.build_tokenizer())
     assert len(calls) == 4  # other lengths: a new cache entry
 
 
@@ -87,28 +90,28 @@ def test_mixing_splitting_sampling_and_column_mapping(tmp_path):
                                      for i in range(10, 40)])
     keys = dict(prompt_key="q", chosen_key="good", rejected_key="bad")
     with pytest.raises(DataError, match="field `chosen`: missing"):
-        load_preference_data(config(tmp_path, dataset=a), builtin.build_tokenizer())
-    train, evals, report = load_preference_data(config(tmp_path, dataset=a, eval_split_ratio=0.2, **keys),
+        load(config(tmp_path, dataset=a), builtin.build_tokenizer())
+    train, evals, report = load(config(tmp_path, dataset=a, eval_split_ratio=0.2, **keys),
                                                 builtin.build_tokenizer())
     assert (len(train), len(evals)) == (24, 6) and train["index"] == list(range(24))
-    capped, _, _ = load_preference_data(config(tmp_path, dataset=a, max_samples=5, **keys), builtin.build_tokenizer())
+    capped, _, _ = load(config(tmp_path, dataset=a, max_samples=5, **keys), builtin.build_tokenizer())
     assert len(capped) == 5
     c = write(tmp_path / "c.jsonl", [{"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in [GOOD] * 6])
-    mixed, _, report = load_preference_data(config(tmp_path, dataset=[a, c], dataset_probs=[0.5, 0.5], **keys),
+    mixed, _, report = load(config(tmp_path, dataset=[a, c], dataset_probs=[0.5, 0.5], **keys),
                                             builtin.build_tokenizer())
     assert len(report.sources) == 2 and len(mixed) >= 30 + 6  # all_exhausted: every source fully used
 
 
-def test_hh_rlhf_implicit_prompts(tmp_path):
+def test_hh_rlhf_implicit_prompts(tmp_path, hh_data):
     """The real HH-RLHF harmless-base test split: implicit prompts end at the last shared '\\n\\nAssistant:';
     5 rows whose dialogues differ before their final assistant turn and 4 with an empty chosen reply are bad rows."""
-    rows = [json.loads(line) for line in gzip.open(HH, "rt")]
+    rows = [json.loads(line) for line in gzip.open(hh_data, "rt")]
     tokenizer = builtin.train_bpe_tokenizer((r[k] for r in rows for k in ("chosen", "rejected")), 4096)
-    cfg = config(tmp_path, dataset=str(HH), max_length=1024, max_prompt_length=512)
+    cfg = config(tmp_path, dataset=str(hh_data), max_length=1024, max_prompt_length=512)
     with pytest.raises(DataError, match=r"(?s)9 bad row.*row 87: field `chosen`: empty completion.*row 1255: field "
                                         r"`chosen`: `chosen` and `rejected` differ before the final"):
-        load_preference_data(cfg, tokenizer)
-    train, _, report = load_preference_data(config(tmp_path, dataset=str(HH), max_length=1024, max_prompt_length=512,
+        load(cfg, tokenizer)
+    train, _, report = load(config(tmp_path, dataset=str(hh_data), max_length=1024, max_prompt_length=512,
                                                     on_bad_rows="skip"), tokenizer)
     source = report.sources[0]
     assert source.format == "implicit" and source.rows_read == 2312 and len(train) == 2303

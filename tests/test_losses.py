@@ -4,8 +4,24 @@ import pytest
 import torch
 
 from ds_dpo.logprobs import completion_logps, wpo_logps
-from ds_dpo.losses import LOSS_TYPES, needs_reference, preference_loss
+import dataclasses
+
+from ds_dpo.losses import LOSS_TYPES, LossConfig, LossInputs, preference_loss
 from trl_oracle import build_trainer, trl_loss
+
+
+_OPTIONS = {f.name for f in dataclasses.fields(LossConfig)}
+
+
+def loss(*tensors, **kwargs):
+    """``preference_loss`` on positional [B] tensors (LossInputs' order) and keyword options or inputs."""
+    options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
+    inputs = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
+    return preference_loss(LossInputs(*tensors, **inputs), LossConfig(**options))
+
+
+def needs_reference(loss_type, reference_free=False):
+    return LossConfig(loss_type=loss_type, reference_free=reference_free).needs_reference
 
 
 def worked_example(dtype=torch.float64):
@@ -24,7 +40,7 @@ def test_sigmoid_worked_example():
             rewards: chosen -0.05, rejected -0.25
     mean loss = 0.5762470569250595
     """
-    out = preference_loss(*worked_example(), loss_type="sigmoid", beta=0.5)
+    out = loss(*worked_example(), loss_type="sigmoid", beta=0.5)
     torch.testing.assert_close(out.losses, torch.tensor([0.5543552444685271, 0.5981388693815918], dtype=torch.float64))
     assert out.loss.item() == pytest.approx(0.5762470569250595, abs=1e-12)
     torch.testing.assert_close(out.chosen_rewards, torch.tensor([0.1, -0.05], dtype=torch.float64))
@@ -37,13 +53,13 @@ def test_sigmoid_label_smoothing_worked_example():
     pair 1: 0.9 * 0.5543552444685271 + 0.1 * (0.3 + 0.5543552444685271) = 0.5843552444685272
     pair 2: 0.9 * 0.5981388693815918 + 0.1 * (0.2 + 0.5981388693815918) = 0.6181388693815918
     """
-    out = preference_loss(*worked_example(), loss_type="sigmoid", beta=0.5, label_smoothing=0.1)
+    out = loss(*worked_example(), loss_type="sigmoid", beta=0.5, label_smoothing=0.1)
     torch.testing.assert_close(out.losses, torch.tensor([0.5843552444685272, 0.6181388693815918], dtype=torch.float64))
 
 
 def test_policy_equal_to_reference_gives_ln2():
     logps = torch.randn(4, dtype=torch.float64)
-    out = preference_loss(logps, logps - 1, logps, logps - 1, beta=0.1)
+    out = loss(logps, logps - 1, logps, logps - 1, beta=0.1)
     assert out.loss.item() == pytest.approx(math.log(2), abs=1e-12)
 
 
@@ -51,17 +67,17 @@ def test_gradient_matches_closed_form():
     """d loss_i / d chosen_logps_i = -beta * sigmoid(-beta * h_i) / B for the mean loss."""
     chosen, rejected, ref_c, ref_r = worked_example()
     chosen.requires_grad_(True)
-    preference_loss(chosen, rejected, ref_c, ref_r, beta=0.5).loss.backward()
+    loss(chosen, rejected, ref_c, ref_r, beta=0.5).loss.backward()
     h = torch.tensor([0.6, 0.4], dtype=torch.float64)
     torch.testing.assert_close(chosen.grad, -0.5 * torch.sigmoid(-0.5 * h) / 2)
 
 
 def test_registry_and_errors():
     assert "sigmoid" in LOSS_TYPES
-    with pytest.raises(ValueError, match="unknown loss_type"):
-        preference_loss(*worked_example(), loss_type="nope")
+    with pytest.raises(ValueError, match="unknown `loss_type`"):
+        loss(*worked_example(), loss_type="nope")
     with pytest.raises(ValueError, match="label_smoothing"):
-        preference_loss(*worked_example(), label_smoothing=0.5)
+        loss(*worked_example(), label_smoothing=0.5)
 
 
 # --- parity with TRL 1.16 ---------------------------------------------------------------------------------------------
@@ -103,7 +119,7 @@ def ds_dpo_loss(inputs, policy, ref, log_sum_sq, ld_alpha=None, use_weighting=Fa
     ref_logps = completion_logps(ref[mask], sequence, rank, n, ld_alpha)
     lengths = mask.sum(-1)
     wpo = wpo_logps(tokens[mask], log_sum_sq[mask], sequence, n).chunk(2) if use_weighting else (None, None)
-    out = preference_loss(*logps.chunk(2), *ref_logps.chunk(2), *lengths.chunk(2), use_weighting=use_weighting,
+    out = loss(*logps.chunk(2), *ref_logps.chunk(2), *lengths.chunk(2), use_weighting=use_weighting,
                           chosen_wpo_logps=wpo[0], rejected_wpo_logps=wpo[1], **options)
     (grad,) = torch.autograd.grad(out.loss, tokens)
     return out.loss.detach(), grad
@@ -172,7 +188,7 @@ def test_trl_parity_mixtures_wpo_ld(trl_trainer, options):
 def test_simpo_hand_computed():
     """beta 2, gamma 0.5, one pair: chosen -6 over 3 tokens (avg -2), rejected -12 over 4 tokens (avg -3).
     z = 2 * (-2 - (-3)) - 0.5 = 1.5; loss = log(1 + e^-1.5) = 0.2014132779827524."""
-    out = preference_loss(torch.tensor([-6.0]), torch.tensor([-12.0]), None, None, torch.tensor([3]),
+    out = loss(torch.tensor([-6.0]), torch.tensor([-12.0]), None, None, torch.tensor([3]),
                           torch.tensor([4]), loss_type="simpo", beta=2.0, simpo_gamma=0.5)
     assert out.loss.item() == pytest.approx(math.log1p(math.exp(-1.5)), abs=1e-7)
     assert out.loss.item() == pytest.approx(0.2014132779827524, abs=1e-7)
@@ -184,7 +200,7 @@ def test_orpo_hand_computed():
     l: -1 - log(1 - e^-1) = -0.5413248546129181; difference 0.9740769841801067;
     L_OR = -log sigmoid(0.97407698) = 0.3202997852; L_SFT = 1 / 2 = 0.5;
     loss = 0.5 + 0.5 * 0.3202997852 = 0.6601498926."""
-    out = preference_loss(torch.tensor([-1.0], dtype=torch.float64), torch.tensor([-3.0], dtype=torch.float64),
+    out = loss(torch.tensor([-1.0], dtype=torch.float64), torch.tensor([-3.0], dtype=torch.float64),
                           None, None, torch.tensor([2]), torch.tensor([3]), loss_type="orpo", beta=0.5)
     odds = lambda a: a - math.log(1 - math.exp(a))  # noqa: E731
     l_or = math.log1p(math.exp(-(odds(-0.5) - odds(-1.0))))
@@ -196,7 +212,7 @@ def test_cpo_hand_computed():
     """beta 0.1, alpha 1, two pairs: chosen (-4, -6) over (2, 3) tokens, rejected (-9, -5).
     z = 0.1 * (5, -1) = (0.5, -0.1); -log sigmoid: (0.47407698418, 0.74439666007);
     NLL = (4 + 6) / (2 + 3) = 2; loss = mean + 2 = 2.6092368221."""
-    out = preference_loss(torch.tensor([-4.0, -6.0], dtype=torch.float64),
+    out = loss(torch.tensor([-4.0, -6.0], dtype=torch.float64),
                           torch.tensor([-9.0, -5.0], dtype=torch.float64), None, None,
                           torch.tensor([2, 3]), torch.tensor([4, 4]), loss_type="cpo", beta=0.1)
     expected = (math.log1p(math.exp(-0.5)) + math.log1p(math.exp(0.1))) / 2 + 2.0
@@ -207,15 +223,15 @@ def test_cpo_hand_computed():
 def test_ipo_sum_and_reference_free():
     """ipo_sum, beta 0.5: h = 0.6 and 0.4 (the worked example); (h - 1)^2 = 0.16, 0.36 -> mean 0.26.
     reference_free sigmoid: h = (-2.3 + 4.2, -3.1 + 5.0) = (1.9, 1.9); loss = log(1 + e^-0.95)."""
-    out = preference_loss(*worked_example(), loss_type="ipo_sum", beta=0.5)
+    out = loss(*worked_example(), loss_type="ipo_sum", beta=0.5)
     assert out.loss.item() == pytest.approx(0.26, abs=1e-12)
-    free = preference_loss(*worked_example(), loss_type="sigmoid", beta=0.5, reference_free=True)
+    free = loss(*worked_example(), loss_type="sigmoid", beta=0.5, reference_free=True)
     assert free.loss.item() == pytest.approx(math.log1p(math.exp(-0.95)), abs=1e-12)
     torch.testing.assert_close(free.chosen_rewards, 0.5 * worked_example()[0])
 
 
 def test_sft_is_token_level_mean():
-    out = preference_loss(torch.tensor([-4.0, -6.0]), torch.tensor([-1.0, -1.0]), None, None,
+    out = loss(torch.tensor([-4.0, -6.0]), torch.tensor([-1.0, -1.0]), None, None,
                           torch.tensor([2, 8]), torch.tensor([1, 1]), loss_type="sft")
     assert out.loss.item() == pytest.approx(1.0)  # (4 + 6) / (2 + 8)
 
@@ -232,13 +248,13 @@ def test_sft_is_token_level_mean():
 ])
 def test_invalid_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        preference_loss(*worked_example(), **kwargs)
+        loss(*worked_example(), **kwargs)
 
 
 def test_reference_needed_unless_reference_free():
     c, r, _, _ = worked_example()
     with pytest.raises(ValueError, match="need reference log-probs"):
-        preference_loss(c, r, None, None, loss_type="sigmoid")
+        loss(c, r, None, None, loss_type="sigmoid")
     assert needs_reference(["simpo", "sft"]) is False and needs_reference(["simpo", "sigmoid"]) is True
     assert needs_reference("sigmoid", reference_free=True) is False
     assert {"simpo", "orpo", "cpo", "ipo_sum", *TRL_TYPES} == set(LOSS_TYPES)

@@ -1,23 +1,26 @@
 """Reference modes on real DeepSpeed ZeRO-3 engines (one in-process CPU rank)."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from ds_dpo import builtin, engines
-from ds_dpo.collate import collate_pairs
 from ds_dpo.config import make_config
-from ds_dpo.data import load_tokenized
+from ds_dpo.data import load_preference_data, load_tokenized
+from ds_dpo.ds_config import reference_deepspeed_config, resolve_deepspeed_config, zero3_disabled, zero_stage
+from ds_dpo.layouts import collate_pairs
 from ds_dpo.logprobs import concatenated_forward, enable_token_scoring
 from ds_dpo.reference import (AdapterReference, EngineReference, PrecomputedReference, cached_reference_logps,
-                              score_dataset, with_reference_columns)
+                              precompute_reference_logps, score_dataset, with_reference_columns)
+from ds_dpo.tokenization import load_tokenizer
 
 
 def setup_run(files, **overrides):
     cfg = make_config({**files, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "max_length": 32,
                        "max_prompt_length": 8, **overrides})
     tok = builtin.build_tokenizer()
-    data = load_tokenized(cfg.eval_dataset, tok, cfg.max_length, cfg.max_prompt_length).select(range(24))
-    return cfg, tok, data, engines.resolve_deepspeed_config(cfg, world_size=1)
+    data = load_tokenized(cfg.data.eval_dataset, tok, cfg.data.max_length, cfg.data.max_prompt_length).select(range(24))
+    return cfg, tok, data, resolve_deepspeed_config(cfg, world_size=1)
 
 
 def batches(data, tok, size=4, layout="shared"):
@@ -29,10 +32,10 @@ def test_lora_reference_is_the_base_model_and_never_moves(single_rank, builtin_f
     cfg, tok, data, ds = setup_run(builtin_files, use_peft=True, reference="lora", lora_r=4, lora_alpha=8,
                                    lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj", "up_proj"])
     policy = engines.build_engine(cfg, ds, trainable=True, total_steps=10)
-    assert engines.zero_stage(ds) == 3 and policy.zero_optimization_stage() == 3
+    assert zero_stage(ds) == 3 and policy.zero_optimization_stage() == 3
     reference = AdapterReference(policy)
-    with engines.zero3_disabled():  # a plain, unpartitioned copy of the base model
-        base = enable_token_scoring(AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path).eval())
+    with zero3_disabled():  # a plain, unpartitioned copy of the base model
+        base = enable_token_scoring(AutoModelForCausalLM.from_pretrained(cfg.model.model_name_or_path).eval())
     bs = batches(data, tok)  # prefix-shared, log-probs in chunks, through ZeRO-3 and peft ...
     with torch.no_grad():  # ... equal to the plain padded path on the plain model
         expected = [concatenated_forward(base, b, logps_chunk_size=0) for b in batches(data, tok, layout="padded")]
@@ -54,7 +57,7 @@ def test_lora_reference_is_the_base_model_and_never_moves(single_rank, builtin_f
 
 def test_precomputed_equals_engine_reference(single_rank, builtin_files, tmp_path):
     cfg, tok, data, ds = setup_run(builtin_files, reference="precomputed")
-    ref_engine = engines.build_engine(cfg, engines.reference_deepspeed_config(ds, cfg), trainable=False)
+    ref_engine = engines.build_engine(cfg, reference_deepspeed_config(ds, cfg.ref.ref_offload), trainable=False)
     assert ref_engine.zero_optimization_stage() == 3 and not ref_engine.module.training
     assert ref_engine.client_optimizer is None and not any(p.requires_grad for p in ref_engine.module.parameters())
     reference = EngineReference(ref_engine)
@@ -72,3 +75,37 @@ def test_precomputed_equals_engine_reference(single_rank, builtin_files, tmp_pat
         pc, pr = PrecomputedReference().logps(b)
         torch.testing.assert_close(pc, c, atol=1e-5, rtol=0)
         torch.testing.assert_close(pr, r, atol=1e-5, rtol=0)
+
+
+def test_reference_cache_is_reused_and_invalidated_by_model_data_and_lengths(single_rank, builtin_files, tmp_path,
+                                                                              capsys):
+    """Precomputed reference log-probs are read back by a second run with the same reference, data and lengths (a
+    beta sweep pays once) and recomputed when any of them changes."""
+    other_model = tmp_path / "other_reference"
+    model = AutoModelForCausalLM.from_pretrained(builtin_files["model_name_or_path"])
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    model.save_pretrained(other_model)
+    base = {**builtin_files, "reference": "precomputed", "max_length": 32, "max_prompt_length": 8,
+            "dataset_cache_dir": str(tmp_path / "cache")}
+    tokenizer = load_tokenizer(builtin_files["model_name_or_path"])
+
+    def precompute(**changes):
+        cfg = make_config({**base, **changes})
+        data, _, _ = load_preference_data(cfg.data, tokenizer, cfg.seed)
+        reference = EngineReference(enable_token_scoring(AutoModelForCausalLM.from_pretrained(cfg.ref_model_path)))
+        scored = precompute_reference_logps(reference, data, cfg, tokenizer.pad_token_id, torch.device("cpu"),
+                                            "shared")
+        lines = [line for line in capsys.readouterr().out.splitlines() if "reference log-probs of" in line]
+        table = scored.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).to_pandas().to_numpy()
+        return lines[0].split(": ", 2)[-1].split(" (")[0], table
+
+    first, table = precompute()
+    assert first == "computed"
+    again, cached = precompute(beta=0.5)
+    assert again == "read from cache" and (cached == table).all()
+    assert precompute(ref_model_name_or_path=str(other_model))[0] == "computed"
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(open(builtin_files["dataset"]).readlines()[:40]))
+    assert precompute(dataset=str(fewer))[0] == "computed"
+    assert precompute(max_length=24)[0] == "computed"
+    assert precompute(learning_rate=1e-3)[0] == "read from cache"

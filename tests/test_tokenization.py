@@ -76,4 +76,22 @@ def test_truncation_and_drops(tokenizer):
     assert short["chosen_input_ids"] == [1] and short["rejected_input_ids"] == [5] and short["drop"] == ""
     same = normalize({**raw, "rejected_input_ids": [1, 9]}, "tokenized", "")
     assert encode_pair(same, tokenizer, LengthLimits(None, None, 1))["drop"] == "chosen and rejected identical once truncated"
-    assert encode_pair(pair, tokenizer, LengthLimits(10, None, None))["drop"].startswith("prompt leaves no room")
+    assert encode_pair(pair, tokenizer, LengthLimits(10, 10, None))["drop"].startswith("prompt leaves no room")
+
+
+def test_max_length_alone_cuts_the_prompt_only_when_it_must(tokenizer):
+    """TRL's setting, no `max_prompt_length`: completions are cut to what the prompt leaves; only a prompt that alone
+    fills `max_length` is cut, to half of it, keeping the end (`keep_end`) or the start (`keep_start`)."""
+    raw = {"prompt_input_ids": list(range(10, 20)), "chosen_input_ids": [1, 2, 3, 4], "rejected_input_ids": [5, 6]}
+    pair = normalize(raw, "tokenized", "")
+    fits = encode_pair(pair, tokenizer, LengthLimits(14, None, None))
+    assert fits["prompt_input_ids"] == list(range(10, 20)) and fits["chosen_input_ids"] == [1, 2, 3, 4]
+    assert not fits["prompt_truncated"] and not fits["completion_truncated"]
+    tight = encode_pair(pair, tokenizer, LengthLimits(12, None, None))
+    assert tight["prompt_input_ids"] == list(range(10, 20)) and tight["chosen_input_ids"] == [1, 2]
+    assert not tight["prompt_truncated"] and tight["completion_truncated"] and tight["drop"] == ""
+    end = encode_pair(pair, tokenizer, LengthLimits(10, None, None))
+    assert end["prompt_input_ids"] == list(range(15, 20)) and end["prompt_truncated"]
+    assert end["chosen_input_ids"] == [1, 2, 3, 4] and end["rejected_input_ids"] == [5, 6] and end["drop"] == ""
+    start = encode_pair(pair, tokenizer, LengthLimits(8, None, None, "keep_start"))
+    assert start["prompt_input_ids"] == list(range(10, 14)) and start["chosen_input_ids"] == [1, 2, 3, 4]

@@ -1,10 +1,18 @@
-"""Padding-free layouts of a micro-batch, and the attention inputs that keep packed sequences apart.
+"""Batch layouts: B tokenized pairs become one micro-batch, padded or padding-free, and the attention inputs that
+keep the sequences of a padding-free row apart.
+
+``padded`` (N = 2B rows, chosen first, T = longest prompt + completion):
+
+    input_ids       [N, T] long   prompt + completion, right-padded with ``pad_token_id``
+    attention_mask  [N, T] long   1 on real tokens
 
 ``packed``: the 2B sequences ``prompt + chosen`` and ``prompt + rejected`` of B pairs concatenated into one row,
 ``position_ids`` restarting at 0 for each. ``shared`` (prefix sharing): each pair as one sequence
 ``prompt | chosen | rejected`` whose rejected tokens continue the positions from the end of the prompt and cannot
 attend to the chosen tokens, so every rejected token sees exactly ``prompt + rejected[:t]`` — the prompt is
-computed once per pair instead of twice.
+computed once per pair instead of twice. Both are one row of S tokens without padding:
+
+    input_ids, position_ids, segment, branch   [1, S]
 
 Which tokens may attend to which is described per token by ``segment`` (the sequence it belongs to in the row) and
 ``branch`` (0 prompt, 1 chosen, 2 rejected), and turned into the attention kernel's input in ``model_inputs``:
@@ -13,6 +21,14 @@ Which tokens may attend to which is described per token by ``segment`` (the sequ
   boundaries where ``position_ids`` restart. Cannot express prefix sharing (``batch_layout`` falls back to packed).
 - everything else (``sdpa``, ``eager``): a 4D [1, 1, S, S] mask, bool for sdpa, additive float for the others;
   ``position_ids`` restarting alone does not isolate sequences there.
+
+Every layout also carries the scored tokens (M of them; see ``ds_dpo.logprobs``) and the pairs' bookkeeping:
+
+    score_index, score_labels, score_sequence, score_rank   [M] long
+    index        [B] long   row index in the dataset (keys precomputed reference log-probs)
+    weight       [B] float  1 for a real pair, 0 for a filler that only keeps ranks in step
+    pair_tokens  [B] long   prompt + chosen + prompt + rejected tokens (the pair's real tokens, in any layout)
+    ref_chosen_logps, ref_rejected_logps  [B] float, only when the dataset carries precomputed reference log-probs
 """
 
 from __future__ import annotations
@@ -35,6 +51,11 @@ def batch_layout(padding_free: bool, prefix_sharing: bool, attn_implementation: 
     if not padding_free:
         return "padded"
     return "shared" if prefix_sharing and not is_varlen(attn_implementation) else "packed"
+
+
+def forward_tokens(prompt: int, chosen: int, rejected: int, layout: str) -> int:
+    """Tokens a pair puts into a forward in ``layout``: the prompt once when shared, else twice."""
+    return (1 if layout == "shared" else 2) * prompt + chosen + rejected
 
 
 class ScoredTokens:
@@ -103,6 +124,22 @@ def pack_pairs(rows: list[dict[str, Any]], share_prompt: bool) -> dict[str, torc
     }
 
 
+def pad_pairs(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The ``padded`` layout."""
+    b = len(rows)
+    sequences = [(row["prompt_input_ids"], row[f"{side}_input_ids"]) for side in ("chosen", "rejected") for row in rows]
+    t = max(len(p) + len(c) for p, c in sequences)
+    input_ids = torch.full((2 * b, t), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((2 * b, t), dtype=torch.long)
+    scores = ScoredTokens()
+    for i, (prompt, completion) in enumerate(sequences):
+        p, n = len(prompt), len(prompt) + len(completion)
+        input_ids[i, :n] = torch.tensor(prompt + completion)
+        attention_mask[i, :n] = 1
+        scores.add(i, completion, i * t + p - 1 if p else None, i * t + p)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **scores.tensors()}
+
+
 def packed_attention_mask(segment: torch.Tensor, branch: torch.Tensor, attn_implementation: str,
                           dtype: torch.dtype) -> torch.Tensor:
     """[1, 1, S, S] mask from [1, S] ``segment``/``branch``: causal within a segment, rejected blind to chosen.
@@ -129,3 +166,18 @@ def model_inputs(batch: dict[str, torch.Tensor], attn_implementation: str, dtype
         inputs["attention_mask"] = packed_attention_mask(batch["segment"], batch["branch"], attn_implementation,
                                                          dtype)
     return inputs
+
+
+def collate_pairs(rows: list[dict[str, Any]], weights: list[float], pad_token_id: int,
+                  layout: str = "padded") -> dict[str, torch.Tensor]:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown batch layout {layout!r}; one of {LAYOUTS}")
+    batch = pad_pairs(rows, pad_token_id) if layout == "padded" else pack_pairs(rows, share_prompt=layout == "shared")
+    batch["index"] = torch.tensor([row["index"] for row in rows], dtype=torch.long)
+    batch["weight"] = torch.tensor(weights, dtype=torch.float32)
+    batch["pair_tokens"] = torch.tensor([2 * len(row["prompt_input_ids"]) + len(row["chosen_input_ids"]) +
+                                         len(row["rejected_input_ids"]) for row in rows], dtype=torch.long)
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        if column in rows[0]:
+            batch[column] = torch.tensor([row[column] for row in rows], dtype=torch.float32)
+    return batch

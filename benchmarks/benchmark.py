@@ -1,6 +1,6 @@
-"""Speed and memory of a DPO step, ds_dpo side by side with TRL 1.16's DPOTrainer (README "Benchmark").
+"""Speed and memory of a DPO step, ds_dpo side by side with TRL 1.16's DPOTrainer (benchmarks/README.md).
 
-    .venv/bin/python launch/benchmark.py --data ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz
+    .venv/bin/python benchmarks/benchmark.py --data ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz
 
 One invocation prepares the shared inputs once — a byte-level BPE tokenizer trained on the data, a random-init
 policy and a different random-init reference built from one Llama config, the pairs tokenized and truncated by
@@ -76,7 +76,7 @@ def prepare(data: Path, work: Path, num_pairs: int, vocab_size: int, seed: int) 
     cfg = make_config({"model_name_or_path": str(work / "policy"), "dataset": str(data), "on_bad_rows": "skip",
                        "max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT_LENGTH,
                        "dataset_cache_dir": str(work / "cache")})
-    train, _, _ = load_preference_data(cfg, tokenizer)
+    train, _, _ = load_preference_data(cfg.data, tokenizer, cfg.seed)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:num_pairs].tolist()
     fields = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
     pairs = [{k: train[i][k] for k in fields} for i in order]
@@ -142,7 +142,6 @@ def run_ds_dpo(work: Path, options: dict, total_steps: int) -> tuple[list[float]
     import torch
 
     from ds_dpo.config import make_config
-    from ds_dpo.metrics import MetricAccumulator
     from ds_dpo.recipe import DPORecipe
     from ds_dpo.sampler import StepPlan
 
@@ -155,16 +154,15 @@ def run_ds_dpo(work: Path, options: dict, total_steps: int) -> tuple[list[float]
     cfg.validate()
     recipe = DPORecipe(cfg)
     recipe.setup()
-    window = MetricAccumulator(recipe.device)
     times, first_loss = [], None
     with PeakRSS() as memory:
         for step in range(total_steps):
             indices = list(range(step * PAIRS_PER_STEP, (step + 1) * PAIRS_PER_STEP))
             started = time.perf_counter()
-            recipe.train_step(StepPlan([indices], [[1.0] * PAIRS_PER_STEP], PAIRS_PER_STEP), window)
+            recipe.train_step(StepPlan([indices], [[1.0] * PAIRS_PER_STEP], PAIRS_PER_STEP))
             times.append(time.perf_counter() - started)
             if step == 0:
-                first_loss = window.reduce()["loss"]
+                first_loss = recipe.state.window.reduce()["loss"]
     recipe.cleanup()
     torch.distributed.destroy_process_group()
     return times, first_loss, memory
@@ -248,6 +246,7 @@ def run_config(name: str, work: Path, total_steps: int) -> dict:
 
 
 def machine() -> str:
+    """The CPU, cores, RAM, accelerator and library versions the numbers came from."""
     import deepspeed
     import torch
     import transformers
@@ -256,7 +255,9 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     memory = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")) / 2**20
-    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, no GPU; Python {platform.python_version()}, "
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    gpu = f"GPU: {', '.join(gpus)} (the runs here use the CPU)" if gpus else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {gpu}; Python {platform.python_version()}, "
             f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
             f"trl {trl.__version__}")
 
@@ -285,7 +286,7 @@ def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line
     return "\n".join([
         "# Benchmark: ds_dpo vs TRL 1.16 DPOTrainer",
         "",
-        f"Produced by `launch/benchmark.py` on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
+        f"Produced by `benchmarks/benchmark.py` on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
         "",
         f"- Machine: {machine_line}.",
         f"- Data: HH-RLHF harmless-base test, tokenized and truncated by ds_dpo (`max_length` {MAX_LENGTH}, "
@@ -319,7 +320,9 @@ def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
+    parser.add_argument("--data", type=Path, default=os.environ.get(
+        "DS_DPO_HH_DATA", REPO.parent / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"),
+                        help="HH-RLHF pairs (.jsonl.gz); default $DS_DPO_HH_DATA, else ../shared/data/...")
     parser.add_argument("--work", type=Path, default=REPO / "outputs" / "benchmark")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--steps", type=int, default=4)
@@ -333,6 +336,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.work, args.total_steps)
+    if not Path(args.data).is_file():
+        parser.error(f"no data at {args.data}: pass --data or set DS_DPO_HH_DATA (README \"Tests\" says how to get it)")
 
     total = args.warmup + args.steps
     args.work.mkdir(parents=True, exist_ok=True)
