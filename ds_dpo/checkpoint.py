@@ -1,12 +1,13 @@
 """DeepSpeed checkpoints during training, resuming from them (also on another world size), and HF export.
 
 A checkpoint is ``output_dir/checkpoints/step-N``: DeepSpeed's own files (engine, optimizer, LR schedule) plus one
-``trainer_state_rank{R}.json`` per rank (step, epoch, position in the epoch, RNG states, the partial metric window,
-the world size), plain JSON so that resuming unpickles nothing of ours. ``checkpoints/latest`` names the newest
+``trainer_state_rank{R}.json`` per rank (the ``TrainState``: step, epoch, position in the epoch, NaN streak, learning
+rate, the partial metric window; plus RNG states and the world size), plain JSON so that resuming unpickles nothing of ours. ``checkpoints/latest`` names the newest
 *complete* checkpoint: it is replaced (atomically) only after every rank has finished writing, so a crash or a kill
 during a save leaves the previous checkpoint in place as the one to resume from.
 
-``Checkpointer`` owns when to save, where, and which old checkpoints to delete; ``export_hf_model`` gathers the ZeRO
+``Checkpointer`` owns when to save, what goes in, which old checkpoints to delete, which one a run resumes from and
+its conversion when the world size changed; ``export_hf_model`` gathers the ZeRO
 shards into a ``save_pretrained`` directory that loads with transformers alone; ``export_checkpoint`` does the same
 offline from any checkpoint.
 """

@@ -434,7 +434,6 @@ BUILTIN_DEFAULTS: dict[str, Any] = dict(
     learning_rate=3e-3,
     warmup_ratio=0.05,
     lr_scheduler_type="cosine",
-    beta=0.1,
     max_length=32,
     max_prompt_length=8,
     logging_steps=10,

@@ -80,12 +80,13 @@ class DPORecipe:
             print(report.format(), flush=True)
             (self.output_dir / "data_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
         optim, budget = cfg.optim, cfg.batch.max_tokens_per_batch
+        pair_tokens = None
+        if budget:  # token-budget micro-batches: what each pair costs a forward in this layout
+            columns = (self.train_data[f"{part}_input_ids"] for part in ("prompt", "chosen", "rejected"))
+            pair_tokens = [forward_tokens(len(p), len(c), len(r), self.layout) for p, c, r in zip(*columns)]
         self.sampler = GlobalBatchSampler(
             len(self.train_data), optim.per_device_train_batch_size, optim.gradient_accumulation_steps,
-            self.world_size, self.rank, cfg.seed, max_tokens_per_batch=budget,
-            pair_tokens=[forward_tokens(len(p), len(c), len(r), self.layout) for p, c, r in zip(
-                *(self.train_data[f"{part}_input_ids"] for part in ("prompt", "chosen", "rejected")))] if budget
-            else None)
+            self.world_size, self.rank, cfg.seed, pair_tokens=pair_tokens, max_tokens_per_batch=budget)
         self.total_steps = (optim.max_steps if optim.max_steps > 0
                             else math.ceil(optim.num_train_epochs * self.sampler.steps_per_epoch))
 

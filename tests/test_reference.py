@@ -41,8 +41,8 @@ def test_lora_reference_is_the_base_model_and_never_moves(single_rank, builtin_f
         expected = [concatenated_forward(base, b, logps_chunk_size=0) for b in batches(data, tok, layout="padded")]
     before = [reference.logps(b) for b in bs]
     for (c, r), e in zip(before, expected):
-        torch.testing.assert_close(c, e.chosen, atol=1e-5, rtol=0)
-        torch.testing.assert_close(r, e.rejected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c, e.chosen, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r, e.rejected, rtol=1e-6, atol=1e-6)
     for b in bs * 2:  # a few real optimizer steps on the adapters
         out = concatenated_forward(policy, b)
         policy.backward(-(out.chosen - out.rejected).mean())
@@ -73,8 +73,8 @@ def test_precomputed_equals_engine_reference(single_rank, builtin_files, tmp_pat
     scored = with_reference_columns(data, table)
     for (c, r), b in zip(live, batches(scored, tok)):
         pc, pr = PrecomputedReference().logps(b)
-        torch.testing.assert_close(pc, c, atol=1e-5, rtol=0)
-        torch.testing.assert_close(pr, r, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pc, c, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(pr, r, rtol=1e-6, atol=1e-6)
 
 
 def test_reference_cache_is_reused_and_invalidated_by_model_data_and_lengths(single_rank, builtin_files, tmp_path,

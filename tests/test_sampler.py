@@ -60,3 +60,15 @@ def test_token_budget_regroups_each_ranks_pairs_and_keeps_ranks_in_step(budget):
         assert all(len(mb) == 1 for p in budgeted for mb in p.micro_batches)
     if budget == 10**6:
         assert all(len(p.micro_batches) == 1 for p in budgeted)
+
+
+def test_plans_run_on_across_epochs_and_resume_where_a_checkpoint_left_off():
+    sampler = GlobalBatchSampler(10, 2, 1, 2, 0, seed=3)  # 3 steps per epoch, the last one short
+    plans = sampler.plans()
+    first = [next(plans) for _ in range(7)]
+    assert [(e, d) for e, d, _ in first] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 1)]
+    expected = list(sampler.epoch(0)) + list(sampler.epoch(1)) + list(sampler.epoch(2))[:1]
+    assert [p for _, _, p in first] == expected
+    resumed = sampler.plans(0, 3)  # a checkpoint at the end of epoch 0 resumes at the start of epoch 1
+    assert [next(resumed)[:2] for _ in range(2)] == [(1, 1), (1, 2)]
+    assert next(sampler.plans(1, 1))[2] == list(sampler.epoch(1))[1]
