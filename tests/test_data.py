@@ -1,13 +1,12 @@
 import gzip
 import json
-from pathlib import Path
 
 import pytest
 
 from ds_dpo import builtin, data
-from ds_dpo.layouts import collate_pairs
 from ds_dpo.config import make_config
 from ds_dpo.data import DataError, load_preference_data
+from ds_dpo.layouts import collate_pairs
 
 GOOD = {"prompt": "count up from 3 :", "chosen": " 4 5", "rejected": " 2 1"}
 USER = {"role": "user", "content": "count up from 3 :"}

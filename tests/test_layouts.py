@@ -1,7 +1,6 @@
 import torch
 
-from ds_dpo.layouts import collate_pairs
-from ds_dpo.layouts import CHOSEN, REJECTED, batch_layout, model_inputs, packed_attention_mask
+from ds_dpo.layouts import CHOSEN, REJECTED, batch_layout, collate_pairs, model_inputs, packed_attention_mask
 
 ROWS = [{"index": 7, "prompt_input_ids": [1, 2, 3], "chosen_input_ids": [4, 5], "rejected_input_ids": [6, 7, 8]},
         {"index": 9, "prompt_input_ids": [], "chosen_input_ids": [10, 11], "rejected_input_ids": [12]}]

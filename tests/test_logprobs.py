@@ -3,10 +3,9 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
 from ds_dpo import builtin, logprobs
-from ds_dpo.layouts import collate_pairs
 from ds_dpo.data import load_tokenized
+from ds_dpo.layouts import LAYOUTS, collate_pairs
 from ds_dpo.logprobs import concatenated_forward, enable_token_scoring, token_stats
-from ds_dpo.layouts import LAYOUTS
 
 VOCAB = 101
 ARCHITECTURES = {

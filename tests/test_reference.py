@@ -1,6 +1,5 @@
 """Reference modes on real DeepSpeed ZeRO-3 engines (one in-process CPU rank)."""
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
