@@ -420,12 +420,20 @@ class DPOConfig:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(DPOConfig)
                              if f.default_factory is not dataclasses.MISSING}
 TOP_LEVEL = tuple(f.name for f in dataclasses.fields(DPOConfig) if f.name not in SECTIONS)
-KEYS: dict[str, str | None] = {key: None for key in TOP_LEVEL}
+
+
+def _key_sections() -> dict[str, str | None]:
+    keys: dict[str, str | None] = {key: None for key in TOP_LEVEL}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in keys:
+                raise TypeError(f"config key `{f.name}` is defined in two sections")
+            keys[f.name] = section
+    return keys
+
+
+KEYS = _key_sections()
 """Every flat key -> the section that holds it (None: ``DPOConfig`` itself)."""
-for _section, _cls in SECTIONS.items():
-    for _field in dataclasses.fields(_cls):
-        assert _field.name not in KEYS, f"config key {_field.name} defined twice"
-        KEYS[_field.name] = _section
 
 BUILTIN_DEFAULTS: dict[str, Any] = dict(
     max_steps=150,
