@@ -27,7 +27,7 @@ from ds_dpo.sources import DataError, RowProblem, read_source
 from ds_dpo.tokenization import LengthLimits, encode_pair
 
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-CACHE_VERSION = "1"  # bump when tokenization rules change, so that old cache files are not reused
+CACHE_VERSION = "2"  # bump when tokenization rules change, so that old cache files are not reused
 MAX_LISTED = 10
 
 __all__ = ["DataError", "DataReport", "load_preference_data", "load_tokenized", "prepare_source"]
