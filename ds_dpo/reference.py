@@ -20,7 +20,7 @@ from datasets.fingerprint import Hasher
 
 from ds_dpo.config import DPOConfig
 from ds_dpo.data import cache_root
-from ds_dpo.distributed import say
+from ds_dpo.distributed import any_rank, say
 from ds_dpo.layouts import collate_pairs
 from ds_dpo.logprobs import concatenated_forward
 from ds_dpo.sampler import GlobalBatchSampler
@@ -114,9 +114,7 @@ def cached_reference_logps(cache_file: Path, compute, device: torch.device) -> t
     Every rank must take the same branch (computing runs collectives), so the decision is an all-reduce: on nodes
     without a shared filesystem, one node's missing file makes all of them compute.
     """
-    have = torch.tensor([float(cache_file.is_file())], device=device)
-    torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
-    if have.item() > 0:
+    if not any_rank(not cache_file.is_file(), device):
         return load_file(cache_file)["logps"], True
     logps = compute()
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
