@@ -90,11 +90,24 @@ class ModelConfig:
     """Dropout on the LoRA branch (off in reference passes)."""
     lora_target_modules: str | list[str] = "all-linear"
     """Module names to adapt, or ``all-linear``."""
+    adapter_name_or_path: str | None = None
+    """Start from this LoRA adapter (a peft directory or Hub id) instead of fresh adapters; implies ``use_peft``.
+    The reference is then the base model without adapters (``reference: lora``) or the base model with this adapter,
+    frozen (``reference: zero``/``precomputed``)."""
+    router_aux_loss_coef: float | None = None
+    """Mixture-of-experts models: weight of the router load-balancing loss added to the policy loss (TRL's
+    semantics); unset: the model config's ``router_aux_loss_coef``; 0: off. Ignored for models without routers."""
+
+    def __post_init__(self) -> None:
+        if self.adapter_name_or_path is not None:
+            self.use_peft = True
 
     def problems(self) -> list[str]:
         checks = [
             (not _missing_dir(self.model_name_or_path),
              f"`model_name_or_path` directory {self.model_name_or_path!r} does not exist"),
+            (self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
+             "`router_aux_loss_coef` must be >= 0 or unset"),
             (not self.use_peft or self.lora_r >= 1, "`lora_r` must be >= 1"),
             (not self.use_peft or 0.0 <= self.lora_dropout < 1.0, "`lora_dropout` must be in [0, 1)"),
         ]
@@ -274,6 +287,10 @@ class BatchConfig:
     logps_chunk_size: int = 1024
     """Completion tokens per chunk of the vocabulary projection: full-vocabulary logits exist for at most this many
     tokens at a time and are recomputed in backward. 0: the model's full [2B, T, V] logits (the plain path)."""
+    scoring_self_check: bool = True
+    """Before training, score the first micro-batch with the fast path (layout, chunked log-probs) and with the
+    model's own forward on a padded batch; stop with a message naming the model and the setting to change if they
+    disagree."""
 
     def problems(self) -> list[str]:
         checks = [

@@ -9,8 +9,8 @@ import torch
 
 
 def say(message: str) -> None:
-    """Print a line once per job (global rank 0)."""
-    if torch.distributed.get_rank() == 0:
+    """Print a line once per job (global rank 0; the process itself outside a distributed run)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(f"ds_dpo: {message}", flush=True)
 
 

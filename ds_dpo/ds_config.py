@@ -78,11 +78,26 @@ def _fill_bucket_sizes(zero: dict, cfg: DPOConfig) -> None:
         zero[key] = sizes[key](hidden)
 
 
+# ZeRO settings that only concern gradients and optimizer states, which an inference-only engine does not have
+_TRAINING_ONLY_ZERO_KEYS = ("offload_optimizer", "zero_quantized_gradients", "reduce_scatter", "reduce_bucket_size",
+                            "allgather_bucket_size", "overlap_comm", "contiguous_gradients", "round_robin_gradients",
+                            "sub_group_size", "elastic_checkpoint", "gather_16bit_weights_on_model_save",
+                            "stage3_gather_16bit_weights_on_model_save", "ignore_unused_parameters",
+                            "cpu_offload", "load_from_fp32_weights")
+
+
 def reference_deepspeed_config(policy_ds: dict, ref_offload: bool) -> dict:
-    """Inference-only ZeRO-3 for the reference: no optimizer, parameters on CPU with ``ref_offload``."""
-    zero = {"stage": 3, "stage3_param_persistence_threshold": 1e4}
+    """Inference-only ZeRO-3 for the reference, inheriting the policy's ZeRO settings that concern parameters
+    (leaf modules, ZeRO++ quantized weights and hierarchical partitions, prefetch and persistence sizes): a MoE
+    reference whose blocks are not leaf modules can hang where the policy runs. Parameters go to CPU with
+    ``ref_offload`` (the policy's own ``offload_param`` block if it has one, e.g. NVMe), else stay on the device."""
+    zero = {key: copy.deepcopy(value) for key, value in policy_ds.get("zero_optimization", {}).items()
+            if key not in _TRAINING_ONLY_ZERO_KEYS}
+    zero["stage"] = 3
+    policy_offload = zero.pop("offload_param", None)
     if ref_offload:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_param"] = policy_offload or {"device": "cpu", "pin_memory": True}
+    zero.setdefault("stage3_param_persistence_threshold", 1e4)
     keep = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16")
     ref = {key: copy.deepcopy(policy_ds[key]) for key in keep if key in policy_ds}
     return {**ref, "zero_optimization": zero, "steps_per_print": policy_ds.get("steps_per_print", 10**9)}

@@ -24,6 +24,7 @@ from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deep
 from ds_dpo.config import DPOConfig, ModelConfig
 from ds_dpo.ds_config import zero_stage
 from ds_dpo.logprobs import enable_token_scoring
+from ds_dpo.model_support import moe_block_classes
 
 _NO_DECAY = ("bias", "norm")
 
@@ -95,21 +96,48 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def with_moe_leaf_modules(ds_config: dict, model: torch.nn.Module) -> dict:
+    """``ds_config`` with the model's MoE blocks added to ZeRO-3's leaf modules (kept: the user's own and DeepSpeed's
+    defaults)."""
+    blocks = moe_block_classes(model)
+    if zero_stage(ds_config) != 3 or not blocks:
+        return ds_config
+    from deepspeed.runtime.zero.leaf_module_config import DEFAULT_LEAF_MODULE_CLASSES
+
+    zero = dict(ds_config["zero_optimization"])
+    leaf = dict(zero.get("leaf_module") or {})
+    classes = leaf.get("classes", list(DEFAULT_LEAF_MODULE_CLASSES))
+    classes = [classes] if isinstance(classes, str) else list(classes)
+    leaf["classes"] = classes + [block for block in blocks if block not in classes]
+    return {**ds_config, "zero_optimization": {**zero, "leaf_module": leaf}}
+
+
+def _with_adapter(cfg: DPOConfig, model: torch.nn.Module, trainable: bool) -> torch.nn.Module:
+    """The policy with its LoRA adapters (fresh, or ``adapter_name_or_path`` to train on); a reference of the same
+    base with the starting adapter, frozen."""
+    from peft import PeftModel, get_peft_model
+
+    if cfg.model.adapter_name_or_path is None:
+        return get_peft_model(model, lora_config(cfg.model))
+    return PeftModel.from_pretrained(model, cfg.model.adapter_name_or_path, is_trainable=trainable)
+
+
 def build_engine(cfg: DPOConfig, ds_config: dict, trainable: bool, total_steps: int = 0):
     """Build the policy (``trainable``: optimizer, LR schedule, optional LoRA) or a frozen reference engine."""
     model, hf_ds = load_model(cfg, ds_config, trainable)
+    ds_config = with_moe_leaf_modules(ds_config, model)
     if not trainable:
+        if cfg.model.adapter_name_or_path and cfg.ref.ref_model_name_or_path is None:
+            model = _with_adapter(cfg, model, trainable=False)
         model.requires_grad_(False)
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
         engine.eval()
-        engine.hf_deepspeed_config = hf_ds
+        engine.hf_deepspeed_config, engine.ds_config_dict = hf_ds, ds_config
         return engine
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.use_peft:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora_config(cfg.model))
+        model = _with_adapter(cfg, model, trainable=True)
     optim = cfg.optim
 
     def lr_schedule(optimizer):
@@ -124,7 +152,7 @@ def build_engine(cfg: DPOConfig, ds_config: dict, trainable: bool, total_steps: 
         config=ds_config,
         lr_scheduler=None if "scheduler" in ds_config else lr_schedule,
     )
-    engine.hf_deepspeed_config = hf_ds
+    engine.hf_deepspeed_config, engine.ds_config_dict = hf_ds, ds_config
     return engine
 
 

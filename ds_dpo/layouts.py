@@ -20,7 +20,10 @@ Which tokens may attend to which is described per token by ``segment`` (the sequ
 - flash-attention (``attn_implementation`` containing ``flash``): no mask; the kernel's varlen path finds sequence
   boundaries where ``position_ids`` restart. Cannot express prefix sharing (``batch_layout`` falls back to packed).
 - everything else (``sdpa``, ``eager``): a 4D [1, 1, S, S] mask, bool for sdpa, additive float for the others;
-  ``position_ids`` restarting alone does not isolate sequences there.
+  ``position_ids`` restarting alone does not isolate sequences there. A 4D mask is used by the model as it is, so
+  sliding-window attention (Mistral, Phi-3, Gemma-2/3, Cohere-2, ...) must be in it: a token attends only to keys
+  fewer than ``sliding_window`` positions back. Models that mix full and sliding layers (``config.layer_types``)
+  take one mask per layer type.
 
 Every layout also carries the scored tokens (M of them; see ``ds_dpo.logprobs``) and the pairs' bookkeeping:
 
@@ -33,6 +36,7 @@ Every layout also carries the scored tokens (M of them; see ``ds_dpo.logprobs``)
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -141,30 +145,55 @@ def pad_pairs(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.
 
 
 def packed_attention_mask(segment: torch.Tensor, branch: torch.Tensor, attn_implementation: str,
-                          dtype: torch.dtype) -> torch.Tensor:
-    """[1, 1, S, S] mask from [1, S] ``segment``/``branch``: causal within a segment, rejected blind to chosen.
+                          dtype: torch.dtype, position_ids: torch.Tensor | None = None,
+                          sliding_window: int | None = None) -> torch.Tensor:
+    """[1, 1, S, S] mask from [1, S] ``segment``/``branch``: causal within a segment, rejected blind to chosen, and
+    with ``sliding_window`` (needs ``position_ids``) no key that many positions or more before the query.
 
     Bool (True = may attend) for sdpa, else additive float in ``dtype`` (0 or the dtype's minimum)."""
     seg, kind = segment[0], branch[0]
     same = seg.unsqueeze(1) == seg.unsqueeze(0)
     causal = torch.ones(same.shape, dtype=torch.bool, device=seg.device).tril()
     crossing = (kind == REJECTED).unsqueeze(1) & (kind == CHOSEN).unsqueeze(0)
-    allowed = (same & causal & ~crossing)[None, None]
+    allowed = same & causal & ~crossing
+    if sliding_window is not None:
+        pos = position_ids[0]
+        allowed &= (pos.unsqueeze(1) - pos.unsqueeze(0)) < sliding_window
+    allowed = allowed[None, None]
     if attn_implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed,
                                                                                     torch.finfo(dtype).min)
 
 
-def model_inputs(batch: dict[str, torch.Tensor], attn_implementation: str, dtype: torch.dtype) -> dict:
-    """The keyword arguments for the model's forward: padded batches as they are; packed ones with
-    ``position_ids`` and, unless the kernel is varlen, the 4D mask."""
+def sliding_window(config) -> tuple[int | None, bool]:
+    """The model's attention window and whether only some layers use it (then masks go per ``layer_types``)."""
+    text = config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return None, False
+    layer_types = set(getattr(text, "layer_types", None) or ())
+    return window, "sliding_attention" in layer_types and len(layer_types) > 1
+
+
+def model_inputs(batch: dict[str, torch.Tensor], config, dtype: torch.dtype) -> dict:
+    """The keyword arguments for the forward of a model with ``config``: padded batches as they are; packed ones
+    with ``position_ids`` and, unless the kernel is varlen, the 4D mask (or one per layer type)."""
     if "segment" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    attn = config._attn_implementation
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    if not is_varlen(attn_implementation):
-        inputs["attention_mask"] = packed_attention_mask(batch["segment"], batch["branch"], attn_implementation,
-                                                         dtype)
+    if is_varlen(attn):
+        return inputs
+    mask = functools.partial(packed_attention_mask, batch["segment"], batch["branch"], attn, dtype,
+                             batch["position_ids"])
+    window, per_layer_type = sliding_window(config)
+    if window is None:
+        inputs["attention_mask"] = mask()
+    elif per_layer_type:
+        inputs["attention_mask"] = {"full_attention": mask(), "sliding_attention": mask(window)}
+    else:
+        inputs["attention_mask"] = mask(window)
     return inputs
 
 

@@ -11,22 +11,38 @@ chunk's [chunk, V] logits recomputed in backward (``ChunkedTokenStats``, on the 
 the [2B, T, V] logits tensor that is the memory peak of a plain DPO step never exists. ``logps_chunk_size=0`` takes the plain path instead: the model's
 full logits, then the same per-token statistics.
 
+The chunked path needs the model's logits to be its output layer applied to the base model's last hidden state.
+Some families transform those logits in their ``forward`` (Granite divides by ``logits_scaling``, Cohere multiplies
+by ``logit_scale``, Falcon-H1 by ``lm_head_multiplier``, Gemma-2/3 soft-cap them); rather than keeping a list of such
+config keys, the first scoring call probes the model (``probe_output_head``): it compares the model's own logits on
+a few fixed tokens with the output layer applied to the base model's hidden states and fits a scale (after undoing
+``final_logit_softcapping`` where the config has one). What fits is applied in the chunked path; a model whose logits
+are anything else is scored from its full logits, with a notice.
+
+Mixture-of-experts models add their router load-balancing loss (``TokenStats.aux_loss``) the way their own
+``forward`` does, with the model's ``load_balancing_loss_func`` on the router logits of every layer, recorded by hooks
+so that it works in every layout (the model's own call cannot take a packed row's 4D mask).
+
 Per-token statistics are reduced to per-sequence ones by pure functions (``completion_logps``, ``wpo_logps``), so
 the same reduction serves the policy, the reference, and the tests that drive TRL with identical per-token inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 from torch.utils.checkpoint import checkpoint
 
-from ds_dpo.layouts import model_inputs
+from ds_dpo.distributed import say
+from ds_dpo.layouts import collate_pairs, model_inputs
+from ds_dpo.model_support import router_modules
 
 
 @dataclass(frozen=True)
@@ -45,12 +61,14 @@ class PairLogps:
     chosen_wpo: torch.Tensor | None = None
     """WPO: mean over the completion of log pi(y_t) - log sum_v pi(v)^2 (only with ``use_weighting``)."""
     rejected_wpo: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    """Scalar router load-balancing loss of the whole micro-batch (mixture-of-experts models, when asked for)."""
 
     def select(self, index: torch.Tensor) -> "PairLogps":
-        """The statistics of the pairs at ``index`` ([K] long)."""
+        """The statistics of the pairs at ``index`` ([K] long); ``aux_loss`` stays the micro-batch's."""
         return PairLogps(*(None if t is None else t[index] for t in (
             self.chosen, self.rejected, self.chosen_logits, self.rejected_logits, self.chosen_tokens,
-            self.rejected_tokens, self.chosen_wpo, self.rejected_wpo)))
+            self.rejected_tokens, self.chosen_wpo, self.rejected_wpo)), aux_loss=self.aux_loss)
 
 
 class TokenStats(NamedTuple):
@@ -62,6 +80,23 @@ class TokenStats(NamedTuple):
     """Vocabulary-mean logit at the predicting position (detached)."""
     log_sum_sq_probs: torch.Tensor | None
     """log sum_v pi(v)^2 at the predicting position (detached; only when asked for, for WPO)."""
+    aux_loss: torch.Tensor | None = None
+    """Scalar router load-balancing loss (only when asked for, for mixture-of-experts models)."""
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """What a model does to its output layer's logits before returning them: ``softcap(scale * logits)``."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def completion_logps(token_logps: torch.Tensor, sequence: torch.Tensor, rank: torch.Tensor, num_sequences: int,
@@ -109,8 +144,8 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, with_wpo: bool = Fal
     return TokenStats(logps, detached.mean(-1), log_sum_sq)
 
 
-def _linear_token_stats(hidden, weight, bias, labels, with_wpo):
-    return token_stats(F.linear(hidden, weight, bias), labels, with_wpo)
+def _head_token_stats(hidden, weight, bias, labels, head, with_wpo):
+    return token_stats(head(F.linear(hidden, weight, bias).float()), labels, with_wpo)
 
 
 class ChunkedTokenStats(torch.nn.Module):
@@ -131,20 +166,95 @@ class ChunkedTokenStats(torch.nn.Module):
             if hasattr(param, "ds_id"):  # a ZeRO-3 partitioned parameter
                 register_external_parameter(self, param)
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int, with_wpo: bool = False):
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int, head: OutputHead,
+                with_wpo: bool = False):
         """``hidden`` [M, H] at the scored positions, ``labels`` [M] -> ``TokenStats``."""
         weight, bias = self.output_layer.weight, self.output_layer.bias
         chunks = []
         for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size)):
             if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-                chunks.append(checkpoint(_linear_token_stats, h, weight, bias, y, with_wpo, use_reentrant=False))
+                chunks.append(checkpoint(_head_token_stats, h, weight, bias, y, head, with_wpo, use_reentrant=False))
             else:
-                chunks.append(_linear_token_stats(h, weight, bias, y, with_wpo))
+                chunks.append(_head_token_stats(h, weight, bias, y, head, with_wpo))
         return TokenStats(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks)))
 
 
 def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+_PROBE_TOKENS = 16
+
+
+def probe_output_head(causal_lm: torch.nn.Module, plain_forward: Callable, device: torch.device) -> OutputHead | None:
+    """How the model turns its output layer's logits into the logits it returns, or None when that is not
+    ``OutputHead``-shaped (or the output layer is not a Linear on the base model's last hidden state).
+
+    Runs the model on ``_PROBE_TOKENS`` fixed token ids (the same on every rank, so every rank decides alike), inside
+    the model's forward: under ZeRO-3 the layers gather their weights as they are called.
+    """
+    head = causal_lm.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    config = causal_lm.config.get_text_config()
+    ids = torch.randint(config.vocab_size, (1, _PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    with torch.no_grad():
+        returned = plain_forward(input_ids=ids, use_cache=False).logits.float()
+        projected = head(causal_lm.base_model(input_ids=ids, use_cache=False).last_hidden_state).float()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    target = returned
+    if softcap is not None:  # undo the soft-capping to fit the scale before it
+        target = softcap * torch.atanh((returned / softcap).clamp(-1 + 1e-6, 1 - 1e-6))
+    scale = float((target * projected).sum() / (projected * projected).sum().clamp(min=1e-30))
+    fitted = OutputHead(1.0 if abs(scale - 1.0) < 1e-6 else scale, softcap)
+    # bf16 logits carry ~3 significant digits; a transform we cannot express is off by far more
+    tolerance = 1e-4 if head.weight.dtype == torch.float32 else 3e-2
+    error = (fitted(projected) - returned).abs().max() / returned.abs().max().clamp(min=1e-30)
+    return fitted if error <= tolerance else None
+
+
+@dataclass(frozen=True)
+class RouterAuxLoss:
+    """A mixture-of-experts model's own router load-balancing loss, computed from its routers' logits.
+
+    Models in transformers record their routers' logits (``_can_record_outputs``) and compute the loss in their
+    causal LM's ``forward`` with their module's ``load_balancing_loss_func``; ``router_aux_loss`` finds both."""
+
+    routers: list[torch.nn.Module]
+    index: int
+    """Which element of a router's output is its logits."""
+    loss_func: Callable
+    num_experts: int
+    top_k: int
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Collect the routers' logits of every call while the context is open."""
+        logits: list[torch.Tensor] = []
+
+        def record(_module, _inputs, output):
+            logits.append(output[self.index] if isinstance(output, tuple) else output)
+
+        hooks = [router.register_forward_hook(record) for router in self.routers]
+        try:
+            yield logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def __call__(self, router_logits: list[torch.Tensor], padding_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.loss_func(tuple(router_logits), self.num_experts, self.top_k, padding_mask)
+
+
+def router_aux_loss(causal_lm: torch.nn.Module) -> RouterAuxLoss | None:
+    """The model's ``RouterAuxLoss``, or None for a model without one."""
+    routers, index = router_modules(causal_lm)
+    loss_func = getattr(sys.modules[type(causal_lm).__module__], "load_balancing_loss_func", None)
+    experts, top_k = getattr(causal_lm, "num_experts", None), getattr(causal_lm, "num_experts_per_tok", None)
+    if not routers or loss_func is None or not experts or not top_k:
+        return None
+    return RouterAuxLoss(routers, index, loss_func, experts, top_k)
 
 
 def enable_token_scoring(model: torch.nn.Module) -> torch.nn.Module:
@@ -160,26 +270,37 @@ def enable_token_scoring(model: torch.nn.Module) -> torch.nn.Module:
     if getattr(causal_lm, "_ds_dpo_plain_forward", None) is not None:
         return model
     plain_forward = causal_lm.forward
-    # Models that transform the output layer's logits in their forward (Gemma-2's soft-capping, Cohere's logit
-    # scale) or whose output layer is not a plain Linear keep the full-logits path.
-    config = causal_lm.config
-    chunkable = (isinstance(causal_lm.get_output_embeddings(), torch.nn.Linear)
-                 and getattr(config, "final_logit_softcapping", None) is None
-                 and getattr(config, "logit_scale", 1.0) in (None, 1.0))
+    aux = router_aux_loss(causal_lm)
 
     @functools.wraps(plain_forward)
-    def forward(*args, score_index=None, score_labels=None, logps_chunk_size=0, with_wpo=False, **kwargs):
+    def forward(*args, score_index=None, score_labels=None, logps_chunk_size=0, with_wpo=False,
+                router_aux_loss=False, **kwargs):
         if score_index is None:
             return plain_forward(*args, **kwargs)
         kwargs["use_cache"] = False
-        if logps_chunk_size <= 0 or not chunkable:
-            logits = plain_forward(*args, **kwargs).logits
-            return token_stats(logits.flatten(0, 1)[score_index], score_labels, with_wpo)
-        hidden = causal_lm.base_model(*args, **kwargs).last_hidden_state
-        return causal_lm.ds_dpo_token_stats(hidden.flatten(0, 1)[score_index], score_labels, logps_chunk_size,
-                                            with_wpo)
+        if logps_chunk_size > 0 and not hasattr(causal_lm, "_ds_dpo_output_head"):
+            causal_lm._ds_dpo_output_head = probe_output_head(causal_lm, plain_forward, score_index.device)
+            if causal_lm._ds_dpo_output_head is None:
+                say(f"notice: {type(causal_lm).__name__} returns logits that are not a scaled (or soft-capped) "
+                    "projection of its last hidden state; its log-probs come from its full logits "
+                    "(logps_chunk_size has no effect)")
+        head = causal_lm._ds_dpo_output_head if logps_chunk_size > 0 else None
+        record = aux.recording() if router_aux_loss and aux is not None else contextlib.nullcontext([])
+        with record as router_logits:
+            if head is None:
+                logits = plain_forward(*args, **kwargs).logits
+                stats = token_stats(logits.flatten(0, 1)[score_index], score_labels, with_wpo)
+            else:
+                hidden = causal_lm.base_model(*args, **kwargs).last_hidden_state
+                stats = causal_lm.ds_dpo_token_stats(hidden.flatten(0, 1)[score_index], score_labels,
+                                                     logps_chunk_size, head, with_wpo)
+        if router_logits:
+            mask = kwargs.get("attention_mask")  # padding mask of a padded batch; packed rows have no padding
+            mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            stats = stats._replace(aux_loss=aux(router_logits, mask))
+        return stats
 
-    if chunkable:
+    if isinstance(causal_lm.get_output_embeddings(), torch.nn.Linear):
         causal_lm.ds_dpo_token_stats = ChunkedTokenStats(causal_lm.get_output_embeddings())
     causal_lm._ds_dpo_plain_forward = plain_forward
     causal_lm.forward = forward
@@ -187,21 +308,71 @@ def enable_token_scoring(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def concatenated_forward(model, batch: dict[str, torch.Tensor], ld_alpha: float | None = None,
-                         with_wpo: bool = False, logps_chunk_size: int = 1024) -> PairLogps:
+                         with_wpo: bool = False, logps_chunk_size: int = 1024,
+                         router_aux_loss: bool = False) -> PairLogps:
     """One forward over all sequences of a micro-batch (any layout from ``ds_dpo.layouts``).
 
     ``model`` is a DeepSpeed engine or a causal LM on which ``enable_token_scoring`` was called.
+    ``router_aux_loss``: also return a mixture-of-experts model's router load-balancing loss (None for other models).
     """
     num_sequences = 2 * batch["weight"].shape[0]
     sequence, rank = batch["score_sequence"], batch["score_rank"]
     causal_lm = _unwrap_peft(getattr(model, "module", model))  # getattr: a DeepSpeed engine wraps the model
-    inputs = model_inputs(batch, causal_lm.config._attn_implementation, causal_lm.dtype)
-    stats = model(**inputs, score_index=batch["score_index"],
-                  score_labels=batch["score_labels"], logps_chunk_size=logps_chunk_size, with_wpo=with_wpo)
+    inputs = model_inputs(batch, causal_lm.config, causal_lm.dtype)
+    stats = model(**inputs, score_index=batch["score_index"], score_labels=batch["score_labels"],
+                  logps_chunk_size=logps_chunk_size, with_wpo=with_wpo, router_aux_loss=router_aux_loss)
     logps = completion_logps(stats.logps, sequence, rank, num_sequences, ld_alpha)
     logit_sums = stats.logit_means.new_zeros(num_sequences).index_add(0, sequence, stats.logit_means)
     tokens = torch.bincount(sequence, minlength=num_sequences)
     wpo = wpo_logps(stats.logps, stats.log_sum_sq_probs, sequence, num_sequences) if with_wpo else None
     (c, r), (cl, rl), (ct, rt) = logps.chunk(2), logit_sums.chunk(2), tokens.chunk(2)
     cw, rw = wpo.chunk(2) if wpo is not None else (None, None)
-    return PairLogps(c, r, cl, rl, ct, rt, cw, rw)
+    return PairLogps(c, r, cl, rl, ct, rt, cw, rw, stats.aux_loss)
+
+
+def _relative_error(got: PairLogps, expected: PairLogps) -> tuple[float, str, int]:
+    """Largest |got - expected| / max(|expected|, 1) over the pairs' chosen and rejected log-probs, where."""
+    worst = (0.0, "chosen", 0)
+    for side in ("chosen", "rejected"):
+        a, b = getattr(got, side).double(), getattr(expected, side).double()
+        error = (a - b).abs() / b.abs().clamp(min=1.0)
+        i = int(error.argmax())
+        worst = max(worst, (float(error[i]), side, i))
+    return worst
+
+
+@torch.no_grad()
+def scoring_mismatch(model, rows: list[dict], pad_token_id: int, layout: str, logps_chunk_size: int) -> str | None:
+    """The startup self-check: score ``rows`` (a real micro-batch) with the run's fast path (``layout``, chunked
+    log-probs) and with the model's own forward on a padded batch; a description of the difference when they
+    disagree beyond rounding, else None.
+
+    Three forwards under ``no_grad`` in eval mode (the third, padded with chunked log-probs, tells a wrong layout from a
+    wrong output head), the same on every rank."""
+    causal_lm = _unwrap_peft(getattr(model, "module", model))
+    was_training = causal_lm.training
+    model.eval()
+    try:
+        weights = [1.0] * len(rows)
+        plain = concatenated_forward(model, collate_pairs(rows, weights, pad_token_id, "padded"), logps_chunk_size=0)
+        head = concatenated_forward(model, collate_pairs(rows, weights, pad_token_id, "padded"),
+                                    logps_chunk_size=logps_chunk_size)
+        fast = concatenated_forward(model, collate_pairs(rows, weights, pad_token_id, layout),
+                                    logps_chunk_size=logps_chunk_size)
+    finally:
+        model.train(was_training)
+    # float32 agrees to ~1e-6; bf16 kernels on different layouts round differently by up to ~1e-2
+    tolerance = 1e-4 if causal_lm.dtype == torch.float32 else 5e-2
+    error, side, pair = _relative_error(fast, plain)
+    if error <= tolerance:
+        return None
+    head_error = _relative_error(head, plain)[0]
+    if head_error > tolerance:
+        culprit, avoid = "its chunked output head", "`logps_chunk_size: 0`"
+    else:
+        culprit, avoid = f"the {layout} batch layout", "`padding_free: false`"
+    return (f"scoring self-check failed for {type(causal_lm).__name__}: the {side} log-prob of pair {pair} of the "
+            f"first micro-batch is {float(getattr(fast, side)[pair]):.6g} from the fast path but "
+            f"{float(getattr(plain, side)[pair]):.6g} from the model's own forward (relative difference "
+            f"{error:.2g}, tolerance {tolerance:g}); the difference comes from {culprit}. Set {avoid} to score this "
+            "model another way (or `scoring_self_check: false` to train anyway)")

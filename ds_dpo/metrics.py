@@ -21,7 +21,8 @@ from ds_dpo.losses import PreferenceLossOutput
 # Pair-weighted means, then token-weighted logit means, then the raw counters.
 _PAIR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
               "logps/chosen", "logps/rejected")
-_KEYS = _PAIR_KEYS + ("logits/chosen", "logits/rejected", "chosen_tokens", "rejected_tokens", "pairs", "tokens")
+_KEYS = _PAIR_KEYS + ("logits/chosen", "logits/rejected", "chosen_tokens", "rejected_tokens", "pairs", "tokens",
+                      "aux_loss", "aux_pairs")
 
 
 def peak_memory_mb() -> float:
@@ -47,14 +48,18 @@ class MetricAccumulator:
                                 policy.chosen_logits, policy.rejected_logits,
                                 policy.chosen_tokens.float(), policy.rejected_tokens.float()])
         pairs = torch.full((1,), per_pair.shape[1], dtype=torch.float64, device=self.sums.device)
-        self.sums += torch.cat([per_pair.double().sum(-1), pairs, num_tokens.double().view(1)])
+        aux = torch.zeros(2, dtype=torch.float64, device=self.sums.device)
+        if policy.aux_loss is not None:  # the micro-batch's router loss, weighted by its pairs
+            aux = torch.cat([policy.aux_loss.detach().double().view(1) * pairs, pairs])
+        self.sums += torch.cat([per_pair.double().sum(-1), pairs, num_tokens.double().view(1), aux])
 
     def state_dict(self) -> list[float]:
         """The partial window's sums (a checkpoint taken between logs carries them over)."""
         return self.sums.tolist()
 
     def load_state_dict(self, sums: list[float]) -> None:
-        self.sums.copy_(torch.tensor(sums, dtype=self.sums.dtype))
+        self.sums.zero_()  # a checkpoint from before a counter was added has fewer
+        self.sums[:len(sums)] = torch.tensor(sums, dtype=self.sums.dtype)
 
     def reduce(self, prefix: str = "") -> dict[str, float]:
         """All-reduce the sums, return means and rates over the window, and start a new window."""
@@ -67,6 +72,8 @@ class MetricAccumulator:
         metrics[f"{prefix}logits/rejected"] = s["logits/rejected"] / max(s["rejected_tokens"], 1.0)
         metrics[f"{prefix}pairs_per_second"] = s["pairs"] / elapsed
         metrics[f"{prefix}tokens_per_second"] = s["tokens"] / elapsed
+        if s["aux_pairs"]:
+            metrics[f"{prefix}aux_loss"] = s["aux_loss"] / s["aux_pairs"]
         self.sums.zero_()
         self.started = time.perf_counter()
         return metrics

@@ -25,13 +25,14 @@ import torch
 
 from ds_dpo import builtin, engines
 from ds_dpo.checkpoint import Checkpointer, export_hf_model
-from ds_dpo.config import DPOConfig, dump_config
+from ds_dpo.config import ConfigError, DPOConfig, dump_config
 from ds_dpo.data import load_preference_data
-from ds_dpo.distributed import local_main_first, say
+from ds_dpo.distributed import any_rank, local_main_first, say
 from ds_dpo.ds_config import reference_deepspeed_config, resolve_deepspeed_config
-from ds_dpo.layouts import batch_layout, collate_pairs, forward_tokens
-from ds_dpo.logprobs import concatenated_forward
+from ds_dpo.layouts import collate_pairs, forward_tokens
+from ds_dpo.logprobs import concatenated_forward, router_aux_loss, scoring_mismatch
 from ds_dpo.losses import LossInputs, PreferenceLossOutput, preference_loss
+from ds_dpo.model_support import inspect_model
 from ds_dpo.metrics import MetricAccumulator, MetricsLogger, max_over_ranks, peak_memory_mb
 from ds_dpo.preemption import PreemptionGuard
 from ds_dpo.reference import (AdapterReference, EngineReference, PrecomputedReference, Reference,
@@ -67,7 +68,13 @@ class DPORecipe:
         cfg = self.cfg
         self.rank, self.world_size, _ = engines.init_distributed(cfg.parallel.ddp_timeout)
         self.device = engines.device()
-        self.layout = batch_layout(cfg.batch.padding_free, cfg.batch.prefix_sharing, cfg.model.attn_implementation)
+        support = inspect_model(cfg.model)
+        if support.attn_implementation != cfg.model.attn_implementation:
+            self.cfg = cfg = cfg.replace(attn_implementation=support.attn_implementation)
+        self.layout, layout_notice = support.layout(cfg.batch.padding_free, cfg.batch.prefix_sharing)
+        for notice in (*support.notices, layout_notice):
+            if notice:
+                say(f"notice: {notice}")
         self.forward_options = {"ld_alpha": cfg.loss.ld_alpha, "logps_chunk_size": cfg.batch.logps_chunk_size}
         torch.manual_seed(cfg.seed)  # same on every rank: LoRA init and anything else random must agree
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +102,7 @@ class DPORecipe:
         self.checkpointer.prepare_resume(ds_config)
         if self.rank == 0:
             dump_config(cfg, self.output_dir / "config.yaml")
-            (self.output_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+        self._write_json("deepspeed_config.json", ds_config)
         self._setup_models(ds_config)
         self.state = TrainState(MetricAccumulator(self.device))
         self.checkpointer.restore(self.policy, self.state)
@@ -110,17 +117,52 @@ class DPORecipe:
         if with_reference and cfg.ref.reference != "lora":
             ref_config = reference_deepspeed_config(ds_config, cfg.ref.ref_offload)
             ref_engine = engines.build_engine(cfg, ref_config, trainable=False)
+            self._write_json("reference_deepspeed_config.json", ref_engine.ds_config_dict)
+            self._check_scoring(ref_engine, "reference")
             self.reference = EngineReference(ref_engine, **self.forward_options)
             if cfg.ref.precompute_ref_log_probs:
                 self._precompute_reference()
                 engines.release(ref_engine)
         self.policy = engines.build_engine(cfg, ds_config, trainable=True, total_steps=self.total_steps)
+        self._write_json("deepspeed_config.json", self.policy.ds_config_dict)  # now with the model's leaf modules
+        self._check_scoring(self.policy, "policy")
+        self.aux_loss_coef = self._router_aux_loss_coef()
         if with_reference and cfg.ref.reference == "lora":
             self.reference = AdapterReference(self.policy, **self.forward_options)
             if cfg.ref.precompute_ref_log_probs:
                 self._precompute_reference()
         chunks = f"chunks of {cfg.batch.logps_chunk_size} tokens" if cfg.batch.logps_chunk_size else "full logits"
         say(f"reference: {self._describe_reference()}; batches: {self.layout}; log-probs from {chunks}")
+
+    def _write_json(self, name: str, value: dict) -> None:
+        if self.rank == 0:
+            (self.output_dir / name).write_text(json.dumps(value, indent=1))
+
+    def _check_scoring(self, engine, name: str) -> None:
+        """The startup self-check (``scoring_self_check``) on this rank's first training micro-batch; every rank
+        stops if any rank's fast path disagrees with the model's own forward."""
+        if not self.cfg.batch.scoring_self_check:
+            return
+        first = next(self.sampler.plans(0, 0))[2].micro_batches[0]
+        rows = [self.train_data[i] for i in first]
+        problem = scoring_mismatch(engine, rows, self.tokenizer.pad_token_id, self.layout,
+                                   self.cfg.batch.logps_chunk_size)
+        if any_rank(problem is not None, self.device):
+            raise ConfigError(f"{name}: {problem or 'the scoring self-check failed on another rank'}")
+
+    def _router_aux_loss_coef(self) -> float:
+        """The weight of a mixture-of-experts policy's router loss (0: none is computed)."""
+        causal_lm = self.policy.module
+        causal_lm = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+        coef = self.cfg.model.router_aux_loss_coef
+        if router_aux_loss(causal_lm) is None:
+            if coef:
+                say(f"notice: {type(causal_lm).__name__} has no router load-balancing loss; "
+                    "`router_aux_loss_coef` is ignored")
+            return 0.0
+        coef = getattr(causal_lm.config, "router_aux_loss_coef", 0.0) if coef is None else coef
+        say(f"router load-balancing loss added with weight {coef}" if coef else "router load-balancing loss off")
+        return coef
 
     def _describe_reference(self) -> str:
         cfg = self.cfg
@@ -194,10 +236,11 @@ class DPORecipe:
         """Sum of the per-pair losses of the micro-batch's real pairs (a zero still attached to the graph when it
         holds only fillers: every rank must run backward under ZeRO-3); adds the pairs' statistics to ``window``."""
         ref_chosen, ref_rejected = self.reference.logps(batch) if self.reference is not None else (None, None)
-        policy = concatenated_forward(self.policy, batch, with_wpo=self.cfg.loss.use_weighting, **self.forward_options)
+        policy = concatenated_forward(self.policy, batch, with_wpo=self.cfg.loss.use_weighting,
+                                      router_aux_loss=self.aux_loss_coef > 0, **self.forward_options)
         real = [i for i, w in enumerate(weights) if w > 0]
         if not real:
-            return policy.chosen.sum() * 0.0
+            return policy.chosen.sum() * 0.0 + (0.0 if policy.aux_loss is None else policy.aux_loss * 0.0)
         if len(real) < len(weights):  # fillers must not enter batch-coupled losses (sorting, token means)
             index = torch.tensor(real, device=policy.chosen.device)
             policy = policy.select(index)
@@ -206,7 +249,10 @@ class DPORecipe:
             policy.chosen, policy.rejected, ref_chosen, ref_rejected, policy.chosen_tokens, policy.rejected_tokens,
             policy.chosen_wpo, policy.rejected_wpo))
         window.add(out, policy, (batch["pair_tokens"] * batch["weight"]).sum())
-        return out.losses.sum()
+        if policy.aux_loss is None:
+            return out.losses.sum()
+        # TRL adds coef * aux_loss to each micro-batch's mean loss; as a sum over its pairs that is n * coef * aux
+        return out.losses.sum() + len(real) * self.aux_loss_coef * policy.aux_loss
 
     def _preference_loss(self, inputs: LossInputs) -> PreferenceLossOutput:
         return preference_loss(inputs, self.cfg.loss)

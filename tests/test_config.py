@@ -100,6 +100,22 @@ def test_deepspeed_auto_values_filled(builtin_files):
     assert "optimizer" not in ref and ref["train_batch_size"] == 24
 
 
+def test_reference_engine_inherits_the_policys_parameter_settings():
+    leaf = {"classes": ["my_models.MoeBlock"], "name_suffixes": ["experts"]}
+    policy = {"train_batch_size": 8, "optimizer": {"type": "AdamW"}, "zero_optimization": {
+        "stage": 3, "leaf_module": leaf, "zero_quantized_weights": True, "zero_hpz_partition_size": 2,
+        "stage3_prefetch_bucket_size": 1234, "stage3_param_persistence_threshold": 99, "reduce_bucket_size": 5,
+        "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}}
+    ref = reference_deepspeed_config(policy, ref_offload=False)["zero_optimization"]
+    assert ref == {"stage": 3, "leaf_module": leaf, "zero_quantized_weights": True, "zero_hpz_partition_size": 2,
+                   "stage3_prefetch_bucket_size": 1234, "stage3_param_persistence_threshold": 99}
+    offloaded = reference_deepspeed_config(policy, ref_offload=True)["zero_optimization"]
+    assert offloaded["offload_param"] == {"device": "nvme", "nvme_path": "/nvme"}  # the policy's own offload target
+    zero2 = reference_deepspeed_config({"zero_optimization": {"stage": 2, "allgather_bucket_size": 7}}, True)
+    assert zero2["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
+                                          "stage3_param_persistence_threshold": 1e4}
+
+
 def test_deepspeed_batch_size_conflict_is_explained(tmp_path):
     ds_file = tmp_path / "ds.json"
     preset = make_config({}).parallel.deepspeed_json()

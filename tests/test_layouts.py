@@ -1,4 +1,5 @@
 import torch
+from transformers import Gemma3TextConfig, MistralConfig
 
 from ds_dpo.layouts import CHOSEN, REJECTED, batch_layout, collate_pairs, model_inputs, packed_attention_mask
 
@@ -51,9 +52,27 @@ def test_layout_choice_and_kernel_inputs():
     assert batch_layout(False, True, "sdpa") == "padded"
     assert batch_layout(True, True, "flash_attention_2") == "packed"  # varlen kernels cannot share a prefix
     packed = collate_pairs(ROWS, [1.0, 1.0], 0, "packed")
-    assert set(model_inputs(packed, "flash_attention_2", torch.bfloat16)) == {"input_ids", "position_ids"}
-    assert model_inputs(packed, "sdpa", torch.float32)["attention_mask"].shape == (1, 1, 14, 14)
+    assert set(model_inputs(packed, config("flash_attention_2"), torch.bfloat16)) == {"input_ids", "position_ids"}
+    assert model_inputs(packed, config("sdpa"), torch.float32)["attention_mask"].shape == (1, 1, 14, 14)
     padded = collate_pairs(ROWS, [1.0, 1.0], 0, "padded")
-    assert padded["input_ids"].shape == (4, 6) and set(model_inputs(padded, "sdpa", torch.float32)) == {
+    assert padded["input_ids"].shape == (4, 6) and set(model_inputs(padded, config("sdpa"), torch.float32)) == {
         "input_ids", "attention_mask"}
     assert (padded["input_ids"].flatten()[padded["score_index"] + 1] == padded["score_labels"]).all()
+
+
+def config(attn, **kwargs):
+    c = Gemma3TextConfig(**kwargs) if "sliding_window_pattern" in kwargs else MistralConfig(**kwargs)
+    c._attn_implementation = attn
+    return c
+
+
+def test_sliding_window_masks_follow_positions_and_layer_types():
+    shared = collate_pairs(ROWS, [1.0, 1.0], 0, "shared")
+    full = model_inputs(shared, config("sdpa", sliding_window=None), torch.float32)["attention_mask"][0, 0]
+    window = model_inputs(shared, config("sdpa", sliding_window=2), torch.float32)["attention_mask"][0, 0]
+    pos = shared["position_ids"][0]
+    near = (pos.unsqueeze(1) - pos.unsqueeze(0)) < 2
+    assert (window == (full & near)).all() and window.sum() < full.sum()
+    per_type = model_inputs(shared, config("sdpa", sliding_window=2, sliding_window_pattern=2), torch.float32)
+    assert (per_type["attention_mask"]["full_attention"][0, 0] == full).all()
+    assert (per_type["attention_mask"]["sliding_attention"][0, 0] == window).all()

@@ -141,9 +141,12 @@ def test_two_ranks_and_accumulation_reproduce_one_rank(tmp_path):
 
 @pytest.mark.slow
 def test_lora_reference_run_exports_adapter_and_merged_model(tmp_path):
+    """LoRA + ZeRO-3 + gradient checkpointing together (TRL #2514), then a run that starts from the exported adapter
+    with that adapter, frozen, as its reference."""
     out = tmp_path / "lora"
     launch("--max_steps", "6", "--logging_steps", "1", "--save_steps", "3", "--use_peft", "true", "--reference", "lora", "--lora_r", "4",
-           "--learning_rate", "1e-2", "--save_merged_model", "true", "--output_dir", str(out))
+           "--learning_rate", "1e-2", "--save_merged_model", "true", "--gradient_checkpointing", "true",
+           "--output_dir", str(out))
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert (out / "checkpoints" / "step-6").is_dir()
     merged = enable_token_scoring(AutoModelForCausalLM.from_pretrained(out / "merged").eval())
@@ -155,6 +158,12 @@ def test_lora_reference_run_exports_adapter_and_merged_model(tmp_path):
     final = read_metrics(out, "eval_")[-1]
     assert logps.chosen.mean().item() == pytest.approx(final["eval_logps/chosen"], rel=1e-5)
     assert read_metrics(out)[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)  # adapters start as a no-op
+    resumed = tmp_path / "from_adapter"
+    launch("--max_steps", "1", "--logging_steps", "1", "--save_steps", "0", "--adapter_name_or_path", str(out),
+           "--reference", "zero", "--lora_r", "4", "--output_dir", str(resumed))
+    first, base = read_metrics(resumed)[0], read_metrics(out)[0]  # the same first batch (same seed)
+    assert first["loss"] == pytest.approx(0.6931472, abs=1e-6)  # policy and reference: base + the same adapter
+    assert first["logps/chosen"] > base["logps/chosen"] + 1.0  # ... and that adapter is the trained one
 
 
 @pytest.mark.slow
@@ -353,3 +362,43 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(single_rank, buil
     assert result.status == "non_finite" and "2 optimizer steps in a row (up to step 3)" in result.message
     assert (tmp_path / "many" / "checkpoints" / "step-3").is_dir()
     recipe.cleanup()
+
+
+def tiny_moe_model(family: str, tokenizer_dir: str, out: Path, **overrides) -> str:
+    """A tiny random mixture-of-experts checkpoint with the built-in tokenizer."""
+    from transformers import AutoConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, num_experts_per_tok=2, pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  **overrides)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, reference", [("mixtral", "zero"), ("qwen2_moe", "lora")])
+def test_moe_models_train_on_two_ranks_with_their_router_loss(family, reference, builtin_files, tmp_path):
+    """Mixtral (reference: a ZeRO-3 engine) and Qwen2-MoE (reference: LoRA base) under ZeRO-3 on 2 ranks: the
+    router loss is logged and trained with, the MoE blocks are ZeRO-3 leaf modules of both engines."""
+    experts = {"num_local_experts": 4} if family == "mixtral" else {"num_experts": 4}
+    model = tiny_moe_model(family, builtin_files["model_name_or_path"], tmp_path / "model", **experts)
+    out = tmp_path / "run"
+    extra = ["--use_peft", "true", "--lora_r", "4"] if reference == "lora" else []
+    proc = launch(*SHORT, "--max_steps", "4", "--model_name_or_path", model, "--dataset", builtin_files["dataset"],
+                  "--eval_dataset", builtin_files["eval_dataset"], "--reference", reference,
+                  "--router_aux_loss_coef", "0.02", "--per_device_train_batch_size", "2", *extra,
+                  "--output_dir", str(out))
+    assert "router load-balancing loss added with weight 0.02" in proc.stdout
+    rows = read_metrics(out)
+    assert len(rows) == 4 and all(r["aux_loss"] > 0 and math.isfinite(r["loss"]) for r in rows)
+    assert read_metrics(out, "eval_")[-1]["eval_aux_loss"] > 0
+    block = {"mixtral": "MixtralSparseMoeBlock", "qwen2_moe": "Qwen2MoeSparseMoeBlock"}[family]
+    configs = ["deepspeed_config.json"] + (["reference_deepspeed_config.json"] if reference == "zero" else [])
+    for name in configs:
+        leaf = json.loads((out / name).read_text())["zero_optimization"]["leaf_module"]["classes"]
+        assert any(c.endswith(block) for c in leaf), (name, leaf)

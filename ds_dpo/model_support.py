@@ -1,0 +1,93 @@
+"""What a model family supports, decided before its weights are loaded: the attention implementation it can run and
+whether its sequences may share a row.
+
+Both come from what transformers declares about the model class (its ``_supports_*`` attention flags and
+``_is_stateful``), not from a list of families kept here:
+
+- an attention implementation the class does not support (Gemma-2 has no sdpa: sdpa cannot soft-cap attention
+  scores) is replaced by ``eager``;
+- a stateful model (Mamba-style layers: Falcon-H1, Jamba, Bamba, Zamba, Qwen3-Next, ...) carries state from one
+  token to the next along the whole row, past any attention mask, so a packed row would leak one sequence into the
+  next: such models get the padded layout.
+
+Each replacement is printed as a one-line notice. How the model turns hidden states into logits is decided later,
+from the loaded model itself (``ds_dpo.logprobs.probe_output_head``), and the whole fast path is checked once on the
+first micro-batch (``ds_dpo.logprobs.scoring_mismatch``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.auto_factory import _get_model_class
+
+from ds_dpo.config import ModelConfig
+from ds_dpo.layouts import batch_layout
+
+# attn_implementation -> the class flag that says it is supported
+_ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn",
+                    "flash_attention_2": "_supports_flash_attn", "flash_attention_3": "_supports_flash_attn"}
+
+
+@dataclass(frozen=True)
+class ModelSupport:
+    class_name: str
+    attn_implementation: str
+    """The implementation the run uses (the configured one, or ``eager`` where the class lacks it)."""
+    stateful: bool
+    """Recurrent state along the row (Mamba-style layers): sequences cannot share a row."""
+    notices: tuple[str, ...] = ()
+
+    def layout(self, padding_free: bool, prefix_sharing: bool) -> tuple[str, str | None]:
+        """The batch layout for this model and a notice when it differs from the configured one."""
+        wanted = batch_layout(padding_free, prefix_sharing, self.attn_implementation)
+        if wanted != "padded" and self.stateful:
+            return "padded", (f"{self.class_name} has recurrent (state-space) layers, which carry state across "
+                              f"sequence boundaries in a {wanted} row: batches are padded (as with "
+                              "`padding_free: false`)")
+        return wanted, None
+
+
+def inspect_model(cfg: ModelConfig) -> ModelSupport:
+    """``ModelSupport`` of the policy checkpoint, from its config (no weights are read)."""
+    config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    return model_support(config, cfg.attn_implementation)
+
+
+def model_support(config, attn_implementation: str) -> ModelSupport:
+    """``ModelSupport`` of the causal LM class ``AutoModelForCausalLM`` builds for ``config``; a class that cannot be
+    told in advance (remote code) is taken as it is configured."""
+    try:
+        cls = _get_model_class(config, AutoModelForCausalLM._model_mapping)
+    except (KeyError, ValueError):
+        name = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        return ModelSupport(name, attn_implementation, stateful=False)
+    attn, notices = attn_implementation, []
+    flag = _ATTENTION_FLAGS.get(attn)
+    if flag is not None and not getattr(cls, flag, False):
+        notices.append(f"{cls.__name__} does not support attn_implementation {attn!r}; using 'eager'")
+        attn = "eager"
+    return ModelSupport(cls.__name__, attn, stateful=bool(getattr(cls, "_is_stateful", False)),
+                        notices=tuple(notices))
+
+
+def router_modules(model: torch.nn.Module) -> tuple[list[torch.nn.Module], int]:
+    """A mixture-of-experts model's routers (the modules whose output transformers records as ``router_logits``)
+    and which element of their output the logits are; ``([], 0)`` for other models."""
+    recorder = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    target = getattr(recorder, "target_class", None)
+    if target is None:
+        return [], 0
+    return [m for m in model.modules() if isinstance(m, target)], recorder.index
+
+
+def moe_block_classes(model: torch.nn.Module) -> list[str]:
+    """Fully qualified class names of the modules that hold a router (the MoE blocks). Under ZeRO-3 they must be
+    leaf modules, gathered whole: otherwise each rank fetches only the experts its tokens chose, and ranks that
+    chose differently wait for each other forever."""
+    routers = {id(m) for m in router_modules(model)[0]}
+    blocks = {type(parent) for parent in model.modules()
+              if any(id(child) in routers for child in parent.children())}
+    return sorted(f"{cls.__module__}.{cls.__qualname__}" for cls in blocks)

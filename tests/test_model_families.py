@@ -1,0 +1,159 @@
+"""Model-family conformance: tiny random models of many causal LM families in transformers, built from their
+configs, scored in every layout the family supports (padded, packed, prefix-shared; chunked and full logits) against
+the model's own forward; and the startup self-check that catches a fast path that does not match."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from ds_dpo import layouts
+from ds_dpo.layouts import LAYOUTS, collate_pairs
+from ds_dpo.logprobs import (OutputHead, concatenated_forward, enable_token_scoring, router_aux_loss,
+                             scoring_mismatch)
+from ds_dpo.model_support import model_support, moe_block_classes
+
+from test_logprobs import PAIRS, VOCAB, one_at_a_time
+
+TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MOE = dict(num_experts_per_tok=2, output_router_logits=False)
+# Sliding windows of 3 tokens are shorter than most test sequences (up to 16 tokens), so a layout that loses the
+# window is caught; logit transforms use values far from 1.
+FAMILIES = {
+    "llama": {},
+    "mistral": dict(sliding_window=3),
+    "qwen2": dict(use_sliding_window=True, sliding_window=3, max_window_layers=1),  # layer 2 slides
+    "qwen3": {},
+    "gemma": {},
+    "gemma2": dict(final_logit_softcapping=0.5, sliding_window=3),  # no sdpa: routed to eager
+    "gemma3_text": dict(final_logit_softcapping=0.5, sliding_window=3, sliding_window_pattern=2),
+    "phi3": dict(sliding_window=3),
+    "phi": {},
+    "olmo2": {},
+    "gpt_neox": {},
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4),
+    "cohere": dict(logit_scale=0.5),
+    "cohere2": dict(logit_scale=0.5, sliding_window=3, sliding_window_pattern=2),
+    "granite": dict(logits_scaling=4.0),
+    "stablelm": {},
+    "starcoder2": dict(sliding_window=3),
+    "falcon_h1": dict(lm_head_multiplier=0.3, mamba_d_ssm=16, mamba_n_heads=4, mamba_d_head=4, mamba_d_state=4,
+                      mamba_n_groups=1, mamba_chunk_size=4),  # hybrid attention + Mamba-2: padded only
+    "mixtral": dict(num_local_experts=4, sliding_window=3, **MOE),
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16, **MOE),
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=16, **MOE),
+    "granitemoe": dict(num_local_experts=4, logits_scaling=4.0, **MOE),
+}
+
+
+def tiny_model(family: str, attn: str = "sdpa"):
+    config = AutoConfig.for_model(family, **{**TINY, **FAMILIES[family]})
+    support = model_support(config, attn)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=support.attn_implementation)
+    return enable_token_scoring(model).eval(), support
+
+
+def close(got, expected, what):
+    for side in ("chosen", "rejected"):
+        torch.testing.assert_close(getattr(got, side), getattr(expected, side), rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{what} {side}: {m}")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_layout_scores_like_the_models_own_forward(family):
+    model, support = tiny_model(family)
+    with torch.no_grad():
+        plain = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, "padded"), logps_chunk_size=0)
+        # the oracle itself: the model's own forward on one unpadded sequence at a time
+        expected = torch.stack([one_at_a_time(model, row["prompt_input_ids"], row["chosen_input_ids"])
+                                for row in PAIRS])
+        torch.testing.assert_close(plain.chosen, expected, rtol=1e-5, atol=1e-5)
+        for layout in LAYOUTS:
+            used, _ = support.layout(padding_free=layout != "padded", prefix_sharing=layout == "shared")
+            for chunk in (0, 4):
+                got = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, used),
+                                           logps_chunk_size=chunk)
+                close(got, plain, f"{family} {used} chunk {chunk}")
+    assert model._ds_dpo_output_head is not None, "every family here has a head the chunked path reproduces"
+
+
+def output_head(model):
+    with torch.no_grad():  # the first chunked scoring call probes the head
+        concatenated_forward(model, collate_pairs(PAIRS[:1], [1.0], 0, "padded"), logps_chunk_size=4)
+    return model._ds_dpo_output_head
+
+
+def test_logit_transforms_are_found_from_the_model():
+    heads = {family: output_head(tiny_model(family)[0]) for family in ("granite", "cohere", "falcon_h1", "gemma2",
+                                                                        "llama")}
+    assert heads["granite"].scale == pytest.approx(1 / 4.0, rel=1e-6)  # Granite divides by logits_scaling
+    assert heads["cohere"].scale == pytest.approx(0.5, rel=1e-6)
+    assert heads["falcon_h1"].scale == pytest.approx(0.3, rel=1e-6)
+    assert heads["gemma2"] == OutputHead(1.0, 0.5)
+    assert heads["llama"] == OutputHead()
+
+
+def test_attention_and_layout_routing_is_announced():
+    gemma2 = model_support(AutoConfig.for_model("gemma2", **TINY), "sdpa")
+    assert gemma2.attn_implementation == "eager" and "Gemma2ForCausalLM" in gemma2.notices[0]
+    falcon = model_support(AutoConfig.for_model("falcon_h1", **TINY, **FAMILIES["falcon_h1"]), "sdpa")
+    layout, notice = falcon.layout(padding_free=True, prefix_sharing=True)
+    assert layout == "padded" and "FalconH1ForCausalLM" in notice
+    assert model_support(AutoConfig.for_model("llama", **TINY), "sdpa").layout(True, True) == ("shared", None)
+
+
+class AbsLogits(LlamaForCausalLM):
+    """A head no scale or soft-cap describes."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits.abs()
+        return out
+
+
+def test_a_head_that_cannot_be_reproduced_is_scored_from_full_logits(capsys):
+    torch.manual_seed(0)
+    model = enable_token_scoring(AbsLogits(LlamaConfig(**TINY))).eval()
+    with torch.no_grad():
+        plain = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * 5, 0, "padded"), logps_chunk_size=0)
+        chunked = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * 5, 0, "shared"), logps_chunk_size=4)
+    assert model._ds_dpo_output_head is None and "AbsLogits" in capsys.readouterr().out
+    close(chunked, plain, "full-logits fallback")
+
+
+def test_self_check_catches_a_broken_head_and_a_broken_layout(monkeypatch):
+    model, _ = tiny_model("llama")
+    assert scoring_mismatch(model, PAIRS, 0, "shared", 4) is None
+    assert output_head(model) == OutputHead()
+    model._ds_dpo_output_head = OutputHead(scale=0.5)  # a head that forgot a transform
+    message = scoring_mismatch(model, PAIRS, 0, "shared", 4)
+    assert "LlamaForCausalLM" in message and "`logps_chunk_size: 0`" in message
+    mistral, _ = tiny_model("mistral")
+    assert scoring_mismatch(mistral, PAIRS, 0, "packed", 4) is None
+    monkeypatch.setattr(layouts, "sliding_window", lambda config: (None, False))  # a mask that lost the window
+    message = scoring_mismatch(mistral, PAIRS, 0, "packed", 4)
+    assert "MistralForCausalLM" in message and "packed batch layout" in message and "`padding_free: false`" in message
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "granitemoe"])
+def test_router_aux_loss_is_the_models_own_in_every_layout(family):
+    model, _ = tiny_model(family)
+    assert moe_block_classes(model) and router_aux_loss(model) is not None
+    batch = collate_pairs(PAIRS, [1.0] * 5, 0, "padded")
+    expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     output_router_logits=True).aux_loss  # the model's own, padding masked out
+    # a packed row holds exactly the padded batch's real tokens; a shared one holds each prompt once
+    for layout in ("padded", "packed", "shared"):
+        for chunk in (0, 4):
+            model.zero_grad()
+            out = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * 5, 0, layout), logps_chunk_size=chunk,
+                                       router_aux_loss=True)
+            if layout == "shared":
+                assert torch.isfinite(out.aux_loss) and abs(out.aux_loss - expected) < 0.1 * expected
+            else:
+                torch.testing.assert_close(out.aux_loss, expected, msg=f"{layout} chunk {chunk}")
+            out.aux_loss.backward()  # differentiable: the routers get gradients
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+                       if "gate" in n or "router" in n)
+    assert concatenated_forward(model, batch, logps_chunk_size=4).aux_loss is None  # only when asked for
