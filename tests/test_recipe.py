@@ -104,23 +104,20 @@ def test_exported_model_loads_with_plain_transformers_and_matches_engine(demo):
 
 @pytest.mark.slow
 def test_two_ranks_and_accumulation_reproduce_one_rank(tmp_path):
-    """Same global batch of 8 pairs: 1 rank x 8, 2 ranks x 4 (ZeRO-3 policy + ZeRO-3 reference), 1 rank x 2 x 4
-    accumulation; on 2 ranks also the precomputed reference, a ZeRO-2 policy (reference still ZeRO-3), and ZeRO-3
-    with parameter + optimizer offload (DeepSpeedCPUAdam), reference offload and gradient checkpointing. All of
-    these use the default prefix-shared batches and chunked log-probs; the plain padded path with full logits
-    (1 and 2 ranks), packing without prefix sharing, tiny log-prob chunks and token-budget micro-batches must give
-    the same trajectory.
-    Loss trajectories agree to 1e-6 (seen: at most ~6e-8)."""
+    """Same global batch of 8 pairs: 1 rank x 8 on the plain padded path with full logits is the oracle; 2 ranks x 4
+    (ZeRO-3 policy + ZeRO-3 reference) and 1 rank x 2 x 4 accumulation with the default prefix-shared batches and
+    chunked log-probs; on 2 ranks also packing without prefix sharing with tiny log-prob chunks, token-budget
+    micro-batches, the precomputed reference, a ZeRO-2 policy (reference still ZeRO-3), and ZeRO-3 with parameter +
+    optimizer offload (DeepSpeedCPUAdam), reference offload and gradient checkpointing. All give the same
+    trajectory: loss trajectories agree to 1e-6 (seen: at most ~6e-8)."""
     plain = ["--padding_free", "false", "--logps_chunk_size", "0"]
     runs = {
         "1x8_plain": (1, ["--per_device_train_batch_size", "8", *plain]),
-        "2x4_plain": (2, ["--per_device_train_batch_size", "4", *plain]),
-        "2x4_packed": (2, ["--per_device_train_batch_size", "4", "--prefix_sharing", "false"]),
         # ranks score different numbers of tokens, so they run different numbers of chunks
-        "2x4_chunk3": (2, ["--per_device_train_batch_size", "4", "--logps_chunk_size", "3"]),
+        "2x4_packed_chunk3": (2, ["--per_device_train_batch_size", "4", "--prefix_sharing", "false",
+                                  "--logps_chunk_size", "3"]),
         # 18-token pairs, 40-token budget: 2 micro-batches of 2 pairs per rank and step where the config says 1
         "2x4_token_budget": (2, ["--per_device_train_batch_size", "4", "--max_tokens_per_batch", "40"]),
-        "1x8": (1, ["--per_device_train_batch_size", "8"]),
         "2x4": (2, ["--per_device_train_batch_size", "4"]),
         "1x2x4": (1, ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4"]),
         "2x4_precomputed": (2, ["--per_device_train_batch_size", "4", "--reference", "precomputed"]),
@@ -163,7 +160,8 @@ def test_lora_reference_run_exports_adapter_and_merged_model(tmp_path):
            "--reference", "zero", "--lora_r", "4", "--output_dir", str(resumed))
     first, base = read_metrics(resumed)[0], read_metrics(out)[0]  # the same first batch (same seed)
     assert first["loss"] == pytest.approx(0.6931472, abs=1e-6)  # policy and reference: base + the same adapter
-    assert first["logps/chosen"] > base["logps/chosen"] + 1.0  # ... and that adapter is the trained one
+    assert first["logps/chosen"] > base["logps/chosen"] + 0.1  # ... and that adapter is the trained one (a fresh
+    # one would give the base model's -25.44 exactly; seen: -24.87)
 
 
 @pytest.mark.slow
