@@ -53,9 +53,10 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def load_model(cfg: DPOConfig, ds_config: dict, trainable: bool) -> tuple[torch.nn.Module, HfDeepSpeedConfig | None]:
+def load_model(cfg: DPOConfig, ds_config: dict, trainable: bool,
+               attn_implementation: str | None = None) -> tuple[torch.nn.Module, HfDeepSpeedConfig | None]:
     """``from_pretrained`` (the policy's or the reference's checkpoint) under ZeRO-3 partitioning when
-    ``ds_config`` is stage 3.
+    ``ds_config`` is stage 3, with ``attn_implementation`` (default: the configured one).
 
     Returns the model and the ``HfDeepSpeedConfig`` that must be kept alive while transformers/peft should see
     ZeRO-3 as enabled for this model.
@@ -70,7 +71,7 @@ def load_model(cfg: DPOConfig, ds_config: dict, trainable: bool) -> tuple[torch.
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=torch.bfloat16 if m.bf16 else torch.float32,
-        attn_implementation=m.attn_implementation,
+        attn_implementation=attn_implementation or m.attn_implementation,
         trust_remote_code=m.trust_remote_code,
     )
     model.config.use_cache = False
@@ -122,9 +123,10 @@ def _with_adapter(cfg: DPOConfig, model: torch.nn.Module, trainable: bool) -> to
     return PeftModel.from_pretrained(model, cfg.model.adapter_name_or_path, is_trainable=trainable)
 
 
-def build_engine(cfg: DPOConfig, ds_config: dict, trainable: bool, total_steps: int = 0):
+def build_engine(cfg: DPOConfig, ds_config: dict, trainable: bool, total_steps: int = 0,
+                 attn_implementation: str | None = None):
     """Build the policy (``trainable``: optimizer, LR schedule, optional LoRA) or a frozen reference engine."""
-    model, hf_ds = load_model(cfg, ds_config, trainable)
+    model, hf_ds = load_model(cfg, ds_config, trainable, attn_implementation)
     ds_config = with_moe_leaf_modules(ds_config, model)
     if not trainable:
         if cfg.model.adapter_name_or_path and cfg.ref.ref_model_name_or_path is None:

@@ -19,8 +19,10 @@ Which tokens may attend to which is described per token by ``segment`` (the sequ
 
 - flash-attention (``attn_implementation`` containing ``flash``): no mask; the kernel's varlen path finds sequence
   boundaries where ``position_ids`` restart. Cannot express prefix sharing (``batch_layout`` falls back to packed).
-- everything else (``sdpa``, ``eager``): a 4D [1, 1, S, S] mask, bool for sdpa, additive float for the others;
-  ``position_ids`` restarting alone does not isolate sequences there. A 4D mask is used by the model as it is, so
+- ds_dpo's block attention (``ds_dpo.attention``, the default for sdpa and eager): the row's ``Blocks``, each with
+  its own small mask, and a stride-0 stand-in where the model expects a mask;
+- everything else (models that cannot take a custom attention function): a 4D [1, 1, S, S] mask, bool for sdpa,
+  additive float for the others; ``position_ids`` restarting alone does not isolate sequences there. A 4D mask is used by the model as it is, so
   sliding-window attention (Mistral, Phi-3, Gemma-2/3, Cohere-2, ...) must be in it: a token attends only to keys
   fewer than ``sliding_window`` positions back. Models that mix full and sliding layers (``config.layer_types``)
   take one mask per layer type.
@@ -41,7 +43,9 @@ from typing import Any
 
 import torch
 
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
+from ds_dpo.attention import (CHOSEN, PROMPT, REJECTED, Blocks, is_block_attention, packed_attention_mask,
+                              stand_in_mask)
+
 LAYOUTS = ("padded", "packed", "shared")
 
 
@@ -144,28 +148,6 @@ def pad_pairs(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.
     return {"input_ids": input_ids, "attention_mask": attention_mask, **scores.tensors()}
 
 
-def packed_attention_mask(segment: torch.Tensor, branch: torch.Tensor, attn_implementation: str,
-                          dtype: torch.dtype, position_ids: torch.Tensor | None = None,
-                          sliding_window: int | None = None) -> torch.Tensor:
-    """[1, 1, S, S] mask from [1, S] ``segment``/``branch``: causal within a segment, rejected blind to chosen, and
-    with ``sliding_window`` (needs ``position_ids``) no key that many positions or more before the query.
-
-    Bool (True = may attend) for sdpa, else additive float in ``dtype`` (0 or the dtype's minimum)."""
-    seg, kind = segment[0], branch[0]
-    same = seg.unsqueeze(1) == seg.unsqueeze(0)
-    causal = torch.ones(same.shape, dtype=torch.bool, device=seg.device).tril()
-    crossing = (kind == REJECTED).unsqueeze(1) & (kind == CHOSEN).unsqueeze(0)
-    allowed = same & causal & ~crossing
-    if sliding_window is not None:
-        pos = position_ids[0]
-        allowed &= (pos.unsqueeze(1) - pos.unsqueeze(0)) < sliding_window
-    allowed = allowed[None, None]
-    if attn_implementation == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed,
-                                                                                    torch.finfo(dtype).min)
-
-
 def sliding_window(config) -> tuple[int | None, bool]:
     """The model's attention window and whether only some layers use it (then masks go per ``layer_types``)."""
     text = config.get_text_config()
@@ -184,6 +166,14 @@ def model_inputs(batch: dict[str, torch.Tensor], config, dtype: torch.dtype) -> 
     attn = config._attn_implementation
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     if is_varlen(attn):
+        return inputs
+    if is_block_attention(attn):  # per-block kernels: no row-wide mask exists
+        additive = None if attn.endswith("sdpa") else dtype
+        inputs["ds_dpo_blocks"] = Blocks.of_row(batch["segment"], batch["branch"], batch["position_ids"], additive)
+        stand_in = stand_in_mask(batch["input_ids"].shape[1], batch["input_ids"].device)
+        _, per_layer_type = sliding_window(config)
+        inputs["attention_mask"] = ({"full_attention": stand_in, "sliding_attention": stand_in} if per_layer_type
+                                    else stand_in)
         return inputs
     mask = functools.partial(packed_attention_mask, batch["segment"], batch["branch"], attn, dtype,
                              batch["position_ids"])

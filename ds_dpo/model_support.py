@@ -10,6 +10,9 @@ Both come from what transformers declares about the model class (its ``_supports
   token to the next along the whole row, past any attention mask, so a packed row would leak one sequence into the
   next: such models get the padded layout.
 
+- packed and prefix-shared rows use ds_dpo's block attention (``ds_dpo.attention``) where the class runs its
+  attention through transformers' interface (``_supports_attention_backend``), else a dense row-wide mask.
+
 Each replacement is printed as a one-line notice. How the model turns hidden states into logits is decided later,
 from the loaded model itself (``ds_dpo.logprobs.probe_output_head``), and the whole fast path is checked once on the
 first micro-batch (``ds_dpo.logprobs.scoring_mismatch``).
@@ -23,6 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.auto_factory import _get_model_class
 
+from ds_dpo.attention import BLOCK_ATTENTION
 from ds_dpo.config import ModelConfig
 from ds_dpo.layouts import batch_layout
 
@@ -38,7 +42,21 @@ class ModelSupport:
     """The implementation the run uses (the configured one, or ``eager`` where the class lacks it)."""
     stateful: bool
     """Recurrent state along the row (Mamba-style layers): sequences cannot share a row."""
+    attention_backend: bool = False
+    """The class runs its attention through transformers' attention interface, passing the forward's keyword
+    arguments down (``_supports_attention_backend``): it can take ds_dpo's block attention."""
     notices: tuple[str, ...] = ()
+
+    def attention_for(self, layout: str) -> tuple[str, str | None]:
+        """The attention implementation to load the model with for ``layout``, and a notice when a packed row has to
+        fall back to a dense [S, S] mask."""
+        attn = self.attn_implementation
+        if layout == "padded" or attn not in BLOCK_ATTENTION:
+            return attn, None
+        if not self.attention_backend:
+            return attn, (f"{self.class_name} cannot take a custom attention function: each packed row gets a dense "
+                          "[S, S] mask, whose cost grows with the square of the row")
+        return BLOCK_ATTENTION[attn], None
 
     def layout(self, padding_free: bool, prefix_sharing: bool) -> tuple[str, str | None]:
         """The batch layout for this model and a notice when it differs from the configured one."""
@@ -70,6 +88,7 @@ def model_support(config, attn_implementation: str) -> ModelSupport:
         notices.append(f"{cls.__name__} does not support attn_implementation {attn!r}; using 'eager'")
         attn = "eager"
     return ModelSupport(cls.__name__, attn, stateful=bool(getattr(cls, "_is_stateful", False)),
+                        attention_backend=bool(getattr(cls, "_supports_attention_backend", False)),
                         notices=tuple(notices))
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ds_dpo import builtin, engines
+from ds_dpo.attention import is_block_attention
 from ds_dpo.checkpoint import Checkpointer, export_hf_model
 from ds_dpo.config import ConfigError, DPOConfig, dump_config
 from ds_dpo.data import load_preference_data
@@ -72,7 +73,8 @@ class DPORecipe:
         if support.attn_implementation != cfg.model.attn_implementation:
             self.cfg = cfg = cfg.replace(attn_implementation=support.attn_implementation)
         self.layout, layout_notice = support.layout(cfg.batch.padding_free, cfg.batch.prefix_sharing)
-        for notice in (*support.notices, layout_notice):
+        self.attn_implementation, attention_notice = support.attention_for(self.layout)
+        for notice in (*support.notices, layout_notice, attention_notice):
             if notice:
                 say(f"notice: {notice}")
         self.forward_options = {"ld_alpha": cfg.loss.ld_alpha, "logps_chunk_size": cfg.batch.logps_chunk_size}
@@ -116,14 +118,16 @@ class DPORecipe:
         # transformers and peft see for the rest of the run.
         if with_reference and cfg.ref.reference != "lora":
             ref_config = reference_deepspeed_config(ds_config, cfg.ref.ref_offload)
-            ref_engine = engines.build_engine(cfg, ref_config, trainable=False)
+            ref_engine = engines.build_engine(cfg, ref_config, trainable=False,
+                                              attn_implementation=self.attn_implementation)
             self._write_json("reference_deepspeed_config.json", ref_engine.ds_config_dict)
             self._check_scoring(ref_engine, "reference")
             self.reference = EngineReference(ref_engine, **self.forward_options)
             if cfg.ref.precompute_ref_log_probs:
                 self._precompute_reference()
                 engines.release(ref_engine)
-        self.policy = engines.build_engine(cfg, ds_config, trainable=True, total_steps=self.total_steps)
+        self.policy = engines.build_engine(cfg, ds_config, trainable=True, total_steps=self.total_steps,
+                                           attn_implementation=self.attn_implementation)
         self._write_json("deepspeed_config.json", self.policy.ds_config_dict)  # now with the model's leaf modules
         self._check_scoring(self.policy, "policy")
         self.aux_loss_coef = self._router_aux_loss_coef()
@@ -132,7 +136,10 @@ class DPORecipe:
             if cfg.ref.precompute_ref_log_probs:
                 self._precompute_reference()
         chunks = f"chunks of {cfg.batch.logps_chunk_size} tokens" if cfg.batch.logps_chunk_size else "full logits"
-        say(f"reference: {self._describe_reference()}; batches: {self.layout}; log-probs from {chunks}")
+        attention = (f"{cfg.model.attn_implementation} per sequence block" if is_block_attention(self.attn_implementation)
+                     else self.attn_implementation + (" with a dense row mask" if self.layout != "padded" else ""))
+        say(f"reference: {self._describe_reference()}; batches: {self.layout}; attention: {attention}; "
+            f"log-probs from {chunks}")
 
     def _write_json(self, name: str, value: dict) -> None:
         if self.rank == 0:

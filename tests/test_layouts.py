@@ -76,3 +76,14 @@ def test_sliding_window_masks_follow_positions_and_layer_types():
     per_type = model_inputs(shared, config("sdpa", sliding_window=2, sliding_window_pattern=2), torch.float32)
     assert (per_type["attention_mask"]["full_attention"][0, 0] == full).all()
     assert (per_type["attention_mask"]["sliding_attention"][0, 0] == window).all()
+
+
+def test_block_attention_inputs_hold_no_row_wide_mask():
+    shared = collate_pairs(ROWS, [1.0, 1.0], 0, "shared")
+    inputs = model_inputs(shared, config("ds_dpo_blocks_sdpa"), torch.float32)
+    stand_in, blocks = inputs["attention_mask"], inputs["ds_dpo_blocks"]
+    assert stand_in.shape == (1, 1, 11, 11) and stand_in.untyped_storage().nbytes() == 1  # stride 0: one element
+    assert blocks.bounds == [(0, 8), (8, 11)]  # one block per pair: prompt | chosen | rejected
+    full = packed_attention_mask(shared["segment"], shared["branch"], "sdpa", torch.float32)[0, 0]
+    for (s, e), mask in zip(blocks.bounds, blocks.masks(None)):
+        assert (mask[0, 0] == full[s:e, s:e]).all() and not full[s:e, e:].any()

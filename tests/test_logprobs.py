@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
-from ds_dpo import builtin, logprobs
+from ds_dpo import attention, builtin, logprobs  # noqa: F401 (registers the block attention)
 from ds_dpo.data import load_tokenized
 from ds_dpo.layouts import LAYOUTS, collate_pairs
 from ds_dpo.logprobs import concatenated_forward, enable_token_scoring, token_stats
@@ -44,9 +44,12 @@ def forward_and_grad(model, layout, chunk, ld_alpha=None):
     return out, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("arch, attn", [(arch, attn) for arch in ARCHITECTURES for attn in ("sdpa", "eager",
+                                                                                               "ds_dpo_blocks_sdpa")]
+                         + [("llama", "ds_dpo_blocks_eager")])
 def test_every_layout_and_chunking_equals_the_plain_padded_path(arch, attn):
+    """Log-probs and every parameter's gradient; packed rows through the dense mask (sdpa, eager) and through the
+    per-block kernels."""
     torch.manual_seed(0)
     model = enable_token_scoring(AutoModelForCausalLM.from_config(ARCHITECTURES[arch], attn_implementation=attn))
     model.eval()  # dropout off (GPT-2 has some); gradients still flow
@@ -102,3 +105,19 @@ def test_chunking_bounds_the_logits_and_keeps_the_plain_forward(builtin_files, m
     torch.testing.assert_close(plain, model._ds_dpo_plain_forward(input_ids=ids).logits)
     assert model.state_dict().keys() == AutoModelForCausalLM.from_pretrained(
         builtin_files["model_name_or_path"]).state_dict().keys()  # checkpoints keep the model's own keys
+
+
+@pytest.mark.parametrize("num_pairs", [1, 32])
+def test_block_attention_with_one_pair_and_with_many(num_pairs):
+    torch.manual_seed(0)
+    model = enable_token_scoring(AutoModelForCausalLM.from_config(
+        ARCHITECTURES["llama"], attn_implementation="ds_dpo_blocks_sdpa")).eval()
+    g = torch.Generator().manual_seed(1)
+    lengths = [tuple(torch.randint(0, 12, (3,), generator=g).add(1).tolist()) for _ in range(num_pairs)]
+    pairs = random_pairs(lengths, seed=num_pairs)
+    with torch.no_grad():
+        plain = concatenated_forward(model, collate_pairs(pairs, [1.0] * num_pairs, 0, "padded"), logps_chunk_size=0)
+        for layout in ("packed", "shared"):
+            got = concatenated_forward(model, collate_pairs(pairs, [1.0] * num_pairs, 0, layout))
+            torch.testing.assert_close(got.chosen, plain.chosen, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.rejected, plain.rejected, rtol=1e-5, atol=1e-5)

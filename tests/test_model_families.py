@@ -46,11 +46,12 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, attn: str = "sdpa"):
+def tiny_model(family: str, attn: str = "sdpa", layout: str = "padded"):
+    """The family's tiny model (same weights whatever the attention) loaded as a run with ``layout`` would load it."""
     config = AutoConfig.for_model(family, **{**TINY, **FAMILIES[family]})
     support = model_support(config, attn)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=support.attn_implementation)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=support.attention_for(layout)[0])
     return enable_token_scoring(model).eval(), support
 
 
@@ -60,9 +61,12 @@ def close(got, expected, what):
                                    msg=lambda m: f"{what} {side}: {m}")
 
 
+@pytest.mark.parametrize("attention", ["dense mask", "blocks"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_layout_scores_like_the_models_own_forward(family):
-    model, support = tiny_model(family)
+def test_every_layout_scores_like_the_models_own_forward(family, attention):
+    """With ``blocks`` the model is loaded with the attention a packed run gets (ds_dpo's block attention where the
+    class supports it); ``dense mask`` forces the row-wide 4D mask."""
+    model, support = tiny_model(family, layout="shared" if attention == "blocks" else "padded")
     with torch.no_grad():
         plain = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, "padded"), logps_chunk_size=0)
         # the oracle itself: the model's own forward on one unpadded sequence at a time

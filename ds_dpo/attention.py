@@ -1,0 +1,129 @@
+"""Document-sparse attention for packed and prefix-shared rows: each sequence block of the row attends only within
+itself, so attention costs the sum over blocks instead of the square of the row.
+
+A packed row (``ds_dpo.layouts``) is a run of blocks: one per sequence when packed, one ``prompt | chosen |
+rejected`` per pair when shared. A row-wide 4D mask makes every kernel compute all S x S scores (and store the mask:
+64 MiB as bool at S = 8192, 16 GiB at 128k); here the model's attention runs once per block, on that block's
+queries, keys and values, with the block's own small mask (causal, rejected blind to chosen, the layer's sliding
+window).
+
+It is registered with transformers' attention interface as ``ds_dpo_blocks_sdpa`` and ``ds_dpo_blocks_eager``
+(``BLOCK_ATTENTION[inner]``): the per-block kernel is sdpa or the model's own eager attention (Gemma-2's soft-capped
+scores). A model loaded with one of them behaves exactly like sdpa/eager (padded batches, generation) until a forward
+carries ``ds_dpo_blocks``: ``layouts.model_inputs`` then passes a ``Blocks`` and, as the ``attention_mask``, a
+stride-0 stand-in that transformers hands through untouched and no kernel reads.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+"""``branch`` values: which part of a pair a token of a packed row belongs to."""
+
+BLOCK_ATTENTION = {"sdpa": "ds_dpo_blocks_sdpa", "eager": "ds_dpo_blocks_eager"}
+"""Per-block kernel -> the attention implementation name to load a model with."""
+
+
+def is_block_attention(attn_implementation: str) -> bool:
+    return attn_implementation in BLOCK_ATTENTION.values()
+
+
+@dataclass
+class Blocks:
+    """The sequence blocks of a [1, S] packed row and their masks (built once per forward, per sliding window)."""
+
+    bounds: list[tuple[int, int]]
+    """[start, end) of each block in the row."""
+    branch: torch.Tensor
+    """[S] 0 prompt, 1 chosen, 2 rejected (``ds_dpo.layouts``)."""
+    position_ids: torch.Tensor
+    """[S]"""
+    additive_dtype: torch.dtype | None = None
+    """None: bool masks (sdpa); else additive float masks in this dtype (eager)."""
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of_row(cls, segment: torch.Tensor, branch: torch.Tensor, position_ids: torch.Tensor,
+               additive_dtype: torch.dtype | None = None) -> "Blocks":
+        seg = segment[0]
+        starts = [0] + (torch.nonzero(seg[1:] != seg[:-1]).flatten() + 1).tolist()
+        bounds = list(zip(starts, starts[1:] + [seg.numel()]))
+        return cls(bounds, branch[0], position_ids[0], additive_dtype)
+
+    def masks(self, sliding_window: int | None) -> list[torch.Tensor]:
+        """[1, 1, L, L] mask of each block: causal, rejected blind to chosen, keys within ``sliding_window``."""
+        if sliding_window not in self._masks:
+            kind = "sdpa" if self.additive_dtype is None else "eager"
+            self._masks[sliding_window] = [
+                packed_attention_mask(torch.zeros_like(self.branch[None, s:e]), self.branch[None, s:e], kind,
+                                      self.additive_dtype, self.position_ids[None, s:e], sliding_window)
+                for s, e in self.bounds]
+        return self._masks[sliding_window]
+
+
+def packed_attention_mask(segment: torch.Tensor, branch: torch.Tensor, attn_implementation: str,
+                          dtype: torch.dtype, position_ids: torch.Tensor | None = None,
+                          sliding_window: int | None = None) -> torch.Tensor:
+    """[1, 1, S, S] mask from [1, S] ``segment``/``branch``: causal within a segment, rejected blind to chosen, and
+    with ``sliding_window`` (needs ``position_ids``) no key that many positions or more before the query.
+
+    Bool (True = may attend) for sdpa, else additive float in ``dtype`` (0 or the dtype's minimum)."""
+    seg, kind = segment[0], branch[0]
+    same = seg.unsqueeze(1) == seg.unsqueeze(0)
+    causal = torch.ones(same.shape, dtype=torch.bool, device=seg.device).tril()
+    crossing = (kind == REJECTED).unsqueeze(1) & (kind == CHOSEN).unsqueeze(0)
+    allowed = same & causal & ~crossing
+    if sliding_window is not None:
+        pos = position_ids[0]
+        allowed &= (pos.unsqueeze(1) - pos.unsqueeze(0)) < sliding_window
+    allowed = allowed[None, None]
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed,
+                                                                                    torch.finfo(dtype).min)
+
+
+def _eager_kernel(module: torch.nn.Module):
+    """The model's own eager attention (each modeling file defines one; Gemma-2's soft-caps its scores)."""
+    kernel = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if kernel is None:
+        raise TypeError(f"{type(module).__name__} has no eager attention to run per block")
+    return kernel
+
+
+def _block_attention(inner: str):
+    def attention(module, query, key, value, attention_mask, ds_dpo_blocks: Blocks | None = None,
+                  sliding_window: int | None = None, **kwargs):
+        kernel = sdpa_attention_forward if inner == "sdpa" else _eager_kernel(module)
+        if ds_dpo_blocks is None:  # an ordinary forward: padded batch, generation
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.stride(-1) == 0:
+                raise RuntimeError(f"{type(module).__name__} got a packed row without its blocks: the model does not "
+                                   "pass the forward's keyword arguments to its attention")
+            return kernel(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
+        outputs = []
+        for (start, end), mask in zip(ds_dpo_blocks.bounds, ds_dpo_blocks.masks(sliding_window)):
+            out, _ = kernel(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask,
+                            sliding_window=sliding_window, **kwargs)
+            outputs.append(out)
+        return torch.cat(outputs, dim=1), None  # kernels return [B, L, heads, head_dim]
+
+    return attention
+
+
+for _inner, _name in BLOCK_ATTENTION.items():
+    AttentionInterface.register(_name, _block_attention(_inner))
+    # ordinary forwards get the masks the inner kernel would get
+    AttentionMaskInterface.register(_name, ALL_MASK_ATTENTION_FUNCTIONS[_inner])
+
+
+def stand_in_mask(length: int, device: torch.device) -> torch.Tensor:
+    """A [1, 1, S, S] bool tensor that takes no memory (stride 0): transformers passes a 4D mask through as it is, and
+    the block kernels never read it."""
+    return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device).expand(1, 1, length, length)
