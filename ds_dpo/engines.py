@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from pathlib import Path
 
 # Model code must be imported before deepspeed.zero.Init patches module construction: importing it inside fails
@@ -29,11 +30,36 @@ from ds_dpo.model_support import moe_block_classes
 _NO_DECAY = ("bias", "norm")
 
 
+def clear_stale_build_locks(max_age_s: float = 600) -> list[Path]:
+    """Remove the ``lock`` files of DeepSpeed op builds (torch's extension directory) older than ``max_age_s``.
+
+    Every process that loads a JIT-built op (CPU Adam, the CPU shared-memory all-reduce, ...) holds ``<op>/lock``
+    while ninja checks the build, about a second when it is built, minutes when it is not. A process killed in
+    that window leaves the file behind, and every later process that loads the op waits for it to go, forever and
+    without a word. A build takes about 3 min on 2 cores: an older lock is stale."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:  # <op>/lock, or <python_device>/<op>/lock
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:  # another rank removed it, or its build finished
+            continue
+    for lock in removed:
+        print(f"ds_dpo: removed a stale DeepSpeed op build lock ({lock}), left by a process killed while loading the "
+              "op", flush=True)
+    return removed
+
+
 def init_distributed(timeout_s: int = 1800) -> tuple[int, int, int]:
     """Initialise torch.distributed (NCCL on GPUs, gloo on CPU); return (rank, world_size, local_rank).
 
     ``timeout_s`` bounds every collective: a rank that dies makes the others fail after it instead of waiting forever.
     """
+    clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                timeout=datetime.timedelta(seconds=timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -18,18 +18,35 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
       || "${PIP[@]}" "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-extra=""
-[ "${1:-}" = "test" ] && extra="[test]"
-"${PIP[@]}" -c launch/constraints.txt -e ".${extra}"
+kind=runtime extra=""
+[ "${1:-}" = "test" ] && kind=test extra="[test]"
+# pip resolves every requirement even when all are installed (a minute or more on a small machine): skip it when
+# pyproject.toml and the constraints are unchanged since the last install of this kind (or of the test kind, which
+# includes the runtime). Delete the stamp to force a reinstall.
+stamp=.venv/.ds_dpo-installed
+want=$(cat pyproject.toml launch/constraints.txt | sha256sum | cut -c1-16)
+have="" have_kind=""
+[ -f "$stamp" ] && read -r have have_kind < "$stamp"
+if [ "$have" != "$want" ] || { [ "$kind" = test ] && [ "$have_kind" != test ]; }; then
+  "${PIP[@]}" -c launch/constraints.txt -e ".${extra}"
+  echo "$want $kind" > "$stamp"
+fi
 # On a CPU machine DeepSpeed JIT-compiles its CPU ops (fused/CPU Adam, shared-memory all-reduce) with gcc on first
 # use, about 3 min on 2 cores: build them here, once (cached in torch's extensions directory; ~8 s when cached),
 # rather than inside the first training run or test.
 .venv/bin/python - <<'PY' 2>&1 | grep -v "real_accelerator" || true
+import deepspeed
+import torch
+import transformers
 from deepspeed.accelerator import get_accelerator
 
+from ds_dpo.engines import clear_stale_build_locks
+
+clear_stale_build_locks()  # a lock left by a killed build would make this (and every run) wait forever
 accelerator = get_accelerator()
 if accelerator.device_name() == "cpu":
     for name in ("FusedAdamBuilder", "CPUAdamBuilder", "ShareMemCommBuilder"):
         accelerator.create_op_builder(name).load(verbose=False)
+print(f"ds_dpo env: torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+      f"transformers {transformers.__version__}")
 PY
-.venv/bin/python -c "import torch, deepspeed, transformers; print(f'ds_dpo env: torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}')" 2>&1 | grep "ds_dpo env"

@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,10 +20,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_job(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``cmd`` from the repository in its own process group; past ``timeout`` seconds the whole group (the
+    launcher and every rank it started) is killed and the test fails with the output so far, so that a hung run
+    costs one test, not the rest of the suite."""
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as job:
+        try:
+            out, err = job.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            out, err = job.communicate()
+            raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s, killed:\n{out[-6000:]}\n"
+                                 f"{err[-6000:]}") from None
+    return subprocess.CompletedProcess(cmd, job.returncode, out, err)
+
+
 def launch(*args: str, nprocs: int = 2, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``deepspeed --num_gpus N launch/train.py ARGS`` (real engines, CPU ranks on a CPU machine)."""
     cmd = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port()), "launch/train.py", *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = run_job(cmd)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
