@@ -12,7 +12,7 @@ from ds_dpo.logprobs import (OutputHead, concatenated_forward, enable_token_scor
                              scoring_mismatch)
 from ds_dpo.model_support import model_support, moe_block_classes
 
-from test_logprobs import PAIRS, VOCAB, one_at_a_time
+from test_logprobs import PAIRS, VOCAB, forward_and_grad, one_at_a_time
 
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -80,6 +80,21 @@ def test_every_layout_scores_like_the_models_own_forward(family, attention):
                                            logps_chunk_size=chunk)
                 close(got, plain, f"{family} {used} chunk {chunk}")
     assert model._ds_dpo_output_head is not None, "every family here has a head the chunked path reproduces"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_layout_trains_like_the_plain_padded_path(family):
+    """Every parameter's gradient through the fast path a run takes (the family's block attention where it has it,
+    each layout it gets, chunked log-probs) equals the plain padded path's with full logits, to 1e-5 of the largest
+    gradient entry."""
+    model, support = tiny_model(family, layout="shared")
+    _, expected = forward_and_grad(model, "padded", 0)
+    assert expected.abs().max() > 0
+    for layout in LAYOUTS:
+        used, _ = support.layout(padding_free=layout != "padded", prefix_sharing=layout == "shared")
+        _, grad = forward_and_grad(model, used, 4)
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-5 * expected.abs().max().item(),
+                                   msg=lambda m: f"{family} {used}: {m}")
 
 
 def output_head(model):
