@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -88,6 +89,25 @@ def packed_attention_mask(segment: torch.Tensor, branch: torch.Tensor, attn_impl
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed,
                                                                                     torch.finfo(dtype).min)
+
+
+def flex_block_mask(segment: torch.Tensor, branch: torch.Tensor, position_ids: torch.Tensor,
+                    sliding_window: int | None = None) -> BlockMask:
+    """``packed_attention_mask`` as FlexAttention's block mask, for ``attn_implementation: flex_attention``: kept per
+    128 x 128 tile, and the tiles where nothing may attend (other sequences, chosen seen from rejected) are skipped
+    by the kernel, so attention costs about the sum over sequence blocks. transformers hands a 4D ``BlockMask``
+    through to its flex kernel as it is."""
+    seg, kind, pos = segment[0], branch[0], position_ids[0]
+
+    def mask_mod(batch, head, q, k):
+        allowed = (seg[q] == seg[k]) & (q >= k) & ~((kind[q] == REJECTED) & (kind[k] == CHOSEN))
+        if sliding_window is not None:
+            allowed = allowed & (pos[q] - pos[k] < sliding_window)
+        return allowed
+
+    length = seg.numel()
+    # compiled on GPU, where the mask is then built tile by tile; torch's plain path elsewhere
+    return create_block_mask(mask_mod, 1, None, length, length, device=seg.device, _compile=seg.is_cuda)
 
 
 def _eager_kernel(module: torch.nn.Module):

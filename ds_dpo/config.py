@@ -73,7 +73,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow model/tokenizer code from the model's repository to run (off unless you set it)."""
     attn_implementation: str = "sdpa"
-    """Attention kernel passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``)."""
+    """Attention kernel passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``,
+    ``flex_attention``)."""
     disable_dropout: bool = True
     """Zero every dropout in policy and reference, as TRL does, so that log-probs are deterministic."""
     bf16: bool = False

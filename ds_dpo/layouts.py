@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 
-from ds_dpo.attention import (CHOSEN, PROMPT, REJECTED, Blocks, is_block_attention, packed_attention_mask,
-                              stand_in_mask)
+from ds_dpo.attention import (CHOSEN, PROMPT, REJECTED, Blocks, flex_block_mask, is_block_attention,
+                              packed_attention_mask, stand_in_mask)
 
 LAYOUTS = ("padded", "packed", "shared")
 
@@ -160,7 +160,8 @@ def sliding_window(config) -> tuple[int | None, bool]:
 
 def model_inputs(batch: dict[str, torch.Tensor], config, dtype: torch.dtype) -> dict:
     """The keyword arguments for the forward of a model with ``config``: padded batches as they are; packed ones
-    with ``position_ids`` and, unless the kernel is varlen, the 4D mask (or one per layer type)."""
+    with ``position_ids`` and, unless the kernel is varlen, the 4D mask (or one per layer type): ds_dpo's blocks
+    with a stand-in, a FlexAttention block mask, or a dense mask."""
     if "segment" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     attn = config._attn_implementation
@@ -175,8 +176,11 @@ def model_inputs(batch: dict[str, torch.Tensor], config, dtype: torch.dtype) -> 
         inputs["attention_mask"] = ({"full_attention": stand_in, "sliding_attention": stand_in} if per_layer_type
                                     else stand_in)
         return inputs
-    mask = functools.partial(packed_attention_mask, batch["segment"], batch["branch"], attn, dtype,
-                             batch["position_ids"])
+    if attn == "flex_attention":  # a block mask: masked tiles are skipped, not computed
+        mask = functools.partial(flex_block_mask, batch["segment"], batch["branch"], batch["position_ids"])
+    else:
+        mask = functools.partial(packed_attention_mask, batch["segment"], batch["branch"], attn, dtype,
+                                 batch["position_ids"])
     window, per_layer_type = sliding_window(config)
     if window is None:
         inputs["attention_mask"] = mask()

@@ -68,21 +68,24 @@ class ModelSupport:
         return wanted, None
 
 
-def inspect_model(cfg: ModelConfig) -> ModelSupport:
-    """``ModelSupport`` of the policy checkpoint, from its config (no weights are read)."""
+def inspect_model(cfg: ModelConfig, device_type: str = "cuda") -> ModelSupport:
+    """``ModelSupport`` of the policy checkpoint on ``device_type``, from its config (no weights are read)."""
     config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    return model_support(config, cfg.attn_implementation)
+    return model_support(config, cfg.attn_implementation, device_type)
 
 
-def model_support(config, attn_implementation: str) -> ModelSupport:
+def model_support(config, attn_implementation: str, device_type: str = "cuda") -> ModelSupport:
     """``ModelSupport`` of the causal LM class ``AutoModelForCausalLM`` builds for ``config``; a class that cannot be
     told in advance (remote code) is taken as it is configured."""
+    attn, notices = attn_implementation, []
+    if attn == "flex_attention" and device_type == "cpu":
+        notices.append("FlexAttention cannot train on CPU (torch has no CPU backward for it); using 'sdpa'")
+        attn = "sdpa"
     try:
         cls = _get_model_class(config, AutoModelForCausalLM._model_mapping)
     except (KeyError, ValueError):
         name = (getattr(config, "architectures", None) or [type(config).__name__])[0]
-        return ModelSupport(name, attn_implementation, stateful=False)
-    attn, notices = attn_implementation, []
+        return ModelSupport(name, attn, stateful=False, notices=tuple(notices))
     flag = _ATTENTION_FLAGS.get(attn)
     if flag is not None and not getattr(cls, flag, False):
         notices.append(f"{cls.__name__} does not support attn_implementation {attn!r}; using 'eager'")

@@ -30,7 +30,7 @@ from ds_dpo.config import ConfigError, DPOConfig, dump_config
 from ds_dpo.data import load_preference_data
 from ds_dpo.distributed import any_rank, local_main_first, say
 from ds_dpo.ds_config import reference_deepspeed_config, resolve_deepspeed_config
-from ds_dpo.layouts import collate_pairs, forward_tokens
+from ds_dpo.layouts import collate_pairs, forward_tokens, is_varlen
 from ds_dpo.logprobs import concatenated_forward, router_aux_loss, scoring_mismatch
 from ds_dpo.losses import LossInputs, PreferenceLossOutput, preference_loss
 from ds_dpo.model_support import inspect_model
@@ -69,7 +69,7 @@ class DPORecipe:
         cfg = self.cfg
         self.rank, self.world_size, _ = engines.init_distributed(cfg.parallel.ddp_timeout)
         self.device = engines.device()
-        support = inspect_model(cfg.model)
+        support = inspect_model(cfg.model, self.device.type)
         if support.attn_implementation != cfg.model.attn_implementation:
             self.cfg = cfg = cfg.replace(attn_implementation=support.attn_implementation)
         self.layout, layout_notice = support.layout(cfg.batch.padding_free, cfg.batch.prefix_sharing)
@@ -136,8 +136,11 @@ class DPORecipe:
             if cfg.ref.precompute_ref_log_probs:
                 self._precompute_reference()
         chunks = f"chunks of {cfg.batch.logps_chunk_size} tokens" if cfg.batch.logps_chunk_size else "full logits"
-        attention = (f"{cfg.model.attn_implementation} per sequence block" if is_block_attention(self.attn_implementation)
-                     else self.attn_implementation + (" with a dense row mask" if self.layout != "padded" else ""))
+        attention = self.attn_implementation
+        if is_block_attention(attention):
+            attention = f"{cfg.model.attn_implementation} per sequence block"
+        elif self.layout != "padded" and not is_varlen(attention):
+            attention += " with a block mask" if attention == "flex_attention" else " with a dense row mask"
         say(f"reference: {self._describe_reference()}; batches: {self.layout}; attention: {attention}; "
             f"log-probs from {chunks}")
 

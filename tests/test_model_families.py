@@ -4,6 +4,7 @@ the model's own forward; and the startup self-check that catches a fast path tha
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ds_dpo import layouts
@@ -95,6 +96,42 @@ def test_every_layout_trains_like_the_plain_padded_path(family):
         _, grad = forward_and_grad(model, used, 4)
         torch.testing.assert_close(grad, expected, rtol=0, atol=1e-5 * expected.abs().max().item(),
                                    msg=lambda m: f"{family} {used}: {m}")
+
+
+@pytest.fixture
+def uncompiled_flex(monkeypatch):
+    """transformers compiles FlexAttention, which inductor cannot do on this CPU (torch 2.13: a C++ compile error);
+    torch's plain kernel computes the same attention from the same block mask."""
+    from transformers.integrations import flex_attention as hf_flex
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
+                        lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs))
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+# Qwen2 here mixes full and sliding layers (one block mask per layer type); Gemma-2 soft-caps its scores. Each costs
+# seconds on CPU (transformers tries to compile the padded path's mask), so not every family.
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_flex_attention_block_masks_score_like_the_plain_padded_path(family, uncompiled_flex):
+    """``attn_implementation: flex_attention``: packed and shared rows get FlexAttention block masks (sliding windows
+    and per-layer-type masks included) and score like the plain padded path. Forward only: torch has no FlexAttention
+    backward on CPU; gradients and speed are for a GPU (not yet run on one)."""
+    model, support = tiny_model(family, attn="flex_attention", layout="shared")
+    assert model.config._attn_implementation == "flex_attention"
+    with torch.no_grad():
+        plain = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, "padded"), logps_chunk_size=0)
+        for layout in ("packed", "shared"):
+            batch = collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, layout)
+            masks = layouts.model_inputs(batch, model.config, torch.float32)["attention_mask"]
+            assert all(isinstance(m, BlockMask) for m in (masks.values() if isinstance(masks, dict) else [masks]))
+            for chunk in (0, 4):
+                close(concatenated_forward(model, batch, logps_chunk_size=chunk), plain,
+                      f"{family} flex {layout} chunk {chunk}")
+
+
+def test_flex_attention_on_cpu_is_replaced_with_a_notice():
+    support = model_support(AutoConfig.for_model("llama", **TINY), "flex_attention", device_type="cpu")
+    assert support.attn_implementation == "sdpa" and "FlexAttention cannot train on CPU" in support.notices[0]
 
 
 def output_head(model):
