@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -31,6 +32,21 @@ from benchmark import machine  # noqa: E402  (benchmarks/benchmark.py)
 MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=4096)
 ATTENTION = {"dense mask": "sdpa", "blocks": "ds_dpo_blocks_sdpa"}
+NOT_MEASURED = """
+## Backends not measured here
+
+- **FlexAttention** (`attn_implementation: flex_attention`): packed and prefix-shared rows get a FlexAttention
+  block mask built from the same segment/branch/position rules (`ds_dpo.attention.flex_block_mask`); the kernel
+  skips 128 x 128 tiles where nothing may attend. Checked on CPU for log-probs only (torch's uncompiled kernel,
+  `tests/test_model_families.py`): transformers compiles FlexAttention, which inductor fails to build on this CPU
+  (torch 2.13: "'cur_kvSplitSize0' was not declared"), and torch has no FlexAttention backward on CPU, so a CPU run
+  is switched to `sdpa` with a notice. **Not yet run on a GPU**: no speed, memory or gradient numbers.
+- **flash-attention varlen** (`attn_implementation: flash_attention_2`): packed rows through `position_ids`;
+  prefix-shared rows as two query runs per pair (`prompt + chosen`, `rejected`) reading `prompt + chosen` and
+  `prompt + rejected` keys (`ds_dpo.attention.shared_varlen_inputs`). Log-probs and gradients checked on CPU against
+  the padded path with a plain-torch stand-in for the kernel; flash-attn cannot be installed on this machine.
+  **Not yet run on a GPU**.
+"""
 
 
 def pairs(count: int, pair_tokens: int, seed: int = 0) -> list[dict]:
@@ -71,10 +87,14 @@ def one_point(attention: str, num_pairs: int, pairs_per_batch: int, pair_tokens:
 
 
 def measure(attention: str, num_pairs: int, pairs_per_batch: int, pair_tokens: int, steps: int,
-            timeout: int) -> dict:
+            timeout: int, memory_limit_gb: float) -> dict:
     cmd = [sys.executable, __file__, "--point", json.dumps([attention, num_pairs, pairs_per_batch, pair_tokens, steps])]
+    # An address-space limit makes a point that cannot fit fail its allocation (and be recorded as out of memory)
+    # instead of driving the whole machine into the kernel's OOM killer.
+    limit = int(memory_limit_gb * 2**30)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
     except subprocess.TimeoutExpired:
         return {"error": f"over {timeout} s"}
     if proc.returncode != 0:
@@ -97,13 +117,20 @@ def main() -> None:
     parser.add_argument("--throughput_pair_tokens", type=int, default=384)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--memory_limit_gb", type=float, default=20.0,
+                        help="address-space limit of each point's process; leave room for the rest of the machine")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.point:
         print(json.dumps(one_point(*json.loads(args.point))))
         return
 
-    lines = [f"Machine: {machine()}", "",
+    command = shlex.join(["python", "benchmarks/attention_scaling.py", *sys.argv[1:]])
+    lines = ["# Attention scaling: dense row mask vs block attention", "",
+             f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}; do not edit by hand. Each point runs in a fresh "
+             f"process limited to {args.memory_limit_gb:g} GiB of address space; a point that cannot allocate is "
+             "recorded as out of memory.", "",
+             f"Machine: {machine()}", "",
              f"One step (forward + backward) of a random Llama (hidden 256, 4 layers, 4 heads, fp32, 1 CPU process) on "
              f"one prefix-shared micro-batch of {args.pair_tokens}-token pairs; fastest of {args.steps} steps after a "
              "warm-up; whole-process peak RSS.", "",
@@ -111,7 +138,8 @@ def main() -> None:
              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     for size in args.sizes:
         n = max(1, round(size / args.pair_tokens))  # prefix-shared: a pair puts each of its tokens in the row once
-        row = {name: measure(name, n, n, args.pair_tokens, args.steps, args.timeout) for name in ATTENTION}
+        row = {name: measure(name, n, n, args.pair_tokens, args.steps, args.timeout, args.memory_limit_gb)
+               for name in ATTENTION}
         d, b = row["dense mask"], row["blocks"]
         lines.append(f"| {b.get('tokens', size)} | {n} | {cell(d, 'step_s', '.2f')} | {cell(d, 'peak_rss_gb', '.2f')} "
                      f"| {cell(b, 'step_s', '.2f')} | {cell(b, 'peak_rss_gb', '.2f')} |")
@@ -120,10 +148,11 @@ def main() -> None:
     lines += ["", f"Pairs/s over the same {total} pairs of {args.throughput_pair_tokens} tokens, block attention, by "
               "pairs per micro-batch:", "", "| pairs per micro-batch | pairs/s | peak GB |", "| ---: | ---: | ---: |"]
     for per_batch in (1, 8, 32):
-        r = measure("blocks", total, per_batch, args.throughput_pair_tokens, args.steps, args.timeout)
+        r = measure("blocks", total, per_batch, args.throughput_pair_tokens, args.steps, args.timeout,
+                    args.memory_limit_gb)
         lines.append(f"| {per_batch} | {cell(r, 'pairs_per_s', '.2f')} | {cell(r, 'peak_rss_gb', '.2f')} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + NOT_MEASURED
     if args.out:
         args.out.write_text(text)
     print(text)

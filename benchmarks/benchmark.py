@@ -1,14 +1,23 @@
 """Speed and memory of a DPO step, ds_dpo side by side with TRL 1.16's DPOTrainer (benchmarks/README.md).
 
     .venv/bin/python benchmarks/benchmark.py --data ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz
+    .venv/bin/python benchmarks/benchmark.py --model outputs/smollm2-135m-instruct \
+        --data outputs/smollm2-hh-data/train.jsonl --nproc 2 --out docs/benchmarks_smollm2.md
 
-One invocation prepares the shared inputs once — a byte-level BPE tokenizer trained on the data, a random-init
-policy and a different random-init reference built from one Llama config, the pairs tokenized and truncated by
-ds_dpo's pipeline (``max_length`` 1024) in one seeded order — and then runs every configuration in a fresh process
-of its own (one CPU process, fp32, 8 pairs per optimizer step, the same pairs in the same order), round-robin, so
-slow drifts of the machine hit all of them alike. Each run does ``--warmup`` steps, then ``--steps`` timed steps;
-pairs/s is the median over ``--repeats`` rounds; memory is the process's peak resident set size and its rise
-during the steps (sampled every 2 ms). The table goes to ``--out`` (docs/benchmarks.md).
+One invocation prepares the shared inputs once — without ``--model``, a byte-level BPE tokenizer trained on the data
+and a random-init policy and a different random-init reference built from one Llama config; with ``--model``, that
+pretrained checkpoint as policy and reference with its own tokenizer and chat template; the pairs tokenized and
+truncated by ds_dpo's pipeline (``max_length`` 1024) in one seeded order — and then runs every configuration in
+fresh processes of its own (``--nproc`` CPU processes, fp32, 8 pairs per optimizer step split evenly over them, the
+same pairs in the same order), round-robin, so slow drifts of the machine hit all of them alike. Each run does
+``--warmup`` steps, then ``--steps`` timed steps; pairs/s is the median over ``--repeats`` rounds; memory is each
+process's peak resident set size and its rise during the steps (sampled every 2 ms), the largest over the processes.
+The table goes to ``--out`` (docs/benchmarks.md).
+
+Several processes: ds_dpo runs its DeepSpeed ZeRO-3 engines; TRL runs as its users run it on several CPU processes,
+DDP over gloo (``use_cpu``): accelerate 1.15 turns DeepSpeed on only on an accelerator (``PartialState`` takes the
+DeepSpeed branch only when not on CPU, and without ``use_cpu`` a CPU-only machine gets no distributed state at all, so
+each process sees world size 1 and DeepSpeed's batch-size check fails), so TRL with a ZeRO-3 config cannot run here.
 
 Useful-token efficiency = distinct real tokens (prompt + chosen + rejected per pair) / token positions the step
 runs through the model (policy forward, plus the reference forward when it is not precomputed); precomputed
@@ -21,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -54,8 +64,14 @@ CONFIGS = {
 
 # --- shared inputs ----------------------------------------------------------------------------------------------------
 
-def prepare(data: Path, work: Path, num_pairs: int, vocab_size: int, seed: int) -> list[dict]:
-    """Tokenizer, policy and reference directories and ``pairs.jsonl`` under ``work``; returns the pairs."""
+def model_dirs(work: Path, model: Path | None) -> tuple[Path, Path]:
+    """Policy and reference checkpoints: the pretrained ``model`` for both, else the random pair ``prepare`` wrote."""
+    return (model, model) if model else (work / "policy", work / "reference")
+
+
+def prepare(data: Path, work: Path, num_pairs: int, vocab_size: int, seed: int, model: Path | None) -> list[dict]:
+    """Tokenizer, policy and reference directories (unless ``model``) and ``pairs.jsonl`` under ``work``; returns
+    the pairs."""
     import gzip
 
     import torch
@@ -64,16 +80,21 @@ def prepare(data: Path, work: Path, num_pairs: int, vocab_size: int, seed: int) 
     from ds_dpo import builtin
     from ds_dpo.config import make_config
     from ds_dpo.data import load_preference_data
+    from ds_dpo.tokenization import load_tokenizer
 
-    rows = [json.loads(line) for line in gzip.open(data, "rt")]
-    tokenizer = builtin.train_bpe_tokenizer((r[k] for r in rows for k in ("chosen", "rejected")), vocab_size)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL)
-    for name, model_seed in (("policy", seed), ("reference", seed + 1)):
-        torch.manual_seed(model_seed)
-        AutoModelForCausalLM.from_config(config).save_pretrained(work / name)
-        tokenizer.save_pretrained(work / name)
-    cfg = make_config({"model_name_or_path": str(work / "policy"), "dataset": str(data), "on_bad_rows": "skip",
+    if model:
+        tokenizer = load_tokenizer(str(model))
+    else:
+        rows = [json.loads(line) for line in gzip.open(data, "rt")]
+        tokenizer = builtin.train_bpe_tokenizer((r[k] for r in rows for k in ("chosen", "rejected")), vocab_size)
+        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL)
+        for name, model_seed in (("policy", seed), ("reference", seed + 1)):
+            torch.manual_seed(model_seed)
+            AutoModelForCausalLM.from_config(config).save_pretrained(work / name)
+            tokenizer.save_pretrained(work / name)
+    cfg = make_config({"model_name_or_path": str(model_dirs(work, model)[0]), "dataset": str(data),
+                       "on_bad_rows": "skip",
                        "max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT_LENGTH,
                        "dataset_cache_dir": str(work / "cache")})
     train, _, _ = load_preference_data(cfg.data, tokenizer, cfg.seed)
@@ -138,17 +159,30 @@ class PeakRSS:
         self._thread.join()
 
 
-def run_ds_dpo(work: Path, options: dict, total_steps: int) -> tuple[list[float], float, PeakRSS]:
+def run_ds_dpo(work: Path, model: Path | None, options: dict, total_steps: int, phases: dict
+               ) -> tuple[list[float], float, PeakRSS]:
     import torch
 
+    from ds_dpo import engines
     from ds_dpo.config import make_config
     from ds_dpo.recipe import DPORecipe
     from ds_dpo.sampler import StepPlan
 
+    build_engine = engines.build_engine
+
+    def measured_build_engine(cfg, ds_config, trainable, **kwargs):  # the resident set size each engine adds
+        engine = build_engine(cfg, ds_config, trainable, **kwargs)
+        phases["policy engine" if trainable else "reference engine"] = PeakRSS.current()
+        return engine
+
+    engines.build_engine = measured_build_engine
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    per_rank = PAIRS_PER_STEP // world
+    policy, reference = model_dirs(work, model)
     cfg = make_config({
-        "model_name_or_path": str(work / "policy"), "ref_model_name_or_path": str(work / "reference"),
+        "model_name_or_path": str(policy), "ref_model_name_or_path": str(reference),
         "dataset": str(work / "pairs.jsonl"), "dataset_format": "tokenized", "max_length": MAX_LENGTH,
-        "max_prompt_length": MAX_PROMPT_LENGTH, "per_device_train_batch_size": PAIRS_PER_STEP,
+        "max_prompt_length": MAX_PROMPT_LENGTH, "per_device_train_batch_size": per_rank,
         "max_steps": total_steps, "save_steps": 0, "learning_rate": 1e-6, "output_dir": str(work / "ds_dpo_run"),
         "dataset_cache_dir": str(work / "cache"), **options})
     cfg.validate()
@@ -157,9 +191,9 @@ def run_ds_dpo(work: Path, options: dict, total_steps: int) -> tuple[list[float]
     times, first_loss = [], None
     with PeakRSS() as memory:
         for step in range(total_steps):
-            indices = list(range(step * PAIRS_PER_STEP, (step + 1) * PAIRS_PER_STEP))
+            first = step * PAIRS_PER_STEP + rank * per_rank  # TRL's order: rank r takes the step's r-th slice
             started = time.perf_counter()
-            recipe.train_step(StepPlan([indices], [[1.0] * PAIRS_PER_STEP], PAIRS_PER_STEP))
+            recipe.train_step(StepPlan([list(range(first, first + per_rank))], [[1.0] * per_rank], PAIRS_PER_STEP))
             times.append(time.perf_counter() - started)
             if step == 0:
                 first_loss = recipe.state.window.reduce()["loss"]
@@ -168,7 +202,8 @@ def run_ds_dpo(work: Path, options: dict, total_steps: int) -> tuple[list[float]
     return times, first_loss, memory
 
 
-def run_trl(work: Path, options: dict, total_steps: int) -> tuple[list[float], float, PeakRSS]:
+def run_trl(work: Path, model: Path | None, options: dict, total_steps: int, phases: dict
+            ) -> tuple[list[float], float, PeakRSS]:
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -180,7 +215,8 @@ def run_trl(work: Path, options: dict, total_steps: int) -> tuple[list[float], f
     losses, times = [], []
 
     class Trainer(DPOTrainer):
-        """TRL's trainer on the pairs exactly as ds_dpo tokenized them, in file order."""
+        """TRL's trainer on the pairs exactly as ds_dpo tokenized them, in file order (with several processes,
+        accelerate hands process r the r-th of each step's per-device batches)."""
 
         def _prepare_dataset(self, dataset, *args, **kwargs):
             return dataset
@@ -200,30 +236,38 @@ def run_trl(work: Path, options: dict, total_steps: int) -> tuple[list[float], f
         def on_step_end(self, *args, **kwargs):
             times.append(time.perf_counter() - self.started)
 
-    args = DPOConfig(output_dir=str(work / "trl_run"), per_device_train_batch_size=PAIRS_PER_STEP,
+    args = DPOConfig(output_dir=str(work / "trl_run"),
+                     per_device_train_batch_size=PAIRS_PER_STEP // int(os.environ["WORLD_SIZE"]),
                      max_length=MAX_LENGTH, max_steps=total_steps, learning_rate=1e-6, bf16=False, use_cpu=True,
                      report_to=[], save_strategy="no", logging_steps=10**6, dataloader_num_workers=0,
                      **options)
-    tokenizer = AutoTokenizer.from_pretrained(work / "policy")
-    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(work / "policy"),
-                      ref_model=AutoModelForCausalLM.from_pretrained(work / "reference"), args=args,
-                      train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()])
+    policy, reference = model_dirs(work, model)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    policy_model = AutoModelForCausalLM.from_pretrained(policy)
+    phases["policy loaded"] = PeakRSS.current()
+    reference_model = AutoModelForCausalLM.from_pretrained(reference)
+    phases["reference loaded"] = PeakRSS.current()
+    trainer = Trainer(model=policy_model, ref_model=reference_model, args=args, train_dataset=dataset,
+                      processing_class=tokenizer, callbacks=[StepTimer()])
     with PeakRSS() as memory:
         trainer.train()
     return times, losses[0], memory
 
 
-def worker(name: str, work: Path, total_steps: int) -> None:
+def worker(name: str, work: Path, model: Path | None, total_steps: int) -> None:
     import resource
 
     import torch
 
+    phases = {"python + torch": PeakRSS.current()}
     torch.manual_seed(0)
     trainer, options = CONFIGS[name]
-    times, first_loss, memory = (run_trl if trainer == "trl" else run_ds_dpo)(work, options, total_steps)
+    times, first_loss, memory = (run_trl if trainer == "trl" else run_ds_dpo)(work, model, options, total_steps,
+                                                                              phases)
+    phases |= {"before the steps": memory.start, "steps (peak)": memory.peak}
     lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
     print("RESULT " + json.dumps({"times": times, "first_loss": first_loss, "peak_mib": lifetime_peak,
-                                  "step_mib": memory.peak - memory.start}), flush=True)
+                                  "step_mib": memory.peak - memory.start, "phases": phases}), flush=True)
 
 
 # --- the comparison ---------------------------------------------------------------------------------------------------
@@ -234,15 +278,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_config(name: str, work: Path, total_steps: int) -> dict:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--work", str(work),
-                           "--total_steps", str(total_steps)], env=env, capture_output=True, text=True)
-    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not results:
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(results[-1].removeprefix("RESULT "))
+def run_config(name: str, work: Path, model: Path | None, total_steps: int, nproc: int) -> dict:
+    """One run on ``nproc`` processes, launched the way torchrun would (both trainers read the same variables);
+    returns rank 0's step times, the mean of the ranks' first losses and the largest per-process memory."""
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))}
+    cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), "--total_steps", str(total_steps),
+           *(["--model", str(model)] if model else [])]
+    logs = [work / "logs" / f"{name.replace(' ', '_').replace('/', '_')}.rank{r}.log" for r in range(nproc)]
+    logs[0].parent.mkdir(exist_ok=True)
+    procs = []
+    for r, log in enumerate(logs):  # output to files: a full pipe would stall one rank and the others with it
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=f,
+                                          stderr=subprocess.STDOUT, text=True))
+    ranks = []
+    for r, (proc, log) in enumerate(zip(procs, logs)):
+        proc.wait()
+        out = log.read_text()
+        results = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not results:
+            raise RuntimeError(f"{name} rank {r} failed (exit {proc.returncode}):\n{out[-5000:]}")
+        ranks.append(json.loads(results[-1].removeprefix("RESULT ")))
+    return {"times": ranks[0]["times"], "first_loss": statistics.mean(r["first_loss"] for r in ranks),
+            "peak_mib": max(r["peak_mib"] for r in ranks), "step_mib": max(r["step_mib"] for r in ranks),
+            "phases": max((r["phases"] for r in ranks), key=lambda p: p["steps (peak)"])}
 
 
 def machine() -> str:
@@ -283,30 +344,43 @@ def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line
                             "`precompute_ref_log_probs`." if trl_pre else "."))
     lengths = [(len(p["prompt_input_ids"]), len(p["chosen_input_ids"]), len(p["rejected_input_ids"])) for p in pairs]
     median = [statistics.median(x) for x in zip(*lengths)]
+    command = shlex.join(["python", "benchmarks/benchmark.py", *sys.argv[1:]])
+    if args.model:
+        model_config = json.loads((args.model / "config.json").read_text())
+        model = (f"pretrained `{args.model.name}` ({model_config['model_type']}, {model_config['num_hidden_layers']} "
+                 f"layers x {model_config['hidden_size']}, {model_config['vocab_size']}-token vocabulary) as policy "
+                 "and reference, its own tokenizer and chat template")
+        data = f"`{args.data.name}` ({args.data.parent.name}), rendered with the model's chat template"
+        loss_note = "policy and reference are the same checkpoint, so it is log 2"
+    else:
+        model = (f"random-init Llama {MODEL['num_hidden_layers']} layers x {MODEL['hidden_size']} (intermediate "
+                 f"{MODEL['intermediate_size']}, untied {args.vocab_size}-token embeddings), policy and a different "
+                 "random-init reference")
+        data = f"HH-RLHF harmless-base test with a {args.vocab_size}-token byte-level BPE trained on it"
+        loss_note = "policy and reference differ, so it is not log 2"
+    processes = ("one CPU process" if args.nproc == 1 else
+                 f"{args.nproc} CPU processes ({PAIRS_PER_STEP // args.nproc} pairs each per step; TRL as DDP over "
+                 "gloo, see the module docstring for why not DeepSpeed)")
     return "\n".join([
         "# Benchmark: ds_dpo vs TRL 1.16 DPOTrainer",
         "",
-        f"Produced by `benchmarks/benchmark.py` on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
+        f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
         "",
         f"- Machine: {machine_line}.",
-        f"- Data: HH-RLHF harmless-base test, tokenized and truncated by ds_dpo (`max_length` {MAX_LENGTH}, "
-        f"`max_prompt_length` {MAX_PROMPT_LENGTH}) with a {args.vocab_size}-token byte-level BPE trained on it; "
-        f"{len(pairs)} pairs in one seeded order (median prompt {median[0]:.0f}, chosen {median[1]:.0f}, "
-        f"rejected {median[2]:.0f} tokens).",
-        f"- Model: random-init Llama {MODEL['num_hidden_layers']} layers x {MODEL['hidden_size']} "
-        f"(intermediate {MODEL['intermediate_size']}, untied {args.vocab_size}-token embeddings), policy and a "
-        "different random-init reference; fp32; AdamW; one CPU process.",
+        f"- Data: {data}, tokenized and truncated by ds_dpo (`max_length` {MAX_LENGTH}, `max_prompt_length` "
+        f"{MAX_PROMPT_LENGTH}); {len(pairs)} pairs in one seeded order (median prompt {median[0]:.0f}, chosen "
+        f"{median[1]:.0f}, rejected {median[2]:.0f} tokens).",
+        f"- Model: {model}; fp32; AdamW; {processes}.",
         f"- Step: {PAIRS_PER_STEP} pairs; {args.warmup} warm-up steps, then {args.steps} timed steps per run; "
-        f"{args.repeats} rounds, all configurations interleaved; each run in a fresh process. ds_dpo: "
+        f"{args.repeats} rounds, all configurations interleaved; each run in fresh processes. ds_dpo: "
         "DeepSpeed ZeRO-3 engine (the default preset) around policy and reference.",
         "- pairs/s: median over rounds. Peak MiB: the process's peak resident set size over its whole life (imports, "
-        "model setup, reference precomputation, steps). Step MiB: how far the resident set size rose during the "
-        "steps above what it was before the first one (activations, logits, gradients, optimizer state); medians "
-        "over rounds.",
+        "model setup, reference precomputation, steps), the largest over the processes. Step MiB: how far the "
+        "resident set size rose during the steps above what it was before the first one (activations, logits, "
+        "gradients, optimizer state); medians over rounds.",
         "- Efficiency: distinct real tokens / token positions run through a model per step (policy forward, plus "
         "reference forward unless precomputed).",
-        "- Step-1 loss: sigmoid DPO, beta 0.1, the first step's pairs; policy and reference differ, so it is not "
-        "log 2.",
+        f"- Step-1 loss: sigmoid DPO, beta 0.1, the first step's pairs; {loss_note}.",
         "",
         "| configuration | pairs/s | vs TRL | peak MiB | vs TRL | step MiB | vs TRL | efficiency | step-1 loss "
         "| vs TRL |",
@@ -315,7 +389,31 @@ def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line
         "",
         headline,
         "",
+        *memory_breakdown(results),
     ])
+
+
+def memory_breakdown(results: dict[str, list[dict]]) -> list[str]:
+    """Where each run's resident memory goes, from the first round: the rise over each phase of the process with
+    the highest step peak (MiB)."""
+    lines = ["## Where the memory goes", "",
+             "Resident set size at each point of the first round's run (MiB, the process with the highest peak), and "
+             "what each phase added. ds_dpo: the reference engine (built first) and the policy engine (ZeRO-3 "
+             "partitions, DeepSpeed's gradient and communication buffers), then the steps (activations, logits, "
+             "gradients, the optimizer states that DeepSpeed and torch create at the first step). TRL: the two models "
+             "as loaded, then `train()` (accelerate's preparation, optimizer, steps).", "",
+             "| configuration | phases (RSS after, +added) | peak during steps |", "|---|---|---|"]
+    for name, runs in results.items():
+        phases = runs[0]["phases"]
+        previous, cells = 0.0, []
+        for phase, rss in phases.items():
+            if phase == "steps (peak)":
+                continue
+            cells.append(f"{phase} {rss:.0f} (+{rss - previous:.0f})")
+            previous = rss
+        lines.append(f"| {name} | {'; '.join(cells)} | {phases['steps (peak)']:.0f} "
+                     f"(+{phases['steps (peak)'] - phases['before the steps']:.0f}) |")
+    return lines + [""]
 
 
 def main() -> None:
@@ -330,23 +428,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab_size", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", type=Path, help="a pretrained causal LM directory, used as policy and reference "
+                        "with its tokenizer (default: random-init Llama pair and a BPE trained on the data)")
+    parser.add_argument("--nproc", type=int, default=1, choices=(1, 2, 4, 8), help="processes (ranks) per run")
     parser.add_argument("--only", nargs="*", help="run only these configurations (names as in the table)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--total_steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.work, args.total_steps)
+        return worker(args.worker, args.work, args.model, args.total_steps)
     if not Path(args.data).is_file():
         parser.error(f"no data at {args.data}: pass --data or set DS_DPO_HH_DATA (README \"Tests\" says how to get it)")
 
     total = args.warmup + args.steps
     args.work.mkdir(parents=True, exist_ok=True)
-    pairs = prepare(args.data, args.work, total * PAIRS_PER_STEP, args.vocab_size, args.seed)
+    pairs = prepare(args.data, args.work, total * PAIRS_PER_STEP, args.vocab_size, args.seed, args.model)
     names = args.only or list(CONFIGS)
     results: dict[str, list[dict]] = {name: [] for name in names}
     for round_ in range(args.repeats):
         for name in names:
-            result = run_config(name, args.work, total)
+            result = run_config(name, args.work, args.model, total, args.nproc)
             results[name].append(result)
             rate = PAIRS_PER_STEP * args.steps / sum(result["times"][args.warmup:])
             print(f"round {round_ + 1}/{args.repeats} {name}: {rate:.2f} pairs/s, peak {result['peak_mib']:.0f} MiB, "

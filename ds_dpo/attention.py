@@ -12,6 +12,13 @@ It is registered with transformers' attention interface as ``ds_dpo_blocks_sdpa`
 scores). A model loaded with one of them behaves exactly like sdpa/eager (padded batches, generation) until a forward
 carries ``ds_dpo_blocks``: ``layouts.model_inputs`` then passes a ``Blocks`` and, as the ``attention_mask``, a
 stride-0 stand-in that transformers hands through untouched and no kernel reads.
+
+flash-attention needs no mask at all: its varlen kernel takes sequence boundaries (``cu_seqlens``), separately for
+queries and keys. A prefix-shared row becomes two query runs per pair, ``prompt + chosen`` and ``rejected``, whose
+keys are ``prompt + chosen`` and ``prompt + rejected`` (``shared_varlen_inputs``: the prompt's keys and values are
+gathered twice, not recomputed); flash-attention aligns a causal run with fewer queries than keys at the bottom
+right, so each rejected token sees the prompt and the rejected tokens before it, exactly. transformers' own flash
+functions are wrapped to do the gather when a forward carries ``ds_dpo_kv_index``, and are unchanged otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
@@ -127,10 +135,13 @@ def _block_attention(inner: str):
                 raise RuntimeError(f"{type(module).__name__} got a packed row without its blocks: the model does not "
                                    "pass the forward's keyword arguments to its attention")
             return kernel(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
+        # split, not sliced: the backward of each slice would write a zero tensor of the whole row (work that
+        # grows with blocks x row length); a split's backward is one concatenation
+        sizes = [end - start for start, end in ds_dpo_blocks.bounds]
         outputs = []
-        for (start, end), mask in zip(ds_dpo_blocks.bounds, ds_dpo_blocks.masks(sliding_window)):
-            out, _ = kernel(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask,
-                            sliding_window=sliding_window, **kwargs)
+        for q, k, v, mask in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2),
+                                 ds_dpo_blocks.masks(sliding_window)):
+            out, _ = kernel(module, q, k, v, mask, sliding_window=sliding_window, **kwargs)
             outputs.append(out)
         return torch.cat(outputs, dim=1), None  # kernels return [B, L, heads, head_dim]
 
@@ -141,6 +152,45 @@ for _inner, _name in BLOCK_ATTENTION.items():
     AttentionInterface.register(_name, _block_attention(_inner))
     # ordinary forwards get the masks the inner kernel would get
     AttentionMaskInterface.register(_name, ALL_MASK_ATTENTION_FUNCTIONS[_inner])
+
+
+def shared_varlen_inputs(segment: torch.Tensor, branch: torch.Tensor) -> dict:
+    """flash-attention varlen keyword arguments for a prefix-shared [1, S] row (``segment``/``branch``): each pair
+    ``prompt | chosen | rejected`` is the query runs ``prompt + chosen`` and ``rejected``, with keys ``prompt +
+    chosen`` and ``prompt + rejected``; ``ds_dpo_kv_index`` gathers those keys (and values) from the row."""
+    seg, kind = segment[0].tolist(), branch[0].tolist()
+    starts = [i for i in range(len(seg)) if i == 0 or seg[i] != seg[i - 1]]
+    q_lengths, k_lengths, kv_index = [], [], []
+    for start, end in zip(starts, starts[1:] + [len(seg)]):
+        prompt, chosen = kind[start:end].count(PROMPT), kind[start:end].count(CHOSEN)
+        rejected = end - start - prompt - chosen
+        q_lengths += [prompt + chosen, rejected]
+        k_lengths += [prompt + chosen, prompt + rejected]
+        kv_index += [*range(start, start + prompt + chosen), *range(start, start + prompt),
+                     *range(start + prompt + chosen, end)]
+    device = segment.device
+
+    def cumulative(lengths):
+        return torch.tensor([0, *lengths], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+
+    return {"cu_seq_lens_q": cumulative(q_lengths), "cu_seq_lens_k": cumulative(k_lengths),
+            "max_length_q": max(q_lengths), "max_length_k": max(k_lengths),
+            "ds_dpo_kv_index": torch.tensor(kv_index, dtype=torch.long, device=device)}
+
+
+def _gathering_keys(flash_attention):
+    """transformers' flash ``flash_attention``, reading each query run's keys and values through
+    ``ds_dpo_kv_index`` when a forward carries one (a prefix-shared row)."""
+    def attention(module, query, key, value, attention_mask, ds_dpo_kv_index: torch.Tensor | None = None, **kwargs):
+        if ds_dpo_kv_index is not None:  # [B, heads, S, head_dim] -> the keys of every query run, in run order
+            key, value = key.index_select(2, ds_dpo_kv_index), value.index_select(2, ds_dpo_kv_index)
+        return flash_attention(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+for _name in ("flash_attention_2", "flash_attention_3"):
+    AttentionInterface.register(_name, _gathering_keys(ALL_ATTENTION_FUNCTIONS[_name]))
 
 
 def stand_in_mask(length: int, device: torch.device) -> torch.Tensor:

@@ -120,8 +120,16 @@ class DataConfig:
     """Where the pairs come from, how rows are read, and how long a tokenized pair may be (README "Data")."""
 
     dataset: str | list[str] | None = None
-    """Training pairs: a ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet``/``.csv`` file, a ``save_to_disk`` directory
-    or a Hub dataset name; a list mixes several (see ``dataset_probs``)."""
+    """Training pairs: a ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet``/``.csv`` file, a ``save_to_disk`` directory,
+    a directory in the Hub's layout (``data/<split>-*.parquet``) or a Hub dataset name; a list mixes several (see
+    ``dataset_probs``)."""
+    dataset_config: str | None = None
+    """The configuration (subset) of a Hub dataset or Hub-layout directory that has several (``name`` in
+    ``datasets.load_dataset``)."""
+    dataset_train_split: str = "train"
+    """The split ``dataset`` is read from, where a source has splits (UltraFeedback: ``train_prefs``)."""
+    dataset_test_split: str = "test"
+    """The split ``eval_dataset`` is read from, where a source has splits (UltraFeedback: ``test_prefs``)."""
     dataset_probs: list[float] | None = None
     """Sampling probabilities for a list of datasets (OpenRLHF-style blending); unset: concatenated."""
     eval_dataset: str | list[str] | None = None
@@ -142,6 +150,9 @@ class DataConfig:
     """Turn boundary that ends the prompt in implicit-prompt data (HH-RLHF's)."""
     chat_template: str | None = None
     """A Jinja chat template, or a file holding one, to use instead of the tokenizer's."""
+    chat_template_kwargs: dict | None = None
+    """Extra variables for the chat template of every conversational row (Qwen3: ``{enable_thinking: false}``); a
+    row's own ``chat_template_kwargs`` column overrides them key by key."""
     on_bad_rows: str = "error"
     """``error``: stop before training, listing bad rows; ``skip``: drop them and count them in the data report."""
     dataset_num_proc: int | None = None
@@ -277,10 +288,11 @@ class BatchConfig:
 
     padding_free: bool = True
     """Pack each micro-batch's sequences into one row without padding, attention confined to each sequence
-    (flash-attention's varlen path, else a 4D mask)."""
+    (flash-attention's varlen path, ds_dpo's per-block attention, a FlexAttention block mask, else a 4D mask)."""
     prefix_sharing: bool = True
     """With ``padding_free``: each pair as one sequence ``prompt | chosen | rejected`` so the prompt is computed
-    once; rejected tokens cannot see chosen ones. Not available with flash-attention (packs without sharing)."""
+    once; rejected tokens cannot see chosen ones (on flash-attention: the prompt's keys are read again by the
+    rejected run)."""
     max_tokens_per_batch: int | None = None
     """Token-budget micro-batches: each step's pairs (the same as without it) are regrouped on each rank into
     micro-batches of at most this many tokens (``prompt + chosen + rejected`` per pair with prefix sharing, the
@@ -336,10 +348,18 @@ class LoggingConfig:
     """Optimizer steps between evaluations; unset: evaluate only at the end."""
     per_device_eval_batch_size: int = 8
     """Pairs per eval micro-batch per rank."""
+    run_name: str | None = None
+    """The run's name in TensorBoard: its event files go to ``logging_dir/<run_name>``; unset: the name of
+    ``output_dir``."""
+    logging_dir: str | None = None
+    """The TensorBoard folder the run writes its subfolder into; unset: ``output_dir/runs``. Give the runs of a sweep
+    one ``logging_dir`` and different ``run_name``s to see them side by side."""
 
     def problems(self) -> list[str]:
         checks = [
             (self.logging_steps >= 1, f"`logging_steps` must be >= 1 (got {self.logging_steps})"),
+            (self.run_name is None or (self.run_name.strip() and "/" not in self.run_name),
+             f"`run_name` must be a non-empty name without '/' (got {self.run_name!r})"),
             (self.eval_steps is None or self.eval_steps >= 1, "`eval_steps` must be >= 1 or unset"),
             (self.per_device_eval_batch_size >= 1,
              f"`per_device_eval_batch_size` must be >= 1 (got {self.per_device_eval_batch_size})"),

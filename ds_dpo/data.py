@@ -103,10 +103,12 @@ def _cache_key(canonical: datasets.Dataset, tokenizer, limits: LengthLimits) -> 
 def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format: str = "auto",
                    delimiter: str = "\n\nAssistant:", keys: dict[str, str] | None = None,
                    on_bad_rows: str = "error", cache_dir: str | os.PathLike | None = None,
-                   num_proc: int | None = None) -> tuple[datasets.Dataset, SourceReport]:
-    """Read, check, normalise and tokenize one source; returns its trainable pairs and its report."""
+                   num_proc: int | None = None, split: str = "train", config_name: str | None = None,
+                   chat_template_kwargs: dict[str, Any] | None = None) -> tuple[datasets.Dataset, SourceReport]:
+    """Read, check, normalise and tokenize one source (its ``split`` where it has several); returns its trainable
+    pairs and its report."""
     report = SourceReport(spec)
-    rows, problems = read_source(spec)
+    rows, problems = read_source(spec, split, config_name)
     report.rows_read = len(rows) + len(problems)
     if not rows and not problems:
         raise DataError(f"{spec}: no rows")
@@ -121,7 +123,7 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
         if fmt == "auto":
             fmt = detect(data)
         try:
-            canonical.append(normalize(data, fmt, delimiter))
+            canonical.append(normalize(data, fmt, delimiter, chat_template_kwargs))
         except RowError as e:
             problems.append(RowProblem(spec, row.number, e.field, e.reason))
     report.format = fmt
@@ -156,13 +158,14 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
 
 
 def _load_all(specs: list[str], probs: list[float] | None, cfg: DataConfig, seed: int, tokenizer,
-              report: DataReport) -> datasets.Dataset:
+              report: DataReport, split: str) -> datasets.Dataset:
     parts = []
     for spec in specs:
         part, source_report = prepare_source(
             spec, tokenizer, cfg.length_limits, dataset_format=cfg.dataset_format,
             delimiter=cfg.implicit_prompt_delimiter, keys=cfg.column_names, on_bad_rows=cfg.on_bad_rows,
-            cache_dir=cfg.dataset_cache_dir, num_proc=cfg.dataset_num_proc)
+            cache_dir=cfg.dataset_cache_dir, num_proc=cfg.dataset_num_proc, split=split,
+            config_name=cfg.dataset_config, chat_template_kwargs=cfg.chat_template_kwargs)
         parts.append(part)
         report.sources.append(source_report)
     if len(parts) == 1:
@@ -179,12 +182,12 @@ def load_preference_data(cfg: DataConfig, tokenizer, seed: int) -> tuple[dataset
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; completions must be closed by one")
     report = DataReport()
-    train = _load_all(as_list(cfg.dataset), cfg.dataset_probs, cfg, seed, tokenizer, report)
+    train = _load_all(as_list(cfg.dataset), cfg.dataset_probs, cfg, seed, tokenizer, report, cfg.dataset_train_split)
     if cfg.max_samples is not None:
         train = train.select(range(min(cfg.max_samples, len(train))))
     evals = None
     if cfg.eval_dataset:
-        evals = _load_all(as_list(cfg.eval_dataset), None, cfg, seed, tokenizer, report)
+        evals = _load_all(as_list(cfg.eval_dataset), None, cfg, seed, tokenizer, report, cfg.dataset_test_split)
     elif cfg.eval_split_ratio > 0:
         split = train.train_test_split(test_size=cfg.eval_split_ratio, seed=seed, shuffle=True)
         train, evals = split["train"], split["test"]

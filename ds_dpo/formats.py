@@ -6,14 +6,22 @@
 | ``implicit``    | ``chosen``, ``rejected`` whole dialogues (HH-RLHF)       | shared prefix up to the last shared turn      |
 |                 |                                                          | boundary, then each final reply               |
 | ``conversational`` | ``prompt``/``chosen``/``rejected`` message lists, or     | message lists (prompt, then each reply)       |
-|                 | ``chosen``/``rejected`` whole conversations              |                                               |
+|                 | ``chosen``/``rejected`` whole conversations; a string    |                                               |
+|                 | ``prompt`` beside them (UltraFeedback) is used only if   |                                               |
+|                 | they share no leading messages, as the user turn         |                                               |
 | ``tokenized``   | ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` | the id lists                       |
+
+Conversational rows may also carry ``tools`` (a list of tool schemas, for tool-calling data) and
+``chat_template_kwargs`` (template variables, over the run's ``chat_template_kwargs``), as in TRL 1.16; both go to the
+chat template, kept in the canonical row as ``template_options`` (JSON, so that the tokenization cache key covers
+them).
 
 ``normalize`` raises ``RowError`` (field + reason) for a row that cannot be a training pair.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 FORMATS = ("explicit", "implicit", "conversational", "tokenized")
@@ -36,12 +44,14 @@ def detect(row: dict[str, Any]) -> str:
     return "explicit" if "prompt" in row else "implicit"
 
 
-def normalize(row: dict[str, Any], fmt: str, delimiter: str) -> dict[str, Any]:
-    """The canonical pair of ``row``; ``delimiter`` is the turn boundary of implicit prompts."""
+def normalize(row: dict[str, Any], fmt: str, delimiter: str,
+              chat_template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The canonical pair of ``row``; ``delimiter`` is the turn boundary of implicit prompts,
+    ``chat_template_kwargs`` the run's template variables for conversational rows."""
     if fmt == "tokenized":
         return _tokenized(row)
     if fmt == "conversational":
-        return _conversational(row)
+        return {**_conversational(row), "template_options": _template_options(row, chat_template_kwargs)}
     if fmt == "implicit":
         chosen, rejected = _strings(row, ("chosen", "rejected"))
         return _split_implicit(chosen, rejected, delimiter)
@@ -118,13 +128,19 @@ def _conversational(row: dict[str, Any]) -> dict[str, Any]:
         if name not in row or row[name] is None:
             raise RowError(name, "missing")
     chosen, rejected = _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
-    if row.get("prompt") is not None:
+    text_prompt = row.get("prompt") if isinstance(row.get("prompt"), str) else None
+    if row.get("prompt") is not None and text_prompt is None:
         prompt = _messages(row["prompt"], "prompt")
     else:  # whole conversations: the shared messages are the prompt
         shared = 0
         while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        # UltraFeedback's shape, a string prompt beside conversations that repeat it: as TRL's
+        # maybe_extract_prompt, the conversations' shared messages are the prompt; the string only stands in as the
+        # user turn when they share none
+        if not prompt and text_prompt:
+            prompt = [{"role": "user", "content": text_prompt}]
     if not prompt:
         raise RowError("prompt", "no prompt messages")
     for name, reply in (("chosen", chosen), ("rejected", rejected)):
@@ -137,6 +153,27 @@ def _conversational(row: dict[str, Any]) -> dict[str, Any]:
     if chosen == rejected:
         raise RowError("rejected", "identical to `chosen`")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "split_by_tokens": False}
+
+
+def _template_options(row: dict[str, Any], defaults: dict[str, Any] | None) -> str:
+    """The keyword arguments of ``apply_chat_template`` for ``row``, as JSON."""
+    options = dict(defaults or {})
+    own = row.get("chat_template_kwargs")
+    if own is not None:
+        if not isinstance(own, dict):
+            raise RowError("chat_template_kwargs", f"must be an object of template variables, got {type(own).__name__}")
+        options.update(own)
+    tools = row.get("tools")
+    if tools is not None:
+        if isinstance(tools, str):  # datasets often keep schemas as JSON text
+            try:
+                tools = json.loads(tools)
+            except json.JSONDecodeError as e:
+                raise RowError("tools", f"not valid JSON ({e.msg})") from None
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise RowError("tools", "must be a list of tool schemas (JSON objects)")
+        options["tools"] = tools
+    return json.dumps(options, sort_keys=True)
 
 
 def _tokenized(row: dict[str, Any]) -> dict[str, Any]:

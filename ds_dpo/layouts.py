@@ -17,8 +17,9 @@ computed once per pair instead of twice. Both are one row of S tokens without pa
 Which tokens may attend to which is described per token by ``segment`` (the sequence it belongs to in the row) and
 ``branch`` (0 prompt, 1 chosen, 2 rejected), and turned into the attention kernel's input in ``model_inputs``:
 
-- flash-attention (``attn_implementation`` containing ``flash``): no mask; the kernel's varlen path finds sequence
-  boundaries where ``position_ids`` restart. Cannot express prefix sharing (``batch_layout`` falls back to packed).
+- flash-attention (``attn_implementation`` containing ``flash``): no mask; packed, the kernel's varlen path finds
+  sequence boundaries where ``position_ids`` restart; shared, each pair's query runs and the keys each of them reads
+  (``ds_dpo.attention.shared_varlen_inputs``).
 - ds_dpo's block attention (``ds_dpo.attention``, the default for sdpa and eager): the row's ``Blocks``, each with
   its own small mask, and a stride-0 stand-in where the model expects a mask;
 - everything else (models that cannot take a custom attention function): a 4D [1, 1, S, S] mask, bool for sdpa,
@@ -44,7 +45,7 @@ from typing import Any
 import torch
 
 from ds_dpo.attention import (CHOSEN, PROMPT, REJECTED, Blocks, flex_block_mask, is_block_attention,
-                              packed_attention_mask, stand_in_mask)
+                              packed_attention_mask, shared_varlen_inputs, stand_in_mask)
 
 LAYOUTS = ("padded", "packed", "shared")
 
@@ -55,10 +56,10 @@ def is_varlen(attn_implementation: str) -> bool:
 
 
 def batch_layout(padding_free: bool, prefix_sharing: bool, attn_implementation: str) -> str:
-    """The layout a run uses: prefix sharing needs padding-free batches and a mask-capable attention kernel."""
+    """The layout a run uses: prefix sharing needs padding-free batches."""
     if not padding_free:
         return "padded"
-    return "shared" if prefix_sharing and not is_varlen(attn_implementation) else "packed"
+    return "shared" if prefix_sharing else "packed"
 
 
 def forward_tokens(prompt: int, chosen: int, rejected: int, layout: str) -> int:
@@ -167,7 +168,9 @@ def model_inputs(batch: dict[str, torch.Tensor], config, dtype: torch.dtype) -> 
     attn = config._attn_implementation
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     if is_varlen(attn):
-        return inputs
+        # shared: a pair's rejected tokens are in the same sequence as its chosen ones (packed: in the next)
+        shared = bool((batch["branch"][batch["segment"] == 0] == REJECTED).any())
+        return inputs | (shared_varlen_inputs(batch["segment"], batch["branch"]) if shared else {})
     if is_block_attention(attn):  # per-block kernels: no row-wide mask exists
         additive = None if attn.endswith("sdpa") else dtype
         inputs["ds_dpo_blocks"] = Blocks.of_row(batch["segment"], batch["branch"], batch["position_ids"], additive)

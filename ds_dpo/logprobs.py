@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -63,12 +63,15 @@ class PairLogps:
     rejected_wpo: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     """Scalar router load-balancing loss of the whole micro-batch (mixture-of-experts models, when asked for)."""
+    entropy: torch.Tensor | None = None
+    """Sum over both completions' tokens of the policy's entropy at the predicting position (TRL's ``entropy``)."""
+    chosen_top1: torch.Tensor | None = None
+    """Chosen tokens that are the policy's most likely next token (TRL's ``mean_token_accuracy``)."""
 
     def select(self, index: torch.Tensor) -> "PairLogps":
         """The statistics of the pairs at ``index`` ([K] long); ``aux_loss`` stays the micro-batch's."""
-        return PairLogps(*(None if t is None else t[index] for t in (
-            self.chosen, self.rejected, self.chosen_logits, self.rejected_logits, self.chosen_tokens,
-            self.rejected_tokens, self.chosen_wpo, self.rejected_wpo)), aux_loss=self.aux_loss)
+        return replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                                for f in fields(self) if f.name != "aux_loss"})
 
 
 class TokenStats(NamedTuple):
@@ -80,6 +83,10 @@ class TokenStats(NamedTuple):
     """Vocabulary-mean logit at the predicting position (detached)."""
     log_sum_sq_probs: torch.Tensor | None
     """log sum_v pi(v)^2 at the predicting position (detached; only when asked for, for WPO)."""
+    entropy: torch.Tensor
+    """Entropy of pi at the predicting position (detached)."""
+    top1: torch.Tensor
+    """1.0 where the token is pi's most likely one (detached)."""
     aux_loss: torch.Tensor | None = None
     """Scalar router load-balancing loss (only when asked for, for mixture-of-experts models)."""
 
@@ -137,11 +144,14 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, with_wpo: bool = Fal
     logits = logits.float()
     log_norm = logits.logsumexp(-1)
     logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_norm
-    detached = logits.detach()
+    detached, log_norm_detached = logits.detach(), log_norm.detach()
     log_sum_sq = None
     if with_wpo:
-        log_sum_sq = torch.logsumexp(2 * (detached - log_norm.detach().unsqueeze(-1)), dim=-1)
-    return TokenStats(logps, detached.mean(-1), log_sum_sq)
+        log_sum_sq = torch.logsumexp(2 * (detached - log_norm_detached.unsqueeze(-1)), dim=-1)
+    probs = (detached - log_norm_detached.unsqueeze(-1)).exp()
+    entropy = log_norm_detached - (probs * detached).sum(-1)
+    top1 = (detached.argmax(-1) == labels).float()
+    return TokenStats(logps, detached.mean(-1), log_sum_sq, entropy, top1)
 
 
 def _head_token_stats(hidden, weight, bias, labels, head, with_wpo):
@@ -327,7 +337,9 @@ def concatenated_forward(model, batch: dict[str, torch.Tensor], ld_alpha: float 
     wpo = wpo_logps(stats.logps, stats.log_sum_sq_probs, sequence, num_sequences) if with_wpo else None
     (c, r), (cl, rl), (ct, rt) = logps.chunk(2), logit_sums.chunk(2), tokens.chunk(2)
     cw, rw = wpo.chunk(2) if wpo is not None else (None, None)
-    return PairLogps(c, r, cl, rl, ct, rt, cw, rw, stats.aux_loss)
+    entropy = stats.entropy.new_zeros(num_sequences).index_add(0, sequence, stats.entropy).view(2, -1).sum(0)
+    top1 = stats.top1.new_zeros(num_sequences).index_add(0, sequence, stats.top1).chunk(2)[0]
+    return PairLogps(c, r, cl, rl, ct, rt, cw, rw, stats.aux_loss, entropy=entropy, chosen_top1=top1)
 
 
 def _relative_error(got: PairLogps, expected: PairLogps) -> tuple[float, str, int]:

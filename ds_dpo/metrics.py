@@ -1,8 +1,12 @@
 """Training metrics: accumulated on the device, synchronised across ranks once per log, written by rank 0.
 
 Names follow TRL's DPOTrainer (``rewards/chosen``, ``rewards/margins``, ``logps/chosen``, ``logits/chosen``, ...);
-evaluation metrics carry an ``eval_`` prefix. Each log goes to TensorBoard (``output_dir/runs/``), to
-``output_dir/metrics.jsonl`` (one JSON object per log, with ``step``) and to the rank-0 progress bar.
+evaluation metrics carry an ``eval_`` prefix. Each log goes to ``output_dir/metrics.jsonl`` (one JSON object per log,
+with ``step``, TRL's names), to the rank-0 progress bar and to TensorBoard, laid out as the HF Trainer writes it (so
+TRL users' dashboards match): one folder per run (``logging_dir/<run_name>``), tags ``train/<name>`` and
+``eval/<name>``, a custom-scalars layout that puts the train and eval curves of each metric on one chart, and at each
+log histograms of the window's per-pair margins and rewards (all ranks' pairs; a resumed run's first window has only
+the pairs after the resume).
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import torch
 from ds_dpo.logprobs import PairLogps
 from ds_dpo.losses import PreferenceLossOutput
 
-# Pair-weighted means, then token-weighted logit means, then the raw counters.
+# Pair-weighted means, then token-weighted sums, then the raw counters (new counters go last: a checkpoint's window
+# from before they existed loads into the ones it has).
 _PAIR_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
               "logps/chosen", "logps/rejected")
 _KEYS = _PAIR_KEYS + ("logits/chosen", "logits/rejected", "chosen_tokens", "rejected_tokens", "pairs", "tokens",
-                      "aux_loss", "aux_pairs")
+                      "aux_loss", "aux_pairs", "entropy", "chosen_top1")
 
 
 def peak_memory_mb() -> float:
@@ -38,6 +43,10 @@ class MetricAccumulator:
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(len(_KEYS), dtype=torch.float64, device=device)
+        self.pair_values: list[torch.Tensor] = []
+        """This rank's [pairs, 3] margins, chosen and rejected rewards of the window, for the histograms."""
+        self.distributions: dict[str, torch.Tensor] = {}
+        """The last ``reduce``'s per-pair values over all ranks, by metric name."""
         self.started = time.perf_counter()
 
     def add(self, out: PreferenceLossOutput, policy: PairLogps, num_tokens: torch.Tensor) -> None:
@@ -51,7 +60,9 @@ class MetricAccumulator:
         aux = torch.zeros(2, dtype=torch.float64, device=self.sums.device)
         if policy.aux_loss is not None:  # the micro-batch's router loss, weighted by its pairs
             aux = torch.cat([policy.aux_loss.detach().double().view(1) * pairs, pairs])
-        self.sums += torch.cat([per_pair.double().sum(-1), pairs, num_tokens.double().view(1), aux])
+        token_sums = torch.stack([policy.entropy.sum(), policy.chosen_top1.sum()]).double()
+        self.pair_values.append(torch.stack([cr - rr, cr, rr], dim=1).detach().float())
+        self.sums += torch.cat([per_pair.double().sum(-1), pairs, num_tokens.double().view(1), aux, token_sums])
 
     def state_dict(self) -> list[float]:
         """The partial window's sums (a checkpoint taken between logs carries them over)."""
@@ -70,13 +81,35 @@ class MetricAccumulator:
         metrics = {f"{prefix}{k}": s[k] / pairs for k in _PAIR_KEYS}
         metrics[f"{prefix}logits/chosen"] = s["logits/chosen"] / max(s["chosen_tokens"], 1.0)
         metrics[f"{prefix}logits/rejected"] = s["logits/rejected"] / max(s["rejected_tokens"], 1.0)
+        # TRL's: mean entropy over all completion tokens, argmax accuracy over the chosen ones
+        metrics[f"{prefix}entropy"] = s["entropy"] / max(s["chosen_tokens"] + s["rejected_tokens"], 1.0)
+        metrics[f"{prefix}mean_token_accuracy"] = s["chosen_top1"] / max(s["chosen_tokens"], 1.0)
+        metrics[f"{prefix}num_tokens"] = s["tokens"]  # the window's; the training loop makes it the run's total
         metrics[f"{prefix}pairs_per_second"] = s["pairs"] / elapsed
         metrics[f"{prefix}tokens_per_second"] = s["tokens"] / elapsed
         if s["aux_pairs"]:
             metrics[f"{prefix}aux_loss"] = s["aux_loss"] / s["aux_pairs"]
+        values = _gather_rows(torch.cat(self.pair_values) if self.pair_values
+                              else self.sums.new_zeros(0, 3, dtype=torch.float32))
+        self.distributions = {f"{prefix}{name}": values[:, i].cpu()
+                              for i, name in enumerate(("rewards/margins", "rewards/chosen", "rewards/rejected"))}
+        self.pair_values = []
         self.sums.zero_()
         self.started = time.perf_counter()
         return metrics
+
+
+def _gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``local`` ([n_rank, ...], n_rank may differ), concatenated in rank order."""
+    counts = [torch.zeros(1, dtype=torch.long, device=local.device)
+              for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(counts, torch.tensor([local.shape[0]], device=local.device))
+    longest = int(max(c.item() for c in counts))
+    padded = local.new_zeros(longest, *local.shape[1:])
+    padded[:local.shape[0]] = local
+    gathered = [torch.empty_like(padded) for _ in counts]
+    torch.distributed.all_gather(gathered, padded)
+    return torch.cat([g[:int(c.item())] for g, c in zip(gathered, counts)])
 
 
 def max_over_ranks(value: float, device: torch.device) -> float:
@@ -85,11 +118,22 @@ def max_over_ranks(value: float, device: torch.device) -> float:
     return t.item()
 
 
+def tensorboard_tag(name: str) -> str:
+    """HF Trainer's TensorBoard tag of a metric: ``eval_loss`` -> ``eval/loss``, ``loss`` -> ``train/loss``."""
+    return f"eval/{name.removeprefix('eval_')}" if name.startswith("eval_") else f"train/{name}"
+
+
+# train and eval on one chart, for every metric evaluation also reports
+_PAIRED_LAYOUT = {"train vs eval": {name: ["Multiline", [tensorboard_tag(name), tensorboard_tag(f"eval_{name}")]]
+                                    for name in _PAIR_KEYS + ("logits/chosen", "logits/rejected")}}
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a logger that does nothing."""
 
-    def __init__(self, output_dir: str | Path, rank: int, total_steps: int, initial: int = 0):
-        """``initial``: steps already done (a resumed run)."""
+    def __init__(self, output_dir: str | Path, rank: int, total_steps: int, initial: int = 0,
+                 run_name: str | None = None, logging_dir: str | Path | None = None):
+        """``initial``: steps already done (a resumed run, which appends to the same TensorBoard run)."""
         self.enabled = rank == 0
         if not self.enabled:
             return
@@ -97,7 +141,9 @@ class MetricsLogger:
         from tqdm.auto import tqdm
 
         output_dir = Path(output_dir)
-        self.writer = SummaryWriter(log_dir=str(output_dir / "runs"))
+        run_dir = Path(logging_dir or output_dir / "runs") / (run_name or output_dir.resolve().name)
+        self.writer = SummaryWriter(log_dir=str(run_dir))
+        self.writer.add_custom_scalars(_PAIRED_LAYOUT)
         self.jsonl = (output_dir / "metrics.jsonl").open("a")
         self.bar = tqdm(total=total_steps, initial=initial, desc="training", dynamic_ncols=True)
 
@@ -105,11 +151,15 @@ class MetricsLogger:
         if self.enabled:
             self.bar.update(steps)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], distributions: dict[str, torch.Tensor] | None = None) -> None:
+        """``distributions``: per-pair values (``MetricAccumulator.distributions``), as TensorBoard histograms."""
         if not self.enabled:
             return
         for name, value in metrics.items():
-            self.writer.add_scalar(name, value, step)
+            self.writer.add_scalar(tensorboard_tag(name), value, step)
+        for name, values in (distributions or {}).items():
+            if values.numel():
+                self.writer.add_histogram(tensorboard_tag(name), values, step)
         self.writer.flush()
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()

@@ -108,7 +108,8 @@ class DPORecipe:
         self._setup_models(ds_config)
         self.state = TrainState(MetricAccumulator(self.device))
         self.checkpointer.restore(self.policy, self.state)
-        self.logger = MetricsLogger(self.output_dir, self.rank, self.total_steps, initial=self.state.step)
+        self.logger = MetricsLogger(self.output_dir, self.rank, self.total_steps, initial=self.state.step,
+                                    run_name=cfg.logging.run_name, logging_dir=cfg.logging.logging_dir)
 
     def _setup_models(self, ds_config: dict) -> None:
         cfg = self.cfg
@@ -139,7 +140,9 @@ class DPORecipe:
         attention = self.attn_implementation
         if is_block_attention(attention):
             attention = f"{cfg.model.attn_implementation} per sequence block"
-        elif self.layout != "padded" and not is_varlen(attention):
+        elif self.layout != "padded" and is_varlen(attention):
+            attention += " varlen" + (", prompt keys gathered per rejected run" if self.layout == "shared" else "")
+        elif self.layout != "padded":
             attention += " with a block mask" if attention == "flex_attention" else " with a dense row mask"
         say(f"reference: {self._describe_reference()}; batches: {self.layout}; attention: {attention}; "
             f"log-probs from {chunks}")
@@ -273,6 +276,8 @@ class DPORecipe:
 
     def _log_train(self) -> None:
         metrics = self.state.window.reduce()
+        self.state.num_tokens += int(metrics["num_tokens"])
+        metrics["num_tokens"] = self.state.num_tokens  # TRL's: the run's total so far
         grad_norm = self.policy.get_global_grad_norm()
         metrics.update(
             learning_rate=self.state.learning_rate,
@@ -281,7 +286,7 @@ class DPORecipe:
             epoch=self.state.step / self.sampler.steps_per_epoch,
             peak_memory_mb=max_over_ranks(peak_memory_mb(), self.device),
         )
-        self.logger.log(self.state.step, metrics)
+        self.logger.log(self.state.step, metrics, self.state.window.distributions)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -297,7 +302,8 @@ class DPORecipe:
             self._micro_batch_loss(batch, plan.weights[0], window)
         self.policy.train()
         metrics = window.reduce(prefix="eval_")
-        self.logger.log(self.state.step, metrics)
+        metrics["eval_num_tokens"] = self.state.num_tokens  # as TRL: training tokens at the time of the evaluation
+        self.logger.log(self.state.step, metrics, window.distributions)
         return metrics
 
     # --- outputs ----------------------------------------------------------------------------------------------------

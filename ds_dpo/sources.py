@@ -1,8 +1,10 @@
 """Reading preference data from wherever it lives, keeping each row's provenance for error messages.
 
 A source is a local ``.jsonl``, ``.jsonl.gz``, ``.json``, ``.parquet`` or ``.csv`` file, a directory written by
-``datasets.Dataset.save_to_disk``, or a Hugging Face Hub dataset name. ``read_source`` returns ``Row`` records whose
-``number`` is what a user finds in their file: the 1-based line for JSONL, the 1-based record otherwise.
+``datasets.Dataset.save_to_disk``, a directory in the Hub's layout (``data/<split>-*.parquet``, as ``huggingface-cli
+download`` leaves a dataset), or a Hugging Face Hub dataset name. The last three can hold several splits (and a Hub
+dataset several configurations): ``read_source`` reads the one asked for. It returns ``Row`` records whose ``number``
+is what a user finds in their file: the 1-based line for JSONL, the 1-based record otherwise.
 """
 
 from __future__ import annotations
@@ -43,14 +45,21 @@ def looks_local(spec: str) -> bool:
     return spec.endswith(FILE_SUFFIXES) or spec.startswith((".", "/", "~")) or Path(spec).exists()
 
 
-def read_source(spec: str) -> tuple[list[Row], list[RowProblem]]:
-    """All rows of a source, and the rows that could not even be parsed (malformed JSON, non-UTF-8 bytes)."""
+def read_source(spec: str, split: str = "train", config_name: str | None = None
+                ) -> tuple[list[Row], list[RowProblem]]:
+    """All rows of a source (of its ``split`` and configuration ``config_name`` where it has several), and the rows
+    that could not even be parsed (malformed JSON, non-UTF-8 bytes)."""
     path = Path(spec).expanduser()
     if looks_local(spec):
         if not path.exists():
             raise DataError(f"{spec}: no such file or directory")
         if path.is_dir():
-            return _numbered(_load_from_disk(path)), []
+            if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+                return _numbered(_load_from_disk(path, split)), []
+            if not any(f.name.endswith(FILE_SUFFIXES + (".arrow",)) for f in path.rglob("*")):
+                raise DataError(f"{spec}: a directory without data: neither files written by datasets' save_to_disk "
+                                "nor data files (the Hub's layout: data/<split>-*.parquet)")
+            return _numbered(_load_hub(spec, split, config_name)), []
         name = path.name
         if name.endswith((".jsonl", ".jsonl.gz")):
             return _read_jsonl(path, spec)
@@ -60,7 +69,7 @@ def read_source(spec: str) -> tuple[list[Row], list[RowProblem]]:
 
         loader = datasets.Dataset.from_parquet if name.endswith(".parquet") else datasets.Dataset.from_csv
         return _numbered(loader(str(path))), []
-    return _numbered(_load_hub(spec)), []
+    return _numbered(_load_hub(spec, split, config_name)), []
 
 
 def _open_bytes(path: Path) -> bytes:
@@ -104,26 +113,35 @@ def _numbered(dataset) -> list[Row]:
     return [Row(i, r) for i, r in enumerate(dataset.to_list(), start=1)]
 
 
-def _load_from_disk(path: Path):
+def _load_from_disk(path: Path, split: str):
     import datasets
 
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError:
-        raise DataError(f"{path}: a directory, but not one written by datasets' save_to_disk") from None
+    loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise DataError(f"{path}: a DatasetDict without a `train` split (splits: {list(loaded)})")
-        loaded = loaded["train"]
+        if split not in loaded:
+            raise DataError(f"{path}: no split `{split}` (splits: {', '.join(loaded)}); choose one with "
+                            "`dataset_train_split` / `dataset_test_split`")
+        loaded = loaded[split]
     return loaded
 
 
-def _load_hub(name: str):
+def _load_hub(name: str, split: str, config_name: str | None):
+    """A Hub dataset, or a local directory in the Hub's layout, through ``datasets.load_dataset``."""
     import datasets
 
     try:
-        return datasets.load_dataset(name, split="train")
+        return datasets.load_dataset(name, config_name, split=split)
+    except ValueError as e:
+        if "split" in str(e).lower():  # datasets: 'Unknown split "train". Should be one of [...]'
+            raise DataError(f"{name}: no split `{split}` ({e}); choose one with `dataset_train_split` / "
+                            "`dataset_test_split`") from None
+        if "config" in str(e).lower():  # several configurations and none (or an unknown one) named
+            raise DataError(f"{name}: {e} (set `dataset_config`)") from None
+        raise DataError(f"{name}: cannot be read as a dataset: {e}") from None
     except Exception as e:  # the Hub client raises many types; the user needs the name and the cause
+        if Path(name).expanduser().is_dir():
+            raise DataError(f"{name}: cannot be read as a dataset in the Hub's layout: {type(e).__name__}: {e}") \
+                from None
         offline = "offline" in str(e).lower() or "connect" in str(e).lower() or "resolve" in str(e).lower()
         hint = (" This machine seems to be offline: download the dataset elsewhere and pass its local files or "
                 "a save_to_disk directory." if offline else "")

@@ -5,7 +5,8 @@ a pair cannot be trained on, or "") and the untruncated lengths for the data rep
 
 - text prompts get the tokenizer's own special tokens (BOS where it adds one, never two); completions none, and each
   is closed by EOS;
-- conversations are rendered with the chat template (the prompt with ``add_generation_prompt``); the prompt tokens
+- conversations are rendered with the chat template (the prompt with ``add_generation_prompt``; the row's
+  ``template_options``, e.g. ``tools`` and ``enable_thinking``, passed to it); the prompt tokens
   are the longest prefix shared by the tokenized prompt and both full conversations, so they are identical for
   chosen and rejected even for templates that render a prompt differently once a reply follows; the template's own
   end-of-turn closes each reply;
@@ -19,6 +20,7 @@ a pair cannot be trained on, or "") and the untruncated lengths for the data rep
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,8 +74,9 @@ def _completion(tokenizer, text: str) -> list[int]:
     return ids if ids[-1:] == [tokenizer.eos_token_id] else ids + [tokenizer.eos_token_id]
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, options: dict[str, Any]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                         **options)
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
 
 
@@ -82,9 +85,10 @@ def _ids(pair: dict[str, Any], tokenizer) -> tuple[list[int], list[int], list[in
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         return prompt, chosen, rejected
     if isinstance(prompt, list):  # messages
-        prompt_ids = _render(tokenizer, prompt, generation_prompt=True)
-        full_chosen = _render(tokenizer, prompt + chosen, generation_prompt=False)
-        full_rejected = _render(tokenizer, prompt + rejected, generation_prompt=False)
+        options = json.loads(pair.get("template_options") or "{}")
+        prompt_ids = _render(tokenizer, prompt, True, options)
+        full_chosen = _render(tokenizer, prompt + chosen, False, options)
+        full_rejected = _render(tokenizer, prompt + rejected, False, options)
         n = _common_prefix(prompt_ids, full_chosen, full_rejected)
         return full_chosen[:n], full_chosen[n:], full_rejected[n:]
     if pair["split_by_tokens"]:  # implicit prompt without turn boundaries: longest common token prefix

@@ -27,6 +27,8 @@ class TrainState:
     """DeepSpeed's count of skipped updates when the last step ended (kept by the engine, mirrored here)."""
     learning_rate: float = 0.0
     """The learning rate the last update used (what the logs report)."""
+    num_tokens: int = 0
+    """Real tokens (prompt with each completion, as TRL counts them) trained on in the logged windows."""
 
     def finish_step(self, epoch: int, done_in_epoch: int, skipped_steps: int) -> None:
         """Count one optimizer step of ``epoch``; ``skipped_steps`` is the engine's count after it."""
@@ -37,11 +39,11 @@ class TrainState:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "done_in_epoch": self.done_in_epoch,
-                "nan_streak": self.nan_streak, "learning_rate": self.learning_rate,
+                "nan_streak": self.nan_streak, "learning_rate": self.learning_rate, "num_tokens": self.num_tokens,
                 "metric_window": self.window.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.done_in_epoch = state["step"], state["epoch"], state["done_in_epoch"]
         self.nan_streak = state.get("nan_streak", 0)
-        self.learning_rate = state["learning_rate"]
+        self.learning_rate, self.num_tokens = state["learning_rate"], state.get("num_tokens", 0)
         self.window.load_state_dict(state["metric_window"])

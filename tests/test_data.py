@@ -101,6 +101,33 @@ def test_mixing_splitting_sampling_and_column_mapping(tmp_path):
     assert len(report.sources) == 2 and len(mixed) >= 30 + 6  # all_exhausted: every source fully used
 
 
+def test_a_hub_layout_ultrafeedback_folder_trains_on_one_split_and_evaluates_on_another(tmp_path):
+    """The shape and layout of HuggingFaceH4/ultrafeedback_binarized as downloaded: splits ``train_prefs`` and
+    ``test_prefs`` only, a string prompt beside message-list completions."""
+    from test_sources import hub_layout
+    from test_tokenization import CHATML
+
+    def rows(start, count):
+        out = []
+        for i in range(start, start + count):
+            user = {"role": "user", "content": f"count up from {i} :"}
+            out.append({"prompt": user["content"], "prompt_id": str(i), "score_chosen": 9.0, "score_rejected": 2.0,
+                        "chosen": [user, {"role": "assistant", "content": f" {i + 1}"}],
+                        "rejected": [user, {"role": "assistant", "content": f" {i - 1}"}]})
+        return out
+
+    folder = hub_layout(tmp_path / "ultrafeedback_binarized", {"train_prefs": rows(10, 12), "test_prefs": rows(50, 3),
+                                                                "train_gen": rows(70, 2)})
+    tokenizer = builtin.build_tokenizer()
+    tokenizer.chat_template = CHATML
+    with pytest.raises(DataError, match="no split `train`"):
+        load(config(tmp_path, dataset=str(folder)), tokenizer)
+    train, evals, report = load(config(tmp_path, dataset=str(folder), eval_dataset=str(folder),
+                                       dataset_train_split="train_prefs", dataset_test_split="test_prefs"), tokenizer)
+    assert (len(train), len(evals)) == (12, 3) and report.sources[0].format == "conversational"
+    assert report.sources[0].bad_rows == {}
+
+
 def test_hh_rlhf_implicit_prompts(tmp_path, hh_data):
     """The real HH-RLHF harmless-base test split: implicit prompts end at the last shared '\\n\\nAssistant:';
     5 rows whose dialogues differ before their final assistant turn and 4 with an empty chosen reply are bad rows."""

@@ -51,6 +51,19 @@ def test_row_errors_name_the_field(row, fmt, field, reason):
     assert e.value.field == field
 
 
+def test_ultrafeedback_rows_a_string_prompt_beside_whole_conversations():
+    """HuggingFaceH4/ultrafeedback_binarized: ``prompt`` is the user text, ``chosen``/``rejected`` repeat it as the
+    first message. The conversations' shared messages are the prompt (TRL's maybe_extract_prompt); the string stands
+    in as the user turn only where the conversations share none."""
+    user = {"role": "user", "content": "hi"}
+    chosen, rejected = {"role": "assistant", "content": "hello"}, {"role": "assistant", "content": "go away"}
+    row = {"prompt": "hi", "chosen": [user, chosen], "rejected": [user, rejected], "score_chosen": 8.0}
+    assert detect(row) == "conversational"
+    assert normalize(row, "conversational", D)["prompt"] == [user]
+    replies_only = normalize({"prompt": "hi", "chosen": [chosen], "rejected": [rejected]}, "conversational", D)
+    assert replies_only["prompt"] == [user] and replies_only["chosen"] == [chosen]
+
+
 def test_whole_conversations_split_at_the_shared_messages():
     user = {"role": "user", "content": "hi"}
     chosen = [user, {"role": "assistant", "content": "hello"}]

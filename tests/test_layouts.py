@@ -50,9 +50,16 @@ def test_layout_choice_and_kernel_inputs():
     assert batch_layout(True, True, "sdpa") == "shared"
     assert batch_layout(True, False, "eager") == "packed"
     assert batch_layout(False, True, "sdpa") == "padded"
-    assert batch_layout(True, True, "flash_attention_2") == "packed"  # varlen kernels cannot share a prefix
+    assert batch_layout(True, True, "flash_attention_2") == "shared"
     packed = collate_pairs(ROWS, [1.0, 1.0], 0, "packed")
     assert set(model_inputs(packed, config("flash_attention_2"), torch.bfloat16)) == {"input_ids", "position_ids"}
+    # shared on flash-attention: per pair the query runs prompt + chosen and rejected, whose keys are prompt + chosen
+    # and prompt + rejected (ROWS: prompt, chosen, rejected of 3, 2, 3 and 0, 2, 1 tokens)
+    flash = model_inputs(collate_pairs(ROWS, [1.0, 1.0], 0, "shared"), config("flash_attention_2"), torch.bfloat16)
+    assert flash["cu_seq_lens_q"].tolist() == [0, 5, 8, 10, 11]
+    assert flash["cu_seq_lens_k"].tolist() == [0, 5, 11, 13, 14]
+    assert flash["ds_dpo_kv_index"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7, 8, 9, 10]
+    assert (flash["max_length_q"], flash["max_length_k"]) == (5, 6)
     assert model_inputs(packed, config("sdpa"), torch.float32)["attention_mask"].shape == (1, 1, 14, 14)
     padded = collate_pairs(ROWS, [1.0, 1.0], 0, "padded")
     assert padded["input_ids"].shape == (4, 6) and set(model_inputs(padded, config("sdpa"), torch.float32)) == {

@@ -59,7 +59,7 @@ def test_every_layout_and_chunking_equals_the_plain_padded_path(arch, attn):
             for chunk in (0, 3, 1024):
                 out, grad = forward_and_grad(model, layout, chunk, ld_alpha)
                 for field in ("chosen", "rejected", "chosen_logits", "rejected_logits", "chosen_wpo",
-                              "rejected_wpo", "chosen_tokens", "rejected_tokens"):
+                              "rejected_wpo", "chosen_tokens", "rejected_tokens", "entropy", "chosen_top1"):
                     torch.testing.assert_close(getattr(out, field), getattr(expected, field), rtol=1e-6, atol=1e-6,
                                                msg=f"{layout} chunk {chunk} {field}")
                 torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=0, msg=f"{layout} chunk {chunk}")
@@ -77,6 +77,31 @@ def test_log_probs_equal_one_sequence_at_a_time(layout):
             for side, got in (("chosen", out.chosen[i]), ("rejected", out.rejected[i])):
                 expected = one_at_a_time(model, row["prompt_input_ids"], row[f"{side}_input_ids"])
                 torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_entropy_and_token_accuracy_are_trls(layout):
+    """TRL 1.16's ``entropy`` (each completion token's predictive entropy, chosen and rejected) and
+    ``mean_token_accuracy`` (chosen tokens that are the argmax), per pair, from one unpadded sequence at a time."""
+    torch.manual_seed(0)
+    model = enable_token_scoring(AutoModelForCausalLM.from_config(ARCHITECTURES["llama"])).eval()
+    with torch.no_grad():
+        out = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, layout), logps_chunk_size=4)
+        for i, row in enumerate(PAIRS):
+            entropy, top1 = 0.0, None
+            for side in ("chosen", "rejected"):
+                prompt, completion = row["prompt_input_ids"], row[f"{side}_input_ids"]
+                ids = torch.tensor([prompt + completion])
+                logits = model(input_ids=ids).logits[0, :-1][max(len(prompt) - 1, 0):]
+                entropy += torch.distributions.Categorical(logits=logits).entropy().sum()
+                if side == "chosen":
+                    top1 = (logits.argmax(-1) == ids[0, 1:][max(len(prompt) - 1, 0):]).sum().float()
+            torch.testing.assert_close(out.entropy[i], entropy, rtol=1e-5, atol=1e-5)
+            assert out.chosen_top1[i] == top1
+    logits, labels = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.5, 0.0]]), torch.tensor([0, 2, 1])
+    stats = token_stats(logits, labels)  # a random model is rarely right: the argmax test needs hits
+    assert stats.top1.tolist() == [1.0, 1.0, 0.0]
+    torch.testing.assert_close(stats.entropy, torch.distributions.Categorical(logits=logits).entropy())
 
 
 def test_chunking_bounds_the_logits_and_keeps_the_plain_forward(builtin_files, monkeypatch):

@@ -134,6 +134,73 @@ def test_flex_attention_on_cpu_is_replaced_with_a_notice():
     assert support.attn_implementation == "sdpa" and "FlexAttention cannot train on CPU" in support.notices[0]
 
 
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                     deterministic=False, return_attn_probs=False):
+    """flash-attn 2's ``flash_attn_varlen_func`` as documented, in plain torch: run i's queries attend to run i's keys;
+    causal is aligned to the bottom right (query j sees keys up to j + len_k - len_q) and ``window_size[0]`` keys
+    back from there; grouped KV heads are shared by consecutive query heads."""
+    out = []
+    for i in range(len(cu_seqlens_q) - 1):
+        qi = q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]].transpose(0, 1)
+        ki, vi = (x[cu_seqlens_k[i]:cu_seqlens_k[i + 1]].transpose(0, 1).repeat_interleave(q.shape[1] // x.shape[1], 0)
+                  for x in (k, v))
+        scores = qi @ ki.transpose(1, 2) * (softmax_scale or qi.shape[-1] ** -0.5)
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        query_at = torch.arange(qi.shape[1])[:, None] + ki.shape[1] - qi.shape[1]
+        key_at = torch.arange(ki.shape[1])[None]
+        allowed = key_at <= query_at if causal else torch.ones_like(key_at <= query_at)
+        if window_size[0] >= 0:
+            allowed &= key_at >= query_at - window_size[0]
+        out.append((scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vi).transpose(0, 1))
+    return torch.cat(out)
+
+
+def dense_flash_attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                          softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``flash_attn_func``: [B, L, heads, head_dim], each row one run (transformers uses it for unpacked rows)."""
+    b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    runs = lambda length: torch.arange(0, (b + 1) * length, length)  # noqa: E731
+    out = varlen_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), runs(lq), runs(lk), lq, lk,
+                           softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap)
+    return out.unflatten(0, (b, lq))
+
+
+@pytest.fixture
+def emulated_flash(monkeypatch):
+    """flash-attention 2 on a machine without it: ``varlen_attention`` is installed where transformers imports the
+    kernel from, so everything transformers and ds_dpo do around the kernel (kwargs, window and soft-cap mapping, the
+    gathered keys of a prefix-shared row) runs as it would on a GPU."""
+    from transformers import modeling_flash_attention_utils as fa
+
+    for name in ("_loaded_implementation", "_flash_fn", "_flash_varlen_fn", "_flash_with_kvcache_fn", "_pad_fn",
+                 "_unpad_fn", "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn"):
+        monkeypatch.setattr(fa, name, None)  # restored afterwards: a later real load starts clean
+    monkeypatch.setattr(fa, "_lazy_imports", lambda *args, **kwargs: (dense_flash_attention, varlen_attention, None,
+                                                                       fa._pad_input, fa._unpad_input))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "mistral"])
+def test_flash_attention_shares_the_prefix_and_trains_like_the_plain_padded_path(family, emulated_flash):
+    """``attn_implementation: flash_attention_2`` keeps prefix sharing: each pair's rejected run reads the prompt's keys
+    gathered again (bottom-right causal), so log-probs and every parameter's gradient equal the plain padded path's
+    (sdpa/eager, same weights). Sliding windows (Qwen2's second layer, Mistral) and soft-capped scores (Gemma-2) go
+    through transformers' own flash kwargs. Run with a plain-torch stand-in for the kernel: not yet on a GPU."""
+    plain_model, _ = tiny_model(family)
+    model, support = tiny_model(family)  # loaded with sdpa/eager (no flash-attn here), then switched to flash
+    model.config._attn_implementation = "flash_attention_2"
+    assert model_support(model.config, "flash_attention_2").layout(True, True) == ("shared", None)
+    expected, expected_grad = forward_and_grad(plain_model, "padded", 0)
+    for layout in ("packed", "shared"):
+        out, grad = forward_and_grad(model, layout, 4)
+        close(out, expected, f"{family} flash {layout}")
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5 * expected_grad.abs().max().item(),
+                                   msg=lambda m: f"{family} flash {layout}: {m}")
+    inputs = layouts.model_inputs(collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, "shared"), model.config, torch.float32)
+    assert "attention_mask" not in inputs and inputs["cu_seq_lens_q"].numel() == 2 * len(PAIRS) + 1
+
+
 def output_head(model):
     with torch.no_grad():  # the first chunked scoring call probes the head
         concatenated_forward(model, collate_pairs(PAIRS[:1], [1.0], 0, "padded"), logps_chunk_size=4)

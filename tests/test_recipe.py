@@ -58,14 +58,16 @@ def test_demo_writes_config_metrics_and_tensorboard(demo):
     assert ds["train_batch_size"] == 2 * cfg["per_device_train_batch_size"]
     tags = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected", "logits/chosen", "logits/rejected", "learning_rate", "grad_norm", "epoch",
-            "pairs_per_second", "tokens_per_second", "peak_memory_mb"]
-    events = EventAccumulator(str(out / "runs")).Reload()
+            "pairs_per_second", "tokens_per_second", "peak_memory_mb", "entropy", "mean_token_accuracy", "num_tokens"]
+    events = EventAccumulator(str(out / "runs" / out.name)).Reload()  # the run's own folder, HF Trainer's tags
     scalars = set(events.Tags()["scalars"])
-    assert set(tags) <= scalars
-    assert {f"eval_{t}" for t in tags[:9]} <= scalars
-    assert [e.step for e in events.Scalars("loss")] == list(range(10, cfg["max_steps"] + 1, 10))
+    assert {f"train/{t}" for t in tags} <= scalars
+    assert {f"eval/{t}" for t in tags[:9]} <= scalars
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(10, cfg["max_steps"] + 1, 10))
     train = read_metrics(out)
     assert all(set(tags) <= set(r) for r in train)
+    counts = [r["num_tokens"] for r in train]  # the run's total, growing with every window
+    assert counts[0] > 0 and all(b > a for a, b in zip(counts, counts[1:]))
     # HF's cosine schedule with warmup: the lr logged at step s is the one its update used, lr(s - 1).
     total, warmup, peak = cfg["max_steps"], round(cfg["warmup_ratio"] * cfg["max_steps"]), cfg["learning_rate"]
     for r in train:
@@ -282,6 +284,12 @@ def test_every_loss_type_trains_from_the_cli(loss_type, single_rank, builtin_fil
     assert [r["step"] for r in train] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in train)
     assert math.isfinite(result.eval_metrics["eval_loss"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "out" / "runs" / "out"), size_guidance={"histograms": 0}).Reload()
+    margins = events.Histograms("train/rewards/margins")  # every real pair of each logged window, no filler
+    assert [(h.step, h.histogram_value.num) for h in margins] == [(1, 4), (2, 4), (3, 2)]
+    assert events.Histograms("eval/rewards/chosen")[-1].histogram_value.num == len(recipe.eval_data)
 
 
 @pytest.mark.slow

@@ -44,8 +44,29 @@ def test_missing_paths_and_bad_directories(tmp_path):
     with pytest.raises(DataError, match="no such file or directory"):
         read_source(str(tmp_path / "absent.jsonl"))
     (tmp_path / "plain").mkdir()
-    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
+    with pytest.raises(DataError, match="a directory without data: neither files written by datasets' save_to_disk"):
         read_source(str(tmp_path / "plain"))
+
+
+def hub_layout(root, splits: dict[str, list[dict]]):
+    """A dataset folder as ``huggingface-cli download`` leaves it: ``data/<split>-00000-of-00001.parquet``."""
+    (root / "data").mkdir(parents=True)
+    for split, rows in splits.items():
+        datasets.Dataset.from_list(rows).to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+def test_splits_of_a_hub_layout_folder_and_a_saved_dataset_dict(tmp_path):
+    folder = hub_layout(tmp_path / "ultrafeedback", {"train_prefs": ROWS, "test_prefs": ROWS[:1]})
+    assert [r.data for r in read_source(str(folder), "train_prefs")[0]] == ROWS
+    assert [r.data for r in read_source(str(folder), "test_prefs")[0]] == ROWS[:1]
+    with pytest.raises(DataError, match="no split `train`.*dataset_train_split"):
+        read_source(str(folder))
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(saved))
+    assert len(read_source(str(saved), "train_prefs")[0]) == 2
+    with pytest.raises(DataError, match=r"no split `test` \(splits: train_prefs\)"):
+        read_source(str(saved), "test")
 
 
 def test_hub_name_offline_says_so(monkeypatch):

@@ -1,7 +1,9 @@
+import json
+
 import pytest
 
 from ds_dpo import builtin
-from ds_dpo.formats import normalize
+from ds_dpo.formats import RowError, normalize
 from ds_dpo.tokenization import LengthLimits, encode_pair
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -39,6 +41,38 @@ def test_chat_template_completion_is_exactly_the_reply_plus_end_of_turn(tokenize
     assert out["prompt_input_ids"] == tokenizer(rendered_prompt, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(out["chosen_input_ids"]) == "I am fine thanks<|im_end|>\n"
     assert tokenizer.decode(out["rejected_input_ids"]) == "go away<|im_end|>\n"
+
+
+# Qwen3-like: with enable_thinking false every assistant turn, the generation prompt's too, opens with empty thoughts
+NO_THOUGHTS = "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+TOOLS_AND_THINKING = ("{% if tools %}<|im_start|>system\ntools: {% for t in tools %}{{ t['name'] }} {% endfor %}"
+                      "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                      "{% if m['role'] == 'assistant' %}" + NO_THOUGHTS + "{% endif %}{{ m['content'] }}<|im_end|>\n"
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n" + NO_THOUGHTS + "{% endif %}")
+
+
+def test_tools_and_template_variables_reach_the_chat_template(tokenizer, monkeypatch):
+    """TRL 1.16's per-row ``tools`` and ``chat_template_kwargs`` (Qwen3's ``enable_thinking``), the run-wide
+    ``chat_template_kwargs`` under the row's; bad values are bad rows naming the field."""
+    monkeypatch.setattr(tokenizer, "chat_template", TOOLS_AND_THINKING)
+    row = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}],
+           "rejected": [{"role": "assistant", "content": "go away"}]}
+
+    def prompt_text(row, run_wide=None):
+        pair = normalize(row, "conversational", "", run_wide)
+        return tokenizer.decode(encode_pair(pair, tokenizer, NO_LIMITS)["prompt_input_ids"])
+
+    assert "tools" not in prompt_text(row) and "<think>" not in prompt_text(row)
+    tools = [{"name": "get_weather", "parameters": {"type": "object"}}]
+    assert prompt_text({**row, "tools": tools}).startswith("<|im_start|>system\ntools: get_weather")
+    assert prompt_text({**row, "tools": json.dumps(tools)}) == prompt_text({**row, "tools": tools})
+    assert prompt_text(row, {"enable_thinking": False}).endswith("assistant\n<think></think>")
+    assert "<think>" not in prompt_text({**row, "chat_template_kwargs": {"enable_thinking": True}},
+                                        {"enable_thinking": False})
+    for field, value in (("tools", [1]), ("tools", "{bad"), ("chat_template_kwargs", ["x"])):
+        with pytest.raises(RowError) as bad:
+            normalize({**row, field: value}, "conversational", "")
+        assert bad.value.field == field
 
 
 def test_template_that_renders_the_prompt_differently_keeps_one_shared_prompt():
