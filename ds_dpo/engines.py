@@ -9,6 +9,7 @@ ZeRO-1/2, where TRL and OpenRLHF replicate it), has no optimizer, and runs in ev
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import time
 from pathlib import Path
@@ -28,6 +29,21 @@ from ds_dpo.logprobs import enable_token_scoring
 from ds_dpo.model_support import moe_block_classes
 
 _NO_DECAY = ("bias", "norm")
+
+
+def _cache_cpu_info() -> None:
+    """DeepSpeed's CPU op builders (CPU Adam for offload, Adam and the shared-memory all-reduce on CPU machines) ask
+    py-cpuinfo for the CPU's features twice per op load, and each ask starts a Python subprocess (~1.2 s on 2 cores,
+    per rank and op): ask once per process. The answer cannot change while the process runs."""
+    try:
+        import cpuinfo
+    except ImportError:  # DeepSpeed then falls back to lscpu
+        return
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
+
+
+_cache_cpu_info()
 
 
 def clear_stale_build_locks(max_age_s: float = 600) -> list[Path]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ds_dpo import builtin, engines
 from ds_dpo.attention import is_block_attention
@@ -319,6 +320,9 @@ class DPORecipe:
         are unlinked once no rank communicates any more."""
         if self.logger is not None:
             self.logger.close()
+        # transformers' ZeRO-3 registration belongs to the run: a later from_pretrained in this process (a tool, a
+        # test) must build a plain model, not a partitioned one
+        unset_hf_deepspeed_config()
         if torch.distributed.is_initialized():
             if completed:
                 torch.distributed.barrier()

@@ -52,6 +52,19 @@ def read_metrics(output_dir: Path, prefix: str = "") -> list[dict]:
             (prefix or "loss" in r)]
 
 
+def assert_same_weights(a: Path, b: Path, tol: float = 1e-6) -> None:
+    """Two runs' exported weights (the adapter where the run trained one) agree to ``tol``."""
+    from safetensors.torch import load_file
+
+    def weights(output_dir):
+        adapter = output_dir / "adapter_model.safetensors"
+        return load_file(adapter if adapter.exists() else output_dir / "model.safetensors")
+
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= tol
+
+
 @pytest.fixture
 def hh_data() -> Path:
     """The HH-RLHF file; tests that need it are skipped, saying how to get it, where it is absent."""

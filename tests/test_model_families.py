@@ -4,7 +4,7 @@ the model's own forward; and the startup self-check that catches a fast path tha
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ds_dpo import layouts
@@ -101,16 +101,19 @@ def test_every_layout_trains_like_the_plain_padded_path(family):
 @pytest.fixture
 def uncompiled_flex(monkeypatch):
     """transformers compiles FlexAttention, which inductor cannot do on this CPU (torch 2.13: a C++ compile error);
-    torch's plain kernel computes the same attention from the same block mask."""
+    torch's plain kernel computes the same attention from the same block mask. The padded path's block masks are
+    built uncompiled too (the same mask; compiling it costs ~20 s here)."""
+    from transformers import masking_utils
     from transformers.integrations import flex_attention as hf_flex
 
     monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
                         lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs))
+    monkeypatch.setattr(masking_utils, "create_block_mask",
+                        lambda *args, _compile=False, **kwargs: create_block_mask(*args, **kwargs))
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*")
-# Qwen2 here mixes full and sliding layers (one block mask per layer type); Gemma-2 soft-caps its scores. Each costs
-# seconds on CPU (transformers tries to compile the padded path's mask), so not every family.
+# Qwen2 here mixes full and sliding layers (one block mask per layer type); Gemma-2 soft-caps its scores.
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
 def test_flex_attention_block_masks_score_like_the_plain_padded_path(family, uncompiled_flex):
     """``attn_implementation: flex_attention``: packed and shared rows get FlexAttention block masks (sliding windows
