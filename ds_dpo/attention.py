@@ -66,6 +66,23 @@ class Blocks:
         bounds = list(zip(starts, starts[1:] + [seg.numel()]))
         return cls(bounds, branch[0], position_ids[0], additive_dtype)
 
+    def causal_runs(self) -> list[tuple[int, int, int]]:
+        """Per block ``(prompt, causal, rejected)`` token counts for the mask-free sdpa path: the block's first
+        ``prompt + causal`` tokens attend causally among themselves; a prefix-shared pair's ``rejected`` tokens then
+        attend to the first ``prompt`` tokens and causally among themselves. A block without both chosen and
+        rejected tokens (a packed sequence, a padded row) is one causal run."""
+        if "runs" not in self._masks:
+            runs = []
+            for start, end in self.bounds:
+                kind = self.branch[start:end]
+                chosen, rejected = int((kind == CHOSEN).sum()), int((kind == REJECTED).sum())
+                if chosen and rejected:
+                    runs.append((end - start - chosen - rejected, chosen, rejected))
+                else:
+                    runs.append((0, end - start, 0))
+            self._masks["runs"] = runs
+        return self._masks["runs"]
+
     def masks(self, sliding_window: int | None) -> list[torch.Tensor]:
         """[1, 1, L, L] mask of each block: causal, rejected blind to chosen, keys within ``sliding_window``."""
         if sliding_window not in self._masks:
@@ -126,6 +143,26 @@ def _eager_kernel(module: torch.nn.Module):
     return kernel
 
 
+def _causal_sdpa_runs(module, query, key, value, runs: list[tuple[int, int, int]], **kwargs) -> torch.Tensor:
+    """sdpa over ``Blocks.causal_runs`` without a block-sized mask: each causal run through sdpa's own causal path
+    (no [L, L] mask or score matrix on the flash-style kernels torch picks for it, on CPU too), and a shared pair's
+    rejected queries over the prompt's and their own keys with a small [R, P + R] mask."""
+    sizes = [n for p, c, r in runs for n in (p + c, r)]
+    outputs = []
+    queries, keys, values = query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)
+    for i, (p, _, r) in enumerate(runs):
+        q, k, v = queries[2 * i], keys[2 * i], values[2 * i]
+        outputs.append(sdpa_attention_forward(module, q, k, v, None, **kwargs)[0])
+        if r:
+            k_rejected = torch.cat([k[:, :, :p], keys[2 * i + 1]], dim=2)
+            v_rejected = torch.cat([v[:, :, :p], values[2 * i + 1]], dim=2)
+            mask = torch.ones(r, p + r, dtype=torch.bool, device=q.device)
+            mask[:, p:] = torch.ones(r, r, dtype=torch.bool, device=q.device).tril()
+            outputs.append(sdpa_attention_forward(module, queries[2 * i + 1], k_rejected, v_rejected,
+                                                  mask[None, None], **kwargs)[0])
+    return torch.cat(outputs, dim=1)
+
+
 def _block_attention(inner: str):
     def attention(module, query, key, value, attention_mask, ds_dpo_blocks: Blocks | None = None,
                   sliding_window: int | None = None, **kwargs):
@@ -135,6 +172,8 @@ def _block_attention(inner: str):
                 raise RuntimeError(f"{type(module).__name__} got a packed row without its blocks: the model does not "
                                    "pass the forward's keyword arguments to its attention")
             return kernel(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
+        if inner == "sdpa" and sliding_window is None:  # no mask needed: attention memory linear in the block
+            return _causal_sdpa_runs(module, query, key, value, ds_dpo_blocks.causal_runs(), **kwargs), None
         # split, not sliced: the backward of each slice would write a zero tensor of the whole row (work that
         # grows with blocks x row length); a split's backward is one concatenation
         sizes = [end - start for start, end in ds_dpo_blocks.bounds]

@@ -376,6 +376,10 @@ class ParallelConfig:
     ``"auto"`` values in it are filled from this config."""
     ddp_timeout: int = 1800
     """Seconds any collective may wait (HF's name): a dead rank fails the job instead of hanging it."""
+    sequence_parallel_size: int = 1
+    """Ranks that share each micro-batch, each holding a slice of its rows (DeepSpeed Ulysses; see the README's
+    "Long context"): ``world / sequence_parallel_size`` data-parallel groups. Needs attention heads and key/value
+    heads divisible by it."""
     local_rank: int = -1
     """Filled by the ``deepspeed`` launcher; ignored otherwise."""
 
@@ -393,6 +397,7 @@ class ParallelConfig:
             (isinstance(self.deepspeed, dict) or resolve_path(self.deepspeed).is_file(),
              f"DeepSpeed config `{self.deepspeed}` not found (presets: {preset_names()})"),
             (self.ddp_timeout >= 1, "`ddp_timeout` must be >= 1 second"),
+            (self.sequence_parallel_size >= 1, "`sequence_parallel_size` must be >= 1"),
         ]
         return [message for ok, message in checks if not ok]
 

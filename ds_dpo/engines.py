@@ -27,6 +27,7 @@ from ds_dpo.config import DPOConfig, ModelConfig
 from ds_dpo.ds_config import zero_stage
 from ds_dpo.logprobs import enable_token_scoring
 from ds_dpo.model_support import moe_block_classes
+from ds_dpo.sequence_parallel import SequenceParallel
 
 _NO_DECAY = ("bias", "norm")
 
@@ -166,9 +167,11 @@ def _with_adapter(cfg: DPOConfig, model: torch.nn.Module, trainable: bool) -> to
 
 
 def build_engine(cfg: DPOConfig, ds_config: dict, trainable: bool, total_steps: int = 0,
-                 attn_implementation: str | None = None):
-    """Build the policy (``trainable``: optimizer, LR schedule, optional LoRA) or a frozen reference engine."""
+                 attn_implementation: str | None = None, sp: SequenceParallel | None = None):
+    """Build the policy (``trainable``: optimizer, LR schedule, optional LoRA) or a frozen reference engine; with
+    ``sp``, its forwards are sequence-parallel (``ds_dpo.sequence_parallel``)."""
     model, hf_ds = load_model(cfg, ds_config, trainable, attn_implementation)
+    model._ds_dpo_sequence_parallel = sp  # read by concatenated_forward (through peft: the causal LM's own)
     ds_config = with_moe_leaf_modules(ds_config, model)
     if not trainable:
         if cfg.model.adapter_name_or_path and cfg.ref.ref_model_name_or_path is None:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 from torch.utils.checkpoint import checkpoint
 
+from ds_dpo import sequence_parallel
 from ds_dpo.distributed import say
 from ds_dpo.layouts import collate_pairs, model_inputs
 from ds_dpo.model_support import router_modules
@@ -107,7 +108,7 @@ class OutputHead:
 
 
 def completion_logps(token_logps: torch.Tensor, sequence: torch.Tensor, rank: torch.Tensor, num_sequences: int,
-                     ld_alpha: float | None = None) -> torch.Tensor:
+                     ld_alpha: float | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Sum each sequence's completion-token log-probs.
 
     Args:
@@ -117,12 +118,15 @@ def completion_logps(token_logps: torch.Tensor, sequence: torch.Tensor, rank: to
         num_sequences: 2B.
         ld_alpha: LD-DPO (Liu et al. 2024, https://arxiv.org/abs/2409.06411): tokens past the shorter completion of
             the pair count with weight ``ld_alpha``; ``logp = logp_shared + ld_alpha * logp_tail``.
+        lengths: [2B] completion lengths, when the M tokens are only some of each completion's (a sequence-parallel
+            shard); default: counted from ``sequence``.
 
     Returns:
         [2B] summed log-probs.
     """
     if ld_alpha is not None:
-        lengths = torch.bincount(sequence, minlength=num_sequences)
+        if lengths is None:
+            lengths = torch.bincount(sequence, minlength=num_sequences)
         chosen, rejected = lengths.chunk(2)
         shared = torch.minimum(chosen, rejected).repeat(2)
         weight = torch.where(rank <= shared[sequence], 1.0, ld_alpha).to(token_logps.dtype)
@@ -131,12 +135,15 @@ def completion_logps(token_logps: torch.Tensor, sequence: torch.Tensor, rank: to
 
 
 def wpo_logps(token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, sequence: torch.Tensor,
-              num_sequences: int) -> torch.Tensor:
+              num_sequences: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """[2B] WPO's aligned mean log-prob, ``mean_t (log p(y_t) - log sum_v p(v)^2)`` over completion tokens, detached
-    (Zhou et al. 2024, https://arxiv.org/abs/2406.11827, Eq. 2). Inputs as in ``completion_logps``."""
+    (Zhou et al. 2024, https://arxiv.org/abs/2406.11827, Eq. 2). Inputs as in ``completion_logps`` (with a shard's
+    tokens and the whole ``lengths``: that shard's part of the mean)."""
     aligned = (token_logps - log_sum_sq_probs).detach()
     sums = aligned.new_zeros(num_sequences).index_add(0, sequence, aligned)
-    return sums / torch.bincount(sequence, minlength=num_sequences).clamp(min=1)
+    if lengths is None:
+        lengths = torch.bincount(sequence, minlength=num_sequences)
+    return sums / lengths.clamp(min=1)
 
 
 def token_stats(logits: torch.Tensor, labels: torch.Tensor, with_wpo: bool = False) -> TokenStats:
@@ -324,21 +331,37 @@ def concatenated_forward(model, batch: dict[str, torch.Tensor], ld_alpha: float 
 
     ``model`` is a DeepSpeed engine or a causal LM on which ``enable_token_scoring`` was called.
     ``router_aux_loss``: also return a mixture-of-experts model's router load-balancing loss (None for other models).
+
+    Under sequence parallelism (a model built with a ``SequenceParallel``, ``ds_dpo.sequence_parallel``) each rank of
+    the group runs its slice of the rows and scores the tokens predicted there; the per-sequence sums are added over
+    the group, so every rank returns the same statistics of the whole micro-batch.
     """
     num_sequences = 2 * batch["weight"].shape[0]
-    sequence, rank = batch["score_sequence"], batch["score_rank"]
     causal_lm = _unwrap_peft(getattr(model, "module", model))  # getattr: a DeepSpeed engine wraps the model
-    inputs = model_inputs(batch, causal_lm.config, causal_lm.dtype)
-    stats = model(**inputs, score_index=batch["score_index"], score_labels=batch["score_labels"],
+    tokens = torch.bincount(batch["score_sequence"], minlength=num_sequences)
+    sp = getattr(causal_lm, "_ds_dpo_sequence_parallel", None)
+    if sp is None:
+        inputs, scored = model_inputs(batch, causal_lm.config, causal_lm.dtype), batch
+    else:
+        inputs, scored = sequence_parallel.shard(batch, causal_lm.config, causal_lm.dtype, sp)
+    sequence, rank = scored["score_sequence"], scored["score_rank"]
+    stats = model(**inputs, score_index=scored["score_index"], score_labels=scored["score_labels"],
                   logps_chunk_size=logps_chunk_size, with_wpo=with_wpo, router_aux_loss=router_aux_loss)
-    logps = completion_logps(stats.logps, sequence, rank, num_sequences, ld_alpha)
-    logit_sums = stats.logit_means.new_zeros(num_sequences).index_add(0, sequence, stats.logit_means)
-    tokens = torch.bincount(sequence, minlength=num_sequences)
-    wpo = wpo_logps(stats.logps, stats.log_sum_sq_probs, sequence, num_sequences) if with_wpo else None
-    (c, r), (cl, rl), (ct, rt) = logps.chunk(2), logit_sums.chunk(2), tokens.chunk(2)
-    cw, rw = wpo.chunk(2) if wpo is not None else (None, None)
-    entropy = stats.entropy.new_zeros(num_sequences).index_add(0, sequence, stats.entropy).view(2, -1).sum(0)
-    top1 = stats.top1.new_zeros(num_sequences).index_add(0, sequence, stats.top1).chunk(2)[0]
+    logps = completion_logps(stats.logps, sequence, rank, num_sequences, ld_alpha, tokens)
+
+    def per_sequence(values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(num_sequences).index_add(0, sequence, values)
+
+    # detached per-sequence sums: logit means, entropy, top-1 hits (+ WPO's aligned means)
+    detached = torch.stack([per_sequence(stats.logit_means), per_sequence(stats.entropy), per_sequence(stats.top1),
+                            *([wpo_logps(stats.logps, stats.log_sum_sq_probs, sequence, num_sequences, tokens)]
+                              if with_wpo else [])])
+    if sp is not None:
+        logps = sequence_parallel.sum_over_group(logps, sp)
+        torch.distributed.all_reduce(detached, group=sp.group)
+    (c, r), (cl, rl), (ct, rt) = logps.chunk(2), detached[0].chunk(2), tokens.chunk(2)
+    cw, rw = detached[3].chunk(2) if with_wpo else (None, None)
+    entropy, top1 = detached[1].view(2, -1).sum(0), detached[2].chunk(2)[0]
     return PairLogps(c, r, cl, rl, ct, rt, cw, rw, stats.aux_loss, entropy=entropy, chosen_top1=top1)
 
 

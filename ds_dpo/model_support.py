@@ -20,7 +20,8 @@ first micro-batch (``ds_dpo.logprobs.scoring_mismatch``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -46,12 +47,15 @@ class ModelSupport:
     """The class runs its attention through transformers' attention interface, passing the forward's keyword
     arguments down (``_supports_attention_backend``): it can take ds_dpo's block attention."""
     notices: tuple[str, ...] = ()
+    config: Any = field(default=None, repr=False, compare=False)
+    """The model's transformers config."""
 
-    def attention_for(self, layout: str) -> tuple[str, str | None]:
+    def attention_for(self, layout: str, sequence_parallel: bool = False) -> tuple[str, str | None]:
         """The attention implementation to load the model with for ``layout``, and a notice when a packed row has to
-        fall back to a dense [S, S] mask."""
+        fall back to a dense [S, S] mask. Sequence-parallel runs take the block attention in every layout (a padded
+        row is one block there: ``ds_dpo.sequence_parallel``)."""
         attn = self.attn_implementation
-        if layout == "padded" or attn not in BLOCK_ATTENTION:
+        if (layout == "padded" and not sequence_parallel) or attn not in BLOCK_ATTENTION:
             return attn, None
         if not self.attention_backend:
             return attn, (f"{self.class_name} cannot take a custom attention function: each packed row gets a dense "
@@ -85,14 +89,14 @@ def model_support(config, attn_implementation: str, device_type: str = "cuda") -
         cls = _get_model_class(config, AutoModelForCausalLM._model_mapping)
     except (KeyError, ValueError):
         name = (getattr(config, "architectures", None) or [type(config).__name__])[0]
-        return ModelSupport(name, attn, stateful=False, notices=tuple(notices))
+        return ModelSupport(name, attn, stateful=False, notices=tuple(notices), config=config)
     flag = _ATTENTION_FLAGS.get(attn)
     if flag is not None and not getattr(cls, flag, False):
         notices.append(f"{cls.__name__} does not support attn_implementation {attn!r}; using 'eager'")
         attn = "eager"
     return ModelSupport(cls.__name__, attn, stateful=bool(getattr(cls, "_is_stateful", False)),
                         attention_backend=bool(getattr(cls, "_supports_attention_backend", False)),
-                        notices=tuple(notices))
+                        notices=tuple(notices), config=config)
 
 
 def router_modules(model: torch.nn.Module) -> tuple[list[torch.nn.Module], int]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from ds_dpo import builtin, engines
+from ds_dpo import builtin, engines, sequence_parallel
 from ds_dpo.attention import is_block_attention
 from ds_dpo.checkpoint import Checkpointer, export_hf_model
 from ds_dpo.config import ConfigError, DPOConfig, dump_config
@@ -73,8 +73,15 @@ class DPORecipe:
         support = inspect_model(cfg.model, self.device.type)
         if support.attn_implementation != cfg.model.attn_implementation:
             self.cfg = cfg = cfg.replace(attn_implementation=support.attn_implementation)
+        sp_size = cfg.parallel.sequence_parallel_size
         self.layout, layout_notice = support.layout(cfg.batch.padding_free, cfg.batch.prefix_sharing)
-        self.attn_implementation, attention_notice = support.attention_for(self.layout)
+        self.attn_implementation, attention_notice = support.attention_for(self.layout, sp_size > 1)
+        problems = sequence_parallel.problems(sp_size, self.world_size, support.config, self.attn_implementation,
+                                              support.stateful)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.sp = sequence_parallel.initialize(sp_size)
+        self.data_parallel = sequence_parallel.data_parallel(self.sp)
         for notice in (*support.notices, layout_notice, attention_notice):
             if notice:
                 say(f"notice: {notice}")
@@ -96,7 +103,7 @@ class DPORecipe:
             pair_tokens = [forward_tokens(len(p), len(c), len(r), self.layout) for p, c, r in zip(*columns)]
         self.sampler = GlobalBatchSampler(
             len(self.train_data), optim.per_device_train_batch_size, optim.gradient_accumulation_steps,
-            self.world_size, self.rank, cfg.seed, pair_tokens=pair_tokens, max_tokens_per_batch=budget)
+            *self.data_parallel, cfg.seed, pair_tokens=pair_tokens, max_tokens_per_batch=budget)
         self.total_steps = (optim.max_steps if optim.max_steps > 0
                             else math.ceil(optim.num_train_epochs * self.sampler.steps_per_epoch))
 
@@ -121,7 +128,7 @@ class DPORecipe:
         if with_reference and cfg.ref.reference != "lora":
             ref_config = reference_deepspeed_config(ds_config, cfg.ref.ref_offload)
             ref_engine = engines.build_engine(cfg, ref_config, trainable=False,
-                                              attn_implementation=self.attn_implementation)
+                                              attn_implementation=self.attn_implementation, sp=self.sp)
             self._write_json("reference_deepspeed_config.json", ref_engine.ds_config_dict)
             self._check_scoring(ref_engine, "reference")
             self.reference = EngineReference(ref_engine, **self.forward_options)
@@ -129,7 +136,7 @@ class DPORecipe:
                 self._precompute_reference()
                 engines.release(ref_engine)
         self.policy = engines.build_engine(cfg, ds_config, trainable=True, total_steps=self.total_steps,
-                                           attn_implementation=self.attn_implementation)
+                                           attn_implementation=self.attn_implementation, sp=self.sp)
         self._write_json("deepspeed_config.json", self.policy.ds_config_dict)  # now with the model's leaf modules
         self._check_scoring(self.policy, "policy")
         self.aux_loss_coef = self._router_aux_loss_coef()
@@ -145,8 +152,9 @@ class DPORecipe:
             attention += " varlen" + (", prompt keys gathered per rejected run" if self.layout == "shared" else "")
         elif self.layout != "padded":
             attention += " with a block mask" if attention == "flex_attention" else " with a dense row mask"
+        parallel = "" if self.sp is None else f"; sequence-parallel over {self.sp.size} ranks (Ulysses)"
         say(f"reference: {self._describe_reference()}; batches: {self.layout}; attention: {attention}; "
-            f"log-probs from {chunks}")
+            f"log-probs from {chunks}{parallel}")
 
     def _write_json(self, name: str, value: dict) -> None:
         if self.rank == 0:
@@ -175,6 +183,10 @@ class DPORecipe:
                     "`router_aux_loss_coef` is ignored")
             return 0.0
         coef = getattr(causal_lm.config, "router_aux_loss_coef", 0.0) if coef is None else coef
+        if coef and self.sp is not None:
+            raise ConfigError(f"{type(causal_lm).__name__}'s router load-balancing loss is computed over all tokens of "
+                              "a micro-batch, which sequence parallelism splits across ranks: set "
+                              "`router_aux_loss_coef: 0` to train it sequence-parallel")
         say(f"router load-balancing loss added with weight {coef}" if coef else "router load-balancing loss off")
         return coef
 
@@ -191,7 +203,8 @@ class DPORecipe:
         """Score both datasets once with the current reference (or read the scores from the cache); afterwards the
         batches carry the log-probs."""
         score = lambda data: precompute_reference_logps(  # noqa: E731
-            self.reference, data, self.cfg, self.tokenizer.pad_token_id, self.device, self.layout)
+            self.reference, data, self.cfg, self.tokenizer.pad_token_id, self.device, self.layout,
+            self.data_parallel)
         self.train_data = score(self.train_data)
         self.eval_data = None if self.eval_data is None else score(self.eval_data)
         self.reference = PrecomputedReference()
@@ -232,7 +245,8 @@ class DPORecipe:
 
     def train_step(self, plan: StepPlan) -> None:
         """One optimizer step over this rank's micro-batches of ``plan``; their statistics go to the state's window."""
-        # engine.backward divides by gradient_accumulation_steps and gradients are averaged over ranks; this scale
+        # engine.backward divides by gradient_accumulation_steps and gradients are averaged over all ranks (a
+        # sequence-parallel group's gradients add up to its micro-batch's, ``ds_dpo.sequence_parallel``); this scale
         # turns the sums of real pairs' losses into the exact mean over the global batch's real pairs.
         scale = self.world_size * self.cfg.optim.gradient_accumulation_steps / plan.num_pairs
         for i, (indices, weights) in enumerate(zip(plan.micro_batches, plan.weights)):
@@ -262,7 +276,8 @@ class DPORecipe:
         out = self._preference_loss(LossInputs(
             policy.chosen, policy.rejected, ref_chosen, ref_rejected, policy.chosen_tokens, policy.rejected_tokens,
             policy.chosen_wpo, policy.rejected_wpo))
-        window.add(out, policy, (batch["pair_tokens"] * batch["weight"]).sum())
+        if self.sp is None or self.sp.rank == 0:  # a sequence-parallel group's pairs count once
+            window.add(out, policy, (batch["pair_tokens"] * batch["weight"]).sum())
         if policy.aux_loss is None:
             return out.losses.sum()
         # TRL adds coef * aux_loss to each micro-batch's mean loss; as a sum over its pairs that is n * coef * aux
@@ -295,7 +310,7 @@ class DPORecipe:
         if self.eval_data is None:
             return {}
         sampler = GlobalBatchSampler(len(self.eval_data), self.cfg.logging.per_device_eval_batch_size, 1,
-                                     self.world_size, self.rank, self.cfg.seed, shuffle=False)
+                                     *self.data_parallel, self.cfg.seed, shuffle=False)
         window = MetricAccumulator(self.device)
         self.policy.eval()
         for plan in sampler.epoch(0):

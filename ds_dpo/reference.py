@@ -74,18 +74,22 @@ class PrecomputedReference:
 
 @torch.no_grad()
 def score_dataset(reference: Reference, dataset: datasets.Dataset, batch_size: int, pad_token_id: int,
-                  device: torch.device, layout: str = "padded", desc: str = "reference log-probs") -> torch.Tensor:
+                  device: torch.device, layout: str = "padded", desc: str = "reference log-probs",
+                  data_parallel: tuple[int, int] | None = None) -> torch.Tensor:
     """[N, 2] float64 (chosen, rejected) reference log-probs of every pair, on every rank.
 
-    Each rank scores a disjoint shard (padded with fillers so that every rank runs the same number of forwards,
-    as ZeRO-3 requires); one all-gather at the end gives every rank the whole table.
+    Each data-parallel rank (``data_parallel``: size and rank; default every rank is one) scores a disjoint shard,
+    padded with fillers so that every rank runs the same number of forwards, as ZeRO-3 requires; one all-gather at
+    the end gives every rank the whole table (a sequence-parallel group's ranks give the same rows).
     """
     from tqdm.auto import tqdm
 
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    sampler = GlobalBatchSampler(len(dataset), batch_size, 1, world, rank, seed=0, shuffle=False)
+    world = torch.distributed.get_world_size()
+    size, rank = data_parallel or (world, torch.distributed.get_rank())
+    sampler = GlobalBatchSampler(len(dataset), batch_size, 1, size, rank, seed=0, shuffle=False)
     rows = []  # [position, weight, chosen, rejected] per scored pair
-    for plan in tqdm(sampler.epoch(0), total=sampler.steps_per_epoch, desc=desc, disable=rank != 0):
+    for plan in tqdm(sampler.epoch(0), total=sampler.steps_per_epoch, desc=desc,
+                     disable=torch.distributed.get_rank() != 0):
         indices, weights = plan.micro_batches[0], plan.weights[0]
         batch = collate_pairs([dataset[i] for i in indices], weights, pad_token_id, layout)
         chosen, rejected = reference.logps({k: v.to(device) for k, v in batch.items()})
@@ -126,7 +130,8 @@ def cached_reference_logps(cache_file: Path, compute, device: torch.device) -> t
 
 
 def precompute_reference_logps(reference: Reference, data: datasets.Dataset, cfg: DPOConfig, pad_token_id: int,
-                               device: torch.device, layout: str) -> datasets.Dataset:
+                               device: torch.device, layout: str,
+                               data_parallel: tuple[int, int] | None = None) -> datasets.Dataset:
     """Collective. ``data`` with its reference log-probs as columns: read from the cache when an earlier run scored
     the same pairs with the same reference weights and settings (a resumed run, a beta sweep), else computed once
     with ``reference`` and cached."""
@@ -135,7 +140,8 @@ def precompute_reference_logps(reference: Reference, data: datasets.Dataset, cfg
     cache_file = cache_root(cfg.data.dataset_cache_dir) / f"ref-logps-{key}.safetensors"
     batch_size = cfg.ref.precompute_ref_batch_size or cfg.logging.per_device_eval_batch_size
     logps, hit = cached_reference_logps(
-        cache_file, lambda: score_dataset(reference, data, batch_size, pad_token_id, device, layout), device)
+        cache_file, lambda: score_dataset(reference, data, batch_size, pad_token_id, device, layout,
+                                          data_parallel=data_parallel), device)
     say(f"reference log-probs of {len(data)} pairs: {'read from cache' if hit else 'computed'} ({cache_file.name})")
     return with_reference_columns(data, logps)
 

@@ -6,6 +6,8 @@ import yaml
 from ds_dpo.config import BUILTIN_DEFAULTS, KEYS, SECTIONS, ConfigError, DPOConfig, dump_config, load_config, make_config
 from ds_dpo.ds_config import reference_deepspeed_config, resolve_deepspeed_config
 
+from conftest import REPO
+
 
 def test_yaml_then_cli_overrides(tmp_path):
     run = tmp_path / "run.yaml"
@@ -165,3 +167,11 @@ def test_max_length_alone_is_enough():
     assert cfg.data.max_prompt_length is None
     problems = [p for p in cfg.data.problems() if "max_length" in p or "max_prompt_length" in p]
     assert problems == []
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").rglob("*.yaml")),
+                         ids=lambda p: str(p.relative_to(REPO / "examples")))
+def test_example_configs_load_and_validate(example):
+    cfg = load_config(["--config", str(example)])
+    cfg.validate()
+    assert cfg.output_dir

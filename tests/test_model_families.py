@@ -47,12 +47,13 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, attn: str = "sdpa", layout: str = "padded"):
+def tiny_model(family: str, attn: str = "sdpa", layout: str = "padded", sequence_parallel: bool = False):
     """The family's tiny model (same weights whatever the attention) loaded as a run with ``layout`` would load it."""
     config = AutoConfig.for_model(family, **{**TINY, **FAMILIES[family]})
     support = model_support(config, attn)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=support.attention_for(layout)[0])
+    attn_implementation = support.attention_for(layout, sequence_parallel)[0]
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return enable_token_scoring(model).eval(), support
 
 
@@ -170,18 +171,22 @@ def dense_flash_attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=Fal
     return out.unflatten(0, (b, lq))
 
 
-@pytest.fixture
-def emulated_flash(monkeypatch):
-    """flash-attention 2 on a machine without it: ``varlen_attention`` is installed where transformers imports the
-    kernel from, so everything transformers and ds_dpo do around the kernel (kwargs, window and soft-cap mapping, the
-    gathered keys of a prefix-shared row) runs as it would on a GPU."""
+def install_emulated_flash(setattr_) -> None:
+    """flash-attention 2 on a machine without it: ``varlen_attention`` is installed (with ``setattr_``) where
+    transformers imports the kernel from, so everything transformers and ds_dpo do around the kernel (kwargs, window
+    and soft-cap mapping, the gathered keys of a prefix-shared row) runs as it would on a GPU."""
     from transformers import modeling_flash_attention_utils as fa
 
     for name in ("_loaded_implementation", "_flash_fn", "_flash_varlen_fn", "_flash_with_kvcache_fn", "_pad_fn",
                  "_unpad_fn", "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn"):
-        monkeypatch.setattr(fa, name, None)  # restored afterwards: a later real load starts clean
-    monkeypatch.setattr(fa, "_lazy_imports", lambda *args, **kwargs: (dense_flash_attention, varlen_attention, None,
-                                                                       fa._pad_input, fa._unpad_input))
+        setattr_(fa, name, None)  # a later real load starts clean
+    setattr_(fa, "_lazy_imports", lambda *args, **kwargs: (dense_flash_attention, varlen_attention, None,
+                                                           fa._pad_input, fa._unpad_input))
+
+
+@pytest.fixture
+def emulated_flash(monkeypatch):
+    install_emulated_flash(monkeypatch.setattr)  # restored after the test
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "mistral"])

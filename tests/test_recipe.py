@@ -112,8 +112,12 @@ def test_two_ranks_and_accumulation_reproduce_one_rank(tmp_path):
     (ZeRO-3 policy + ZeRO-3 reference unless said): packing without prefix sharing with tiny log-prob chunks and
     token-budget micro-batches; 2 x 2 accumulation with the default prefix-shared batches and chunked log-probs, a
     ZeRO-2 policy and the precomputed reference; ZeRO-3 with parameter + optimizer offload (DeepSpeedCPUAdam),
-    reference offload and gradient checkpointing. All give the same trajectory: loss trajectories agree to 1e-6
-    (seen: at most ~6e-8)."""
+    reference offload and gradient checkpointing; sequence-parallel over the 2 ranks (one data-parallel rank of 4
+    pairs x 2 accumulation; packed rows, tiny log-prob chunks). All give the same trajectory: loss trajectories
+    agree to 1e-6 (seen: at most ~6e-8). (Final weights are not compared here: Adam's first updates are about
+    lr x sign(gradient), so float noise in near-zero gradient components moves weights by ~1e-5 between any two
+    layouts, two 1-rank runs included; runs that differ only in how ranks split the work are compared in
+    test_checkpoint and the LoRA test.)"""
     plain = ["--padding_free", "false", "--logps_chunk_size", "0"]
     runs = {
         "1x8_plain": (1, ["--per_device_train_batch_size", "8", *plain]),
@@ -125,6 +129,9 @@ def test_two_ranks_and_accumulation_reproduce_one_rank(tmp_path):
                                         "--deepspeed", "ds_configs/zero2.json", "--reference", "precomputed"]),
         "2x4_offload": (2, ["--per_device_train_batch_size", "4", "--deepspeed", "ds_configs/zero3_offload.json",
                             "--ref_offload", "true", "--gradient_checkpointing", "true"]),
+        "sp2_packed_x2": (2, ["--sequence_parallel_size", "2", "--per_device_train_batch_size", "4",
+                              "--gradient_accumulation_steps", "2", "--prefix_sharing", "false",
+                              "--logps_chunk_size", "3"]),
     }
     curves = {}
     for name, (nprocs, args) in runs.items():
@@ -139,9 +146,11 @@ def test_two_ranks_and_accumulation_reproduce_one_rank(tmp_path):
 
 @pytest.mark.slow
 def test_lora_reference_run_resumes_and_exports_adapter_and_merged_model(tmp_path):
-    """LoRA + ZeRO-3 + gradient checkpointing together (TRL #2514): resuming from the step-3 checkpoint reproduces
-    steps 4-6 and the final adapter; the checkpoint exports offline (adapter + merged model) as the run exported
-    itself; then a run that starts from the exported adapter with that adapter, frozen, as its reference."""
+    """LoRA + ZeRO-3 + gradient checkpointing together (TRL #2514). Resuming from the step-3 checkpoint
+    sequence-parallel (the 2 ranks share each micro-batch of prefix-shared rows: one data-parallel rank of 32 pairs,
+    the same global batch; reference log-probs precomputed with the adapters disabled) reproduces steps 4-6, the
+    final eval and the final adapter. The checkpoint exports offline (adapter + merged model) as the run exported
+    itself. Then a run that starts from the exported adapter with that adapter, frozen, as its reference."""
     out = tmp_path / "lora"
     common = ["--max_steps", "6", "--logging_steps", "1", "--save_steps", "3", "--save_total_limit", "2",
               "--use_peft", "true", "--reference", "lora", "--lora_r", "4", "--learning_rate", "1e-2",
@@ -152,10 +161,17 @@ def test_lora_reference_run_resumes_and_exports_adapter_and_merged_model(tmp_pat
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoints" / "step-3", resumed / "checkpoints" / "step-3")
     (resumed / "checkpoints" / "latest").write_text("step-3")
-    launch(*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "auto")
+    proc = launch(*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "auto",
+                  "--sequence_parallel_size", "2", "--per_device_train_batch_size", "32",
+                  "--precompute_ref_log_probs", "true")
+    assert "sequence-parallel over 2 ranks" in proc.stdout
     assert [r["step"] for r in read_metrics(resumed)] == [4, 5, 6]
     assert losses(resumed) == pytest.approx(losses(out)[3:], abs=1e-6)
-    assert_same_weights(out, resumed)
+    # each pair counted once, not once per rank of the group
+    assert [r["num_tokens"] for r in read_metrics(resumed)] == [r["num_tokens"] for r in read_metrics(out)[3:]]
+    assert read_metrics(resumed, "eval_")[-1]["eval_loss"] == pytest.approx(
+        read_metrics(out, "eval_")[-1]["eval_loss"], abs=1e-6)
+    assert_same_weights(out, resumed, tol=1e-5)
     exported = tmp_path / "exported"
     subprocess.run([sys.executable, "launch/export.py", str(out / "checkpoints" / "step-6"), str(exported), "--merge"],
                    cwd=REPO, check=True, capture_output=True)

@@ -1,0 +1,239 @@
+"""Long pairs: the longest pair (prompt + chosen + rejected tokens) that trains within a per-process memory budget,
+and the step time at each length — ds_dpo without and with sequence parallelism (2 ranks) vs TRL 1.16's DPOTrainer.
+
+    .venv/bin/python benchmarks/long_context.py --lengths 4096 8192 16384 32768 --out docs/long_context.md
+
+One random-init Llama (the same weights for every run) as policy and a second one as reference; one synthetic pair
+per length (random token ids: prompt half of the pair, chosen and rejected a quarter each), one pair per optimizer
+step, fp32, gradient checkpointing on in both trainers (what a long-context run uses), 1 warm-up + 1 timed step.
+Each run is fresh processes with the address space of each process capped (``--limit_gb``): a run that cannot fit
+fails its allocation and is recorded as out of memory, instead of driving the machine into the OOM killer. Memory is
+each process's peak resident set size over its whole life, the largest over the processes. ds_dpo runs its defaults
+(ZeRO-3 engines, prefix-shared rows, block attention, chunked log-probs) without the startup self-check (it would
+score the first pair three more times); ``sp=2`` is two processes sharing the pair
+(``sequence_parallel_size: 2``), each holding half of the row. TRL runs one process (its DPO has no sequence
+parallelism).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmark import PeakRSS, free_port, machine
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+RUNS = {"ds_dpo, sp=1": ("ds_dpo", 1), "ds_dpo, sp=2": ("ds_dpo", 2), "TRL DPOTrainer": ("trl", 1)}
+
+
+def prepare(work: Path, lengths: list[int]) -> None:
+    """Policy, reference (with a tokenizer for their pad/EOS ids) and one pair per length under ``work``."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ds_dpo import builtin
+    from ds_dpo.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(builtin.materialize(work / "builtin", seed=0)["model_name_or_path"])
+    config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max(lengths), **MODEL)
+    for name, seed in (("policy", 0), ("reference", 1)):
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(config).save_pretrained(work / name)
+        tokenizer.save_pretrained(work / name)
+    g = torch.Generator().manual_seed(0)
+    for length in lengths:
+        ids = lambda n: torch.randint(3, MODEL["vocab_size"], (n,), generator=g).tolist()  # noqa: E731
+        pair = {"prompt_input_ids": ids(length // 2), "chosen_input_ids": ids(length // 4),
+                "rejected_input_ids": ids(length - length // 2 - length // 4)}
+        (work / f"pair-{length}.jsonl").write_text(json.dumps(pair) + "\n")
+
+
+def run_ds_dpo(work: Path, length: int, sp: int) -> list[float]:
+    import torch
+
+    from ds_dpo.config import make_config
+    from ds_dpo.recipe import DPORecipe
+    from ds_dpo.sampler import StepPlan
+
+    cfg = make_config({
+        "model_name_or_path": str(work / "policy"), "ref_model_name_or_path": str(work / "reference"),
+        "dataset": str(work / f"pair-{length}.jsonl"), "dataset_format": "tokenized", "max_length": length + 1,
+        "per_device_train_batch_size": 1, "max_steps": 2, "save_steps": 0, "learning_rate": 1e-6,
+        "gradient_checkpointing": True, "sequence_parallel_size": sp, "scoring_self_check": False,
+        "output_dir": str(work / f"ds_dpo-{length}-{sp}"), "dataset_cache_dir": str(work / "cache")})
+    cfg.validate()
+    recipe = DPORecipe(cfg)
+    recipe.setup()
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        recipe.train_step(StepPlan([[0]], [[1.0]], 1))
+        times.append(time.perf_counter() - started)
+    recipe.cleanup()
+    torch.distributed.destroy_process_group()
+    return times
+
+
+def run_trl(work: Path, length: int, sp: int) -> list[float]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    pair = json.loads((work / f"pair-{length}.jsonl").read_text())
+    dataset = Dataset.from_list([{"prompt_ids": pair["prompt_input_ids"], "chosen_ids": pair["chosen_input_ids"],
+                                  "rejected_ids": pair["rejected_input_ids"]}] * 2)
+    times = []
+
+    class Trainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):  # already token ids
+            return dataset
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.perf_counter() - self.started)
+
+    args = DPOConfig(output_dir=str(work / f"trl-{length}"), per_device_train_batch_size=1, max_length=length + 1,
+                     max_steps=2, learning_rate=1e-6, bf16=False, use_cpu=True, report_to=[], save_strategy="no",
+                     logging_steps=10**6, dataloader_num_workers=0, gradient_checkpointing=True)
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(work / "policy"),
+                      ref_model=AutoModelForCausalLM.from_pretrained(work / "reference"), args=args,
+                      train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(work / "policy"),
+                      callbacks=[StepTimer()])
+    trainer.train()
+    return times
+
+
+def worker(trainer: str, work: Path, length: int, sp: int, limit_gb: float) -> None:
+    limit = int(limit_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    times = (run_trl if trainer == "trl" else run_ds_dpo)(work, length, sp)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print("RESULT " + json.dumps({"times": times, "peak_mib": peak}), flush=True)
+
+
+def run(name: str, work: Path, length: int, limit_gb: float, timeout: int) -> dict:
+    """One run in fresh processes launched as torchrun would; ``{"oom": True}`` when it could not fit."""
+    trainer, nproc = RUNS[name]
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))}
+    cmd = [sys.executable, __file__, "--worker", trainer, "--work", str(work), "--length", str(length),
+           "--sp", str(nproc), "--limit_gb", str(limit_gb)]
+    logs = [work / "logs" / f"{trainer}-{length}-{nproc}.rank{r}.log" for r in range(nproc)]
+    logs[0].parent.mkdir(exist_ok=True)
+    procs = []
+    for r, log in enumerate(logs):
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=f,
+                                          stderr=subprocess.STDOUT, text=True))
+    deadline, results = time.time() + timeout, []
+    for proc, log in zip(procs, logs):
+        try:
+            proc.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            return {"timeout": True}
+        out = log.read_text()
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        if not lines:
+            for p in procs:  # the other rank waits in a collective for the one that failed
+                p.kill()
+            if any(s in out for s in ("MemoryError", "can't allocate memory", "DefaultCPUAllocator", "std::bad_alloc")):
+                return {"oom": True}
+            raise RuntimeError(f"{name} at {length} failed:\n{out[-4000:]}")
+        results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+    return {"step_s": results[0]["times"][-1], "peak_mib": max(r["peak_mib"] for r in results)}
+
+
+def report(results: dict, args, machine_line: str) -> str:
+    def cell(r):
+        if r is None:
+            return "not run (shorter length did not fit)"
+        if r.get("oom"):
+            return f"out of memory ({args.limit_gb:g} GiB)"
+        if r.get("timeout"):
+            return f"over {args.timeout} s"
+        return f"{r['step_s']:.1f} s, {r['peak_mib'] / 1024:.2f} GiB"
+
+    rows = [f"| {length} | " + " | ".join(cell(results[name].get(length)) for name in RUNS) + " |"
+            for length in args.lengths]
+    def longest(name: str, budget_mib: float) -> str:
+        fit = [n for n in args.lengths if (results[name].get(n) or {}).get("peak_mib", float("inf")) <= budget_mib]
+        return str(max(fit)) if fit else "none"
+
+    budgets = [b for b in (3, 4, 6, 8) if b < args.limit_gb] + [args.limit_gb]
+    fits = [f"| {b:g} GiB | " + " | ".join(longest(name, b * 1024) for name in RUNS) + " |" for b in budgets]
+    command = shlex.join(["python", "benchmarks/long_context.py", *sys.argv[1:]])
+    return "\n".join([
+        "# Long pairs: ds_dpo with and without sequence parallelism vs TRL 1.16", "",
+        f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}; do not edit by hand.", "",
+        f"- Machine: {machine_line}.",
+        f"- Model: random-init Llama {MODEL['num_hidden_layers']} layers x {MODEL['hidden_size']} ({MODEL['num_attention_heads']} "
+        f"heads, {MODEL['vocab_size']}-token vocabulary), a different random-init reference; fp32, AdamW, gradient "
+        "checkpointing in both trainers.",
+        "- One synthetic pair per step: prompt half of its tokens, chosen and rejected a quarter each; 1 warm-up step "
+        "and 1 timed step, fresh processes per run.",
+        f"- Budget: each process's address space capped at {args.limit_gb:g} GiB (a run that cannot fit fails its "
+        "allocation). Cells: the timed step's seconds and the peak resident set size of the largest process over its "
+        "whole life (imports and model setup included). ds_dpo sp=2: two processes share the pair, each holding half "
+        "of the row (Ulysses all-to-all around the attention); sp=1 and TRL: one process.",
+        "",
+        "| pair tokens | " + " | ".join(RUNS) + " |",
+        "|---|" + "---|" * len(RUNS),
+        *rows, "",
+        f"Longest pair (of those run) whose largest process stayed within a memory budget (from the measured peaks; "
+        f"{args.limit_gb:g} GiB is the enforced cap):", "",
+        "| budget per process | " + " | ".join(RUNS) + " |",
+        "|---|" + "---|" * len(RUNS),
+        *fits, ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--limit_gb", type=float, default=12.0)
+    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--work", type=Path, default=REPO / "outputs" / "long_context")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "long_context.md")
+    parser.add_argument("--only", nargs="*", choices=list(RUNS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sp", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.work, args.length, args.sp, args.limit_gb)
+    args.work.mkdir(parents=True, exist_ok=True)
+    prepare(args.work, args.lengths)
+    names = args.only or list(RUNS)
+    results: dict[str, dict] = {name: {} for name in RUNS}
+    for name in names:
+        for length in sorted(args.lengths):
+            result = run(name, args.work, length, args.limit_gb, args.timeout)
+            results[name][length] = result
+            print(f"{name} {length}: {result}", flush=True)
+            if "step_s" not in result:
+                break
+    table = report(results, args, machine())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
