@@ -161,10 +161,10 @@ def run(name: str, work: Path, length: int, limit_gb: float, timeout: int) -> di
     return {"step_s": results[0]["times"][-1], "peak_mib": max(r["peak_mib"] for r in results)}
 
 
-def report(results: dict, args, machine_line: str) -> str:
+def report(results: dict, args, machine_line: str, command: str | None = None) -> str:
     def cell(r):
         if r is None:
-            return "not run (shorter length did not fit)"
+            return "not run"
         if r.get("oom"):
             return f"out of memory ({args.limit_gb:g} GiB)"
         if r.get("timeout"):
@@ -179,10 +179,10 @@ def report(results: dict, args, machine_line: str) -> str:
 
     budgets = [b for b in (3, 4, 6, 8) if b < args.limit_gb] + [args.limit_gb]
     fits = [f"| {b:g} GiB | " + " | ".join(longest(name, b * 1024) for name in RUNS) + " |" for b in budgets]
-    command = shlex.join(["python", "benchmarks/long_context.py", *sys.argv[1:]])
+    command = command or f"`{shlex.join(['python', 'benchmarks/long_context.py', *sys.argv[1:]])}`"
     return "\n".join([
         "# Long pairs: ds_dpo with and without sequence parallelism vs TRL 1.16", "",
-        f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}; do not edit by hand.", "",
+        f"Produced by {command} on {time.strftime('%Y-%m-%d')}; do not edit by hand.", "",
         f"- Machine: {machine_line}.",
         f"- Model: random-init Llama {MODEL['num_hidden_layers']} layers x {MODEL['hidden_size']} ({MODEL['num_attention_heads']} "
         f"heads, {MODEL['vocab_size']}-token vocabulary), a different random-init reference; fp32, AdamW, gradient "

@@ -4,8 +4,11 @@ itself, so attention costs the sum over blocks instead of the square of the row.
 A packed row (``ds_dpo.layouts``) is a run of blocks: one per sequence when packed, one ``prompt | chosen |
 rejected`` per pair when shared. A row-wide 4D mask makes every kernel compute all S x S scores (and store the mask:
 64 MiB as bool at S = 8192, 16 GiB at 128k); here the model's attention runs once per block, on that block's
-queries, keys and values, with the block's own small mask (causal, rejected blind to chosen, the layer's sliding
-window).
+queries, keys and values. With sdpa and no sliding window no block-sized mask exists either: a block is a causal run
+through sdpa's own causal path (flash-style kernels, on CPU too), and a shared pair's rejected tokens attend to the
+prompt's keys and their own with an [R, P + R] mask, so attention memory grows with a block's length, not its
+square. Otherwise (eager kernels, sliding windows) each block gets its own small mask (causal, rejected blind to
+chosen, the layer's window).
 
 It is registered with transformers' attention interface as ``ds_dpo_blocks_sdpa`` and ``ds_dpo_blocks_eager``
 (``BLOCK_ATTENTION[inner]``): the per-block kernel is sdpa or the model's own eager attention (Gemma-2's soft-capped
