@@ -153,6 +153,7 @@ def test_lora_reference_run_resumes_and_exports_adapter_and_merged_model(tmp_pat
     itself. Then a run that starts from the exported adapter with that adapter, frozen, as its reference."""
     out = tmp_path / "lora"
     common = ["--max_steps", "6", "--logging_steps", "1", "--save_steps", "3", "--save_total_limit", "2",
+              "--max_samples", "640",  # of the built-in task's 4,000: enough for 6 steps, less to precompute
               "--use_peft", "true", "--reference", "lora", "--lora_r", "4", "--learning_rate", "1e-2",
               "--save_merged_model", "true", "--gradient_checkpointing", "true"]
     launch(*common, "--output_dir", str(out))
@@ -188,7 +189,7 @@ def test_lora_reference_run_resumes_and_exports_adapter_and_merged_model(tmp_pat
     assert read_metrics(out)[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)  # adapters start as a no-op
     from_adapter = tmp_path / "from_adapter"
     launch("--max_steps", "1", "--logging_steps", "1", "--save_steps", "0", "--adapter_name_or_path", str(out),
-           "--reference", "zero", "--lora_r", "4", "--output_dir", str(from_adapter))
+           "--reference", "zero", "--lora_r", "4", "--max_samples", "640", "--output_dir", str(from_adapter))
     first, base = read_metrics(from_adapter)[0], read_metrics(out)[0]  # the same first batch (same seed)
     assert first["loss"] == pytest.approx(0.6931472, abs=1e-6)  # policy and reference: base + the same adapter
     assert first["logps/chosen"] > base["logps/chosen"] + 0.1  # ... and that adapter is the trained one (a fresh
