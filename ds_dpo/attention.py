@@ -60,6 +60,7 @@ class Blocks:
     additive_dtype: torch.dtype | None = None
     """None: bool masks (sdpa); else additive float masks in this dtype (eager)."""
     _masks: dict = field(default_factory=dict, repr=False)
+    _runs: list[tuple[int, int, int]] | None = field(default=None, repr=False)
 
     @classmethod
     def of_row(cls, segment: torch.Tensor, branch: torch.Tensor, position_ids: torch.Tensor,
@@ -74,17 +75,14 @@ class Blocks:
         ``prompt + causal`` tokens attend causally among themselves; a prefix-shared pair's ``rejected`` tokens then
         attend to the first ``prompt`` tokens and causally among themselves. A block without both chosen and
         rejected tokens (a packed sequence, a padded row) is one causal run."""
-        if "runs" not in self._masks:
-            runs = []
+        if self._runs is None:
+            self._runs = []
             for start, end in self.bounds:
                 kind = self.branch[start:end]
                 chosen, rejected = int((kind == CHOSEN).sum()), int((kind == REJECTED).sum())
-                if chosen and rejected:
-                    runs.append((end - start - chosen - rejected, chosen, rejected))
-                else:
-                    runs.append((0, end - start, 0))
-            self._masks["runs"] = runs
-        return self._masks["runs"]
+                self._runs.append((end - start - chosen - rejected, chosen, rejected) if chosen and rejected
+                                  else (0, end - start, 0))
+        return self._runs
 
     def masks(self, sliding_window: int | None) -> list[torch.Tensor]:
         """[1, 1, L, L] mask of each block: causal, rejected blind to chosen, keys within ``sliding_window``."""
