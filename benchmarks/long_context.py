@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmark import PeakRSS, free_port, machine
+from benchmark import free_port, machine
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
