@@ -19,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import json
 import os
 import types
@@ -81,6 +82,14 @@ class ModelConfig:
     """Train in bfloat16 (DeepSpeed ``bf16.enabled``)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (HF ``gradient_checkpointing_enable``)."""
+    activation_offloading: bool = False
+    """With ``gradient_checkpointing``: each decoder layer's checkpointed input waits for backward in pinned CPU
+    memory instead of on the GPU (DeepSpeed's ``CheckpointHiddenStatesOffload``; nothing to move on a CPU-only
+    run). For long rows (README "Long context")."""
+    tiled_mlp_shards: int = 1
+    """Run each decoder layer's dense MLP on this many slices of its tokens (DeepSpeed's ``TiledMLP``): its
+    [tokens, intermediate] activations exist for one slice at a time, for one more MLP forward per layer. 1: off.
+    For long rows; about tokens per rank / hidden size is a good start (README "Long context")."""
     use_peft: bool = False
     """Train LoRA adapters (peft) instead of all weights."""
     lora_r: int = 16
@@ -109,6 +118,9 @@ class ModelConfig:
              f"`model_name_or_path` directory {self.model_name_or_path!r} does not exist"),
             (self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
              "`router_aux_loss_coef` must be >= 0 or unset"),
+            (not self.activation_offloading or self.gradient_checkpointing,
+             "`activation_offloading` offloads checkpointed activations: it needs `gradient_checkpointing: true`"),
+            (self.tiled_mlp_shards >= 1, "`tiled_mlp_shards` must be >= 1 (1: off)"),
             (not self.use_peft or self.lora_r >= 1, "`lora_r` must be >= 1"),
             (not self.use_peft or 0.0 <= self.lora_dropout < 1.0, "`lora_dropout` must be in [0, 1)"),
         ]
@@ -338,6 +350,9 @@ class CheckpointConfig:
         return [message for ok, message in checks if not ok]
 
 
+REPORTERS = ("tensorboard", "jsonl", "wandb")
+
+
 @dataclass
 class LoggingConfig:
     """How often metrics are logged and the held-out pairs evaluated."""
@@ -354,6 +369,19 @@ class LoggingConfig:
     logging_dir: str | None = None
     """The TensorBoard folder the run writes its subfolder into; unset: ``output_dir/runs``. Give the runs of a sweep
     one ``logging_dir`` and different ``run_name``s to see them side by side."""
+    report_to: str | list[str] = "tensorboard,jsonl"
+    """Where metrics go besides the progress bar, a list or comma-separated: ``tensorboard``, ``jsonl``
+    (``output_dir/metrics.jsonl``), ``wandb`` (``pip install wandb``; project ``$WANDB_PROJECT``, default ``ds_dpo``;
+    ``WANDB_MODE=offline`` writes under ``output_dir/wandb`` without a network); ``all``: the three (wandb where
+    installed); ``none``: only the bar."""
+
+    @property
+    def reporters(self) -> list[str]:
+        """``report_to`` as a list of destinations."""
+        names = [n.strip() for item in as_list(self.report_to) for n in item.split(",") if n.strip()]
+        if "all" in names:
+            return [*REPORTERS[:2], *(["wandb"] if importlib.util.find_spec("wandb") else [])]
+        return [] if names == ["none"] else list(dict.fromkeys(names))
 
     def problems(self) -> list[str]:
         checks = [
@@ -363,6 +391,10 @@ class LoggingConfig:
             (self.eval_steps is None or self.eval_steps >= 1, "`eval_steps` must be >= 1 or unset"),
             (self.per_device_eval_batch_size >= 1,
              f"`per_device_eval_batch_size` must be >= 1 (got {self.per_device_eval_batch_size})"),
+            (all(n in REPORTERS for n in self.reporters),
+             f"`report_to` takes {', '.join(REPORTERS)}, all or none (got {self.report_to!r})"),
+            ("wandb" not in self.reporters or importlib.util.find_spec("wandb") is not None,
+             "`report_to` names wandb, which is not installed: `pip install wandb`"),
         ]
         return [message for ok, message in checks if not ok]
 

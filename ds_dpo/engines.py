@@ -23,6 +23,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers import AutoModelForCausalLM, get_scheduler
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
+from ds_dpo.activation_memory import tile_mlps
 from ds_dpo.config import DPOConfig, ModelConfig
 from ds_dpo.ds_config import zero_stage
 from ds_dpo.logprobs import enable_token_scoring
@@ -120,6 +121,7 @@ def load_model(cfg: DPOConfig, ds_config: dict, trainable: bool,
     model.config.use_cache = False
     if m.disable_dropout:
         _disable_dropout(model)
+    tile_mlps(model, m.tiled_mlp_shards)
     return enable_token_scoring(model), hf_ds
 
 

@@ -1,20 +1,23 @@
 """Training metrics: accumulated on the device, synchronised across ranks once per log, written by rank 0.
 
 Names follow TRL's DPOTrainer (``rewards/chosen``, ``rewards/margins``, ``logps/chosen``, ``logits/chosen``, ...);
-evaluation metrics carry an ``eval_`` prefix. Each log goes to ``output_dir/metrics.jsonl`` (one JSON object per log,
-with ``step``, TRL's names), to the rank-0 progress bar and to TensorBoard, laid out as the HF Trainer writes it (so
-TRL users' dashboards match): one folder per run (``logging_dir/<run_name>``), tags ``train/<name>`` and
-``eval/<name>``, a custom-scalars layout that puts the train and eval curves of each metric on one chart, and at each
-log histograms of the window's per-pair margins and rewards (all ranks' pairs; a resumed run's first window has only
-the pairs after the resume).
+evaluation metrics carry an ``eval_`` prefix. Each log goes to the rank-0 progress bar and to the ``report_to``
+destinations: ``output_dir/metrics.jsonl`` (one JSON object per log, with ``step``, TRL's names); TensorBoard, laid
+out as the HF Trainer writes it (so TRL users' dashboards match): one folder per run (``logging_dir/<run_name>``),
+tags ``train/<name>`` and ``eval/<name>``, a custom-scalars layout that puts the train and eval curves of each metric
+on one chart, and at each log histograms of the window's per-pair margins and rewards (all ranks' pairs; a resumed
+run's first window has only the pairs after the resume); Weights & Biases, with the same tags and histograms, as
+HF's integration logs them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -128,23 +131,83 @@ _PAIRED_LAYOUT = {"train vs eval": {name: ["Multiline", [tensorboard_tag(name), 
                                     for name in _PAIR_KEYS + ("logits/chosen", "logits/rejected")}}
 
 
+class _TensorBoard:
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir))
+        self.writer.add_custom_scalars(_PAIRED_LAYOUT)
+
+    def log(self, step: int, metrics: dict[str, float], distributions: dict[str, torch.Tensor]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(tensorboard_tag(name), value, step)
+        for name, values in distributions.items():
+            self.writer.add_histogram(tensorboard_tag(name), values, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Jsonl:
+    def __init__(self, path: Path):
+        self.file = path.open("a")
+
+    def log(self, step: int, metrics: dict[str, float], distributions: dict[str, torch.Tensor]) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Wandb:
+    """HF Trainer's wandb layout: the TensorBoard tags, plotted against ``train/global_step`` (so a resumed run that
+    logs a step again is not dropped as out of order). A resumed run continues the same wandb run: its id is kept in
+    ``output_dir/wandb_run_id``."""
+
+    def __init__(self, output_dir: Path, run_name: str, resumed: bool, config: dict):
+        import wandb
+
+        id_file = output_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:8]
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ds_dpo"), name=run_name, id=run_id,
+                              resume="allow", dir=str(output_dir), config=config)
+        self.run.define_metric("train/global_step")
+        self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
+        self.histogram = wandb.Histogram
+
+    def log(self, step: int, metrics: dict[str, float], distributions: dict[str, torch.Tensor]) -> None:
+        record = {tensorboard_tag(name): value for name, value in metrics.items()}
+        record.update({tensorboard_tag(name): self.histogram(values.double().cpu().numpy())
+                       for name, values in distributions.items()})
+        self.run.log({**record, "train/global_step": step})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
-    """Rank 0 writes; other ranks hold a logger that does nothing."""
+    """Rank 0 writes (to ``report_to``'s destinations and the progress bar); other ranks hold a logger that does
+    nothing."""
 
     def __init__(self, output_dir: str | Path, rank: int, total_steps: int, initial: int = 0,
-                 run_name: str | None = None, logging_dir: str | Path | None = None):
-        """``initial``: steps already done (a resumed run, which appends to the same TensorBoard run)."""
+                 run_name: str | None = None, logging_dir: str | Path | None = None,
+                 report_to: tuple[str, ...] = ("tensorboard", "jsonl"), config: dict | None = None):
+        """``initial``: steps already done (a resumed run, which appends to the same TensorBoard and wandb run);
+        ``config``: the run's keys, for wandb."""
         self.enabled = rank == 0
         if not self.enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
         output_dir = Path(output_dir)
-        run_dir = Path(logging_dir or output_dir / "runs") / (run_name or output_dir.resolve().name)
-        self.writer = SummaryWriter(log_dir=str(run_dir))
-        self.writer.add_custom_scalars(_PAIRED_LAYOUT)
-        self.jsonl = (output_dir / "metrics.jsonl").open("a")
+        run_name = run_name or output_dir.resolve().name
+        make = {"tensorboard": lambda: _TensorBoard(Path(logging_dir or output_dir / "runs") / run_name),
+                "jsonl": lambda: _Jsonl(output_dir / "metrics.jsonl"),
+                "wandb": lambda: _Wandb(output_dir, run_name, initial > 0, config or {})}
+        self.destinations = [make[name]() for name in report_to]
         self.bar = tqdm(total=total_steps, initial=initial, desc="training", dynamic_ncols=True)
 
     def advance(self, steps: int = 1) -> None:
@@ -152,17 +215,12 @@ class MetricsLogger:
             self.bar.update(steps)
 
     def log(self, step: int, metrics: dict[str, float], distributions: dict[str, torch.Tensor] | None = None) -> None:
-        """``distributions``: per-pair values (``MetricAccumulator.distributions``), as TensorBoard histograms."""
+        """``distributions``: per-pair values (``MetricAccumulator.distributions``), as histograms."""
         if not self.enabled:
             return
-        for name, value in metrics.items():
-            self.writer.add_scalar(tensorboard_tag(name), value, step)
-        for name, values in (distributions or {}).items():
-            if values.numel():
-                self.writer.add_histogram(tensorboard_tag(name), values, step)
-        self.writer.flush()
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        distributions = {name: values for name, values in (distributions or {}).items() if values.numel()}
+        for destination in self.destinations:
+            destination.log(step, metrics, distributions)
         prefix = "eval_" if any(k.startswith("eval_") for k in metrics) else ""
         if f"{prefix}loss" in metrics:
             self.bar.set_postfix({f"{prefix}loss": f"{metrics[prefix + 'loss']:.4f}",
@@ -175,5 +233,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
-            self.writer.close()
-            self.jsonl.close()
+            for destination in self.destinations:
+                destination.close()

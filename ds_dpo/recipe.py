@@ -25,6 +25,7 @@ import torch
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ds_dpo import builtin, engines, sequence_parallel
+from ds_dpo.activation_memory import checkpoint_offload
 from ds_dpo.attention import is_block_attention
 from ds_dpo.checkpoint import Checkpointer, export_hf_model
 from ds_dpo.config import ConfigError, DPOConfig, dump_config
@@ -117,7 +118,8 @@ class DPORecipe:
         self.state = TrainState(MetricAccumulator(self.device))
         self.checkpointer.restore(self.policy, self.state)
         self.logger = MetricsLogger(self.output_dir, self.rank, self.total_steps, initial=self.state.step,
-                                    run_name=cfg.logging.run_name, logging_dir=cfg.logging.logging_dir)
+                                    run_name=cfg.logging.run_name, logging_dir=cfg.logging.logging_dir,
+                                    report_to=tuple(cfg.logging.reporters), config=cfg.to_dict())
 
     def _setup_models(self, ds_config: dict) -> None:
         cfg = self.cfg
@@ -153,8 +155,10 @@ class DPORecipe:
         elif self.layout != "padded":
             attention += " with a block mask" if attention == "flex_attention" else " with a dense row mask"
         parallel = "" if self.sp is None else f"; sequence-parallel over {self.sp.size} ranks (Ulysses)"
+        memory = "".join([f"; MLPs in {cfg.model.tiled_mlp_shards} slices" if cfg.model.tiled_mlp_shards > 1 else "",
+                          "; checkpointed activations offloaded" if cfg.model.activation_offloading else ""])
         say(f"reference: {self._describe_reference()}; batches: {self.layout}; attention: {attention}; "
-            f"log-probs from {chunks}{parallel}")
+            f"log-probs from {chunks}{parallel}{memory}")
 
     def _write_json(self, name: str, value: dict) -> None:
         if self.rank == 0:
@@ -253,8 +257,9 @@ class DPORecipe:
             if self.cfg.batch.max_tokens_per_batch:  # the micro-batch count varies per step: tell DeepSpeed
                 self.policy.set_gradient_accumulation_boundary(i == len(plan.micro_batches) - 1)
             batch = self._batch(self.train_data, indices, weights)
-            loss_sum = self._micro_batch_loss(batch, weights, self.state.window)
-            self.policy.backward(loss_sum * scale)
+            with checkpoint_offload(self.cfg.model.activation_offloading):
+                loss_sum = self._micro_batch_loss(batch, weights, self.state.window)
+                self.policy.backward(loss_sum * scale)
             if self.policy.is_gradient_accumulation_boundary():
                 self.state.learning_rate = self.policy.get_lr()[0]
             self.policy.step()

@@ -62,6 +62,9 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     ({"loss_type": "aot", "f_divergence_type": "js_divergence"}, "not defined for \\['aot'\\]"),
     ({"ld_alpha": 1.5}, "`ld_alpha` must be in"),
     ({"reference": "lora", "use_peft": True, "ref_model_name_or_path": "x"}, "cannot be used with `reference: lora`"),
+    ({"activation_offloading": True}, "needs `gradient_checkpointing: true`"),
+    ({"tiled_mlp_shards": 0}, "`tiled_mlp_shards` must be >= 1"),
+    ({"report_to": "tensorboard,mlflow"}, "`report_to` takes tensorboard, jsonl, wandb, all or none"),
 ])
 def test_validation_messages(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -180,3 +183,14 @@ def test_example_configs_load_and_validate(example):
     except ConfigError as e:
         problems = str(e).splitlines()[1:]
         assert all("does not exist" in p and "'outputs/" in p for p in problems), str(e)
+
+
+def test_report_to_takes_lists_commas_all_and_none(monkeypatch):
+    reporters = lambda value: make_config({"report_to": value}).logging.reporters  # noqa: E731
+    assert reporters("tensorboard,jsonl") == reporters(["tensorboard", "jsonl"]) == ["tensorboard", "jsonl"]
+    assert reporters("none") == [] and reporters("wandb") == ["wandb"]
+    assert reporters("all") == ["tensorboard", "jsonl", "wandb"]
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else object())
+    assert reporters("all") == ["tensorboard", "jsonl"]
+    with pytest.raises(ConfigError, match="names wandb, which is not installed: `pip install wandb`"):
+        make_config({"report_to": ["wandb"]}).validate()

@@ -1,6 +1,8 @@
 """TensorBoard as the HF Trainer lays it out, read back from the event files."""
 
 import json
+import struct
+import time
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -50,3 +52,57 @@ def test_default_run_is_named_after_the_output_dir(tmp_path):
     logger.log(1, logged(0.69, 0.0))
     logger.close()
     assert [p.name for p in (tmp_path / "my-run" / "runs").iterdir()] == ["my-run"]
+
+
+def wandb_records(run_dir) -> tuple[dict, list[dict]]:
+    """The config and history rows of an offline wandb run, read back from its ``run-*.wandb`` file (LevelDB's log
+    format: 32 KiB blocks of records with a 7-byte header, after wandb's own 7-byte file header)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(run_dir.glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    pos, pending, config, history = 7, b"", {}, []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind not in (1, 4):  # a record continues in the next block unless this piece is whole or its last
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        pending = b""
+        if record.WhichOneof("record_type") == "run":
+            config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+        if record.WhichOneof("record_type") == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
+    return config, history
+
+
+def test_wandb_offline_run_has_the_hf_tags_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "beta0.1"
+    out.mkdir()
+    logger = MetricsLogger(out, rank=0, total_steps=2, report_to=("wandb",), config={"beta": 0.1})
+    logger.log(1, logged(0.69, 0.5))
+    logger.log(1, logged(0.65, 0.5, "eval_"), {"eval_rewards/margins": torch.tensor([0.5, 0.0, -0.5])})
+    logger.close()
+    assert not (out / "metrics.jsonl").exists() and not (out / "runs").exists()  # only what report_to names
+    run_id = (out / "wandb_run_id").read_text()
+    first = next((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    config, rows = wandb_records(first)
+    assert config["beta"] == 0.1
+    assert rows[0]["train/loss"] == 0.69 and rows[0]["train/global_step"] == 1
+    assert rows[1]["eval/loss"] == 0.65 and rows[1]["eval/rewards/margins/_type"] == "histogram"
+
+    time.sleep(1.1)  # wandb names an offline run folder by the second it starts (a real resume is a new process)
+    resumed = MetricsLogger(out, rank=0, total_steps=2, initial=1, report_to=("wandb",))
+    resumed.log(2, logged(0.6, 1.0))
+    resumed.close()
+    assert (out / "wandb_run_id").read_text() == run_id
+    second = [d for d in (out / "wandb").glob(f"offline-run-*-{run_id}") if d != first]
+    assert wandb_records(second[0])[1][0]["train/global_step"] == 2

@@ -47,9 +47,11 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, attn: str = "sdpa", layout: str = "padded", sequence_parallel: bool = False):
-    """The family's tiny model (same weights whatever the attention) loaded as a run with ``layout`` would load it."""
-    config = AutoConfig.for_model(family, **{**TINY, **FAMILIES[family]})
+def tiny_model(family: str, attn: str = "sdpa", layout: str = "padded", sequence_parallel: bool = False,
+               **overrides):
+    """The family's tiny model (same weights whatever the attention) loaded as a run with ``layout`` would load it;
+    ``overrides``: config values."""
+    config = AutoConfig.for_model(family, **{**TINY, **FAMILIES[family], **overrides})
     support = model_support(config, attn)
     torch.manual_seed(0)
     attn_implementation = support.attention_for(layout, sequence_parallel)[0]

@@ -110,28 +110,37 @@ def test_exported_model_loads_with_plain_transformers_and_matches_engine(demo):
 def test_two_ranks_and_accumulation_reproduce_one_rank(tmp_path):
     """Same global batch of 8 pairs: 1 rank x 8 on the plain padded path with full logits is the oracle. On 2 ranks
     (ZeRO-3 policy + ZeRO-3 reference unless said): packing without prefix sharing with tiny log-prob chunks and
-    token-budget micro-batches; 2 x 2 accumulation with the default prefix-shared batches and chunked log-probs, a
+    token-budget micro-batches, MLPs in 3 slices and no ZeRO-3 weight kept gathered; 2 x 2 accumulation with the default prefix-shared batches and chunked log-probs, a
     ZeRO-2 policy and the precomputed reference; ZeRO-3 with parameter + optimizer offload (DeepSpeedCPUAdam),
     reference offload and gradient checkpointing; sequence-parallel over the 2 ranks (one data-parallel rank of 4
-    pairs x 2 accumulation; packed rows, tiny log-prob chunks). All give the same trajectory: loss trajectories
+    pairs x 2 accumulation; packed rows, tiny log-prob chunks, gradient checkpointing with offloading). All give the same trajectory: loss trajectories
     agree to 1e-6 (seen: at most ~6e-8). (Final weights are not compared here: Adam's first updates are about
     lr x sign(gradient), so float noise in near-zero gradient components moves weights by ~1e-5 between any two
     layouts, two 1-rank runs included; runs that differ only in how ranks split the work are compared in
     test_checkpoint and the LoRA test.)"""
     plain = ["--padding_free", "false", "--logps_chunk_size", "0"]
+    # no weight stays gathered between uses: every MLP slice's forward is a collective, which hangs where ranks cut
+    # different numbers of slices
+    zero3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3_gather_all.json").write_text(json.dumps(zero3))
     runs = {
         "1x8_plain": (1, ["--per_device_train_batch_size", "8", *plain]),
         # 18-token pairs, 40-token budget: 2 micro-batches of 2 pairs per rank and step where the config says 1;
-        # ranks score different numbers of tokens, so they run different numbers of chunks
-        "2x4_packed_chunk3_token_budget": (2, ["--per_device_train_batch_size", "4", "--prefix_sharing", "false",
-                                               "--logps_chunk_size", "3", "--max_tokens_per_batch", "40"]),
+        # ranks score different numbers of tokens, so they run different numbers of chunks; their rows differ in
+        # length, and each cuts its MLPs' tokens into 3 slices
+        "2x4_packed_chunk3_token_budget_tiled": (2, [
+            "--per_device_train_batch_size", "4", "--prefix_sharing", "false", "--logps_chunk_size", "3",
+            "--max_tokens_per_batch", "40", "--tiled_mlp_shards", "3",
+            "--deepspeed", str(tmp_path / "zero3_gather_all.json")]),
         "2x2x2_zero2_precomputed": (2, ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
                                         "--deepspeed", "ds_configs/zero2.json", "--reference", "precomputed"]),
         "2x4_offload": (2, ["--per_device_train_batch_size", "4", "--deepspeed", "ds_configs/zero3_offload.json",
                             "--ref_offload", "true", "--gradient_checkpointing", "true"]),
         "sp2_packed_x2": (2, ["--sequence_parallel_size", "2", "--per_device_train_batch_size", "4",
                               "--gradient_accumulation_steps", "2", "--prefix_sharing", "false",
-                              "--logps_chunk_size", "3"]),
+                              "--logps_chunk_size", "3", "--gradient_checkpointing", "true",
+                              "--activation_offloading", "true"]),
     }
     curves = {}
     for name, (nprocs, args) in runs.items():
