@@ -137,7 +137,8 @@ class DataConfig:
     ``dataset_probs``)."""
     dataset_config: str | None = None
     """The configuration (subset) of a Hub dataset or Hub-layout directory that has several (``name`` in
-    ``datasets.load_dataset``)."""
+    ``datasets.load_dataset``); where the dataset declares none by that name, its subfolder (``data_dir``: HH-RLHF's
+    ``harmless-base``)."""
     dataset_train_split: str = "train"
     """The split ``dataset`` is read from, where a source has splits (UltraFeedback: ``train_prefs``)."""
     dataset_test_split: str = "test"

@@ -126,11 +126,17 @@ def _load_from_disk(path: Path, split: str):
 
 
 def _load_hub(name: str, split: str, config_name: str | None):
-    """A Hub dataset, or a local directory in the Hub's layout, through ``datasets.load_dataset``."""
+    """A Hub dataset, or a local directory in the Hub's layout, through ``datasets.load_dataset``; a
+    ``config_name`` the dataset does not declare is its subfolder (``data_dir``: HH-RLHF's ``harmless-base``)."""
     import datasets
 
     try:
-        return datasets.load_dataset(name, config_name, split=split)
+        try:
+            return datasets.load_dataset(name, config_name, split=split)
+        except ValueError as e:
+            if config_name is None or "BuilderConfig" not in str(e):
+                raise
+            return datasets.load_dataset(name, data_dir=config_name, split=split)
     except ValueError as e:
         if "split" in str(e).lower():  # datasets: 'Unknown split "train". Should be one of [...]'
             raise DataError(f"{name}: no split `{split}` ({e}); choose one with `dataset_train_split` / "

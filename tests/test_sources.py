@@ -78,3 +78,15 @@ def test_hub_name_offline_says_so(monkeypatch):
     with pytest.raises(DataError, match="someone/some-preference-set: not a local file, and loading it from the "
                                         "Hugging Face Hub failed"):
         read_source("someone/some-preference-set")
+
+
+def test_a_subset_that_is_a_subfolder_as_hh_rlhf_has_them(tmp_path):
+    """Anthropic/hh-rlhf keeps its subsets in folders (``harmless-base/train.jsonl.gz``), not as configurations:
+    ``dataset_config`` names the folder."""
+    for subset, rows in (("harmless-base", ROWS[:1]), ("helpful-base", ROWS)):
+        (tmp_path / "hh" / subset).mkdir(parents=True)
+        for split in ("train", "test"):
+            datasets.Dataset.from_list(rows).to_json(str(tmp_path / "hh" / subset / f"{split}.jsonl"))
+    assert [r.data for r in read_source(str(tmp_path / "hh"), "train", "harmless-base")[0]] == ROWS[:1]
+    assert len(read_source(str(tmp_path / "hh"), "test", "helpful-base")[0]) == 2
+    assert len(read_source(str(tmp_path / "hh"), "train")[0]) == 3  # no subset: all of them
