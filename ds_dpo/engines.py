@@ -202,6 +202,9 @@ def build_engine(cfg: DPOConfig, ds_config: dict, trainable: bool, total_steps: 
         lr_scheduler=None if "scheduler" in ds_config else lr_schedule,
     )
     engine.hf_deepspeed_config, engine.ds_config_dict = hf_ds, ds_config
+    # from_pretrained returns a model in eval mode, where transformers skips gradient checkpointing (and dropout,
+    # where it is not disabled): the policy trains in train mode, as in TRL
+    engine.train()
     return engine
 
 

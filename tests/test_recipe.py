@@ -440,3 +440,22 @@ def test_moe_models_train_on_two_ranks_with_their_router_loss(family, reference,
     for name in configs:
         leaf = json.loads((out / name).read_text())["zero_optimization"]["leaf_module"]["classes"]
         assert any(c.endswith(block) for c in leaf), (name, leaf)
+
+
+def test_the_policy_trains_in_train_mode_so_checkpointing_applies(single_rank, builtin_files, tmp_path):
+    """from_pretrained returns an eval-mode model, where transformers skips gradient checkpointing: the policy must be
+    put in train mode, else `gradient_checkpointing: true` silently keeps every activation (seen before the fix)."""
+    cfg = load_config(["--model_name_or_path", builtin_files["model_name_or_path"], "--dataset",
+                       builtin_files["dataset"], "--max_steps", "1", "--per_device_train_batch_size", "2",
+                       "--save_steps", "0", "--gradient_checkpointing", "true", "--output_dir", str(tmp_path)])
+    cfg.validate()
+    recipe = DPORecipe(cfg)
+    recipe.setup()
+    layers = recipe.policy.module.model.layers
+    checkpointed = []
+    for layer in layers:
+        func = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, func=func, **kw: checkpointed.append(1) or func(*a, **kw)
+    recipe.train_step(next(recipe.sampler.plans())[2])
+    recipe.cleanup()
+    assert recipe.policy.module.training and len(checkpointed) == len(layers)
