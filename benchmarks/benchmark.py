@@ -193,7 +193,8 @@ def run_ds_dpo(work: Path, model: Path | None, options: dict, total_steps: int, 
         for step in range(total_steps):
             first = step * PAIRS_PER_STEP + rank * per_rank  # TRL's order: rank r takes the step's r-th slice
             started = time.perf_counter()
-            recipe.train_step(StepPlan([list(range(first, first + per_rank))], [[1.0] * per_rank], PAIRS_PER_STEP))
+            recipe.train_step(StepPlan([list(range(first, first + per_rank))], [[1.0] * per_rank], PAIRS_PER_STEP,
+                                         PAIRS_PER_STEP))
             times.append(time.perf_counter() - started)
             if step == 0:
                 first_loss = recipe.state.window.reduce()["loss"]

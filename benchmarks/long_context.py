@@ -79,7 +79,7 @@ def run_ds_dpo(work: Path, length: int, sp: int) -> list[float]:
     times = []
     for _ in range(2):
         started = time.perf_counter()
-        recipe.train_step(StepPlan([[0]], [[1.0]], 1))
+        recipe.train_step(StepPlan([[0]], [[1.0]], 1, 1.0))
         times.append(time.perf_counter() - started)
     recipe.cleanup()
     torch.distributed.destroy_process_group()

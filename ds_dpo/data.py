@@ -6,8 +6,8 @@ Every row problem is found here, before any model is built: with ``on_bad_rows: 
 first offenders (file, row, field, reason) and the total; with ``skip`` they are dropped and counted. Tokenization runs
 through ``datasets.map`` into a cache file named by a fingerprint of the checked rows, the tokenizer (chat template
 included) and the length settings, so a second run with the same inputs tokenizes nothing. The returned datasets
-hold ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` and ``index`` (the row's position, which
-keys precomputed reference log-probs).
+hold ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``, ``weight`` (the row's, 1 by default) and
+``index`` (the row's position, which keys precomputed reference log-probs).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import datasets
 from datasets.fingerprint import Hasher
 
 from ds_dpo.config import DataConfig, as_list
-from ds_dpo.formats import RowError, detect, normalize
+from ds_dpo.formats import RowError, detect, normalize, pair_weight
 from ds_dpo.sources import DataError, RowProblem, read_source
 from ds_dpo.tokenization import LengthLimits, encode_pair
 
@@ -113,7 +113,7 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
     if not rows and not problems:
         raise DataError(f"{spec}: no rows")
     fmt = dataset_format
-    canonical = []
+    canonical, weights = [], []
     for row in rows:
         data = row.data
         if not isinstance(data, dict):
@@ -123,7 +123,9 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
         if fmt == "auto":
             fmt = detect(data)
         try:
-            canonical.append(normalize(data, fmt, delimiter, chat_template_kwargs))
+            pair, weight = normalize(data, fmt, delimiter, chat_template_kwargs), pair_weight(data)
+            canonical.append(pair)
+            weights.append(weight)
         except RowError as e:
             problems.append(RowProblem(spec, row.number, e.field, e.reason))
     report.format = fmt
@@ -153,7 +155,7 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
                       for part in ("prompt", "chosen", "rejected")}
     if not kept:
         raise DataError(f"{spec}: every pair was dropped ({report.dropped})")
-    pairs = tokenized.select_columns(list(ID_COLUMNS))
+    pairs = tokenized.select_columns(list(ID_COLUMNS)).add_column("weight", weights)
     return (pairs if len(kept) == len(tokenized) else pairs.select(kept)), report
 
 

@@ -16,12 +16,16 @@ Conversational rows may also carry ``tools`` (a list of tool schemas, for tool-c
 chat template, kept in the canonical row as ``template_options`` (JSON, so that the tokenization cache key covers
 them).
 
-``normalize`` raises ``RowError`` (field + reason) for a row that cannot be a training pair.
+Any row may carry a ``weight``: the pair's weight in the training loss (a weighted mean over the global batch;
+0 keeps the pair out, as the sampler's fillers are), read by ``pair_weight``.
+
+``normalize`` and ``pair_weight`` raise ``RowError`` (field + reason) for a row that cannot be a training pair.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 FORMATS = ("explicit", "implicit", "conversational", "tokenized")
@@ -153,6 +157,16 @@ def _conversational(row: dict[str, Any]) -> dict[str, Any]:
     if chosen == rejected:
         raise RowError("rejected", "identical to `chosen`")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "split_by_tokens": False}
+
+
+def pair_weight(row: dict[str, Any]) -> float:
+    """The row's ``weight`` (1 where it has none)."""
+    value = row.get("weight")
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise RowError("weight", f"must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def _template_options(row: dict[str, Any], defaults: dict[str, Any] | None) -> str:

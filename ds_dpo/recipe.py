@@ -104,7 +104,8 @@ class DPORecipe:
             pair_tokens = [forward_tokens(len(p), len(c), len(r), self.layout) for p, c, r in zip(*columns)]
         self.sampler = GlobalBatchSampler(
             len(self.train_data), optim.per_device_train_batch_size, optim.gradient_accumulation_steps,
-            *self.data_parallel, cfg.seed, pair_tokens=pair_tokens, max_tokens_per_batch=budget)
+            *self.data_parallel, cfg.seed, pair_tokens=pair_tokens, max_tokens_per_batch=budget,
+            pair_weights=self.train_data["weight"])
         self.total_steps = (optim.max_steps if optim.max_steps > 0
                             else math.ceil(optim.num_train_epochs * self.sampler.steps_per_epoch))
 
@@ -251,8 +252,8 @@ class DPORecipe:
         """One optimizer step over this rank's micro-batches of ``plan``; their statistics go to the state's window."""
         # engine.backward divides by gradient_accumulation_steps and gradients are averaged over all ranks (a
         # sequence-parallel group's gradients add up to its micro-batch's, ``ds_dpo.sequence_parallel``); this scale
-        # turns the sums of real pairs' losses into the exact mean over the global batch's real pairs.
-        scale = self.world_size * self.cfg.optim.gradient_accumulation_steps / plan.num_pairs
+        # turns the weighted sums of the pairs' losses into the exact weighted mean over the global batch.
+        scale = self.world_size * self.cfg.optim.gradient_accumulation_steps / max(plan.weight_sum, 1e-30)
         for i, (indices, weights) in enumerate(zip(plan.micro_batches, plan.weights)):
             if self.cfg.batch.max_tokens_per_batch:  # the micro-batch count varies per step: tell DeepSpeed
                 self.policy.set_gradient_accumulation_boundary(i == len(plan.micro_batches) - 1)
@@ -266,8 +267,9 @@ class DPORecipe:
 
     def _micro_batch_loss(self, batch: dict[str, torch.Tensor], weights: list[float],
                           window: MetricAccumulator) -> torch.Tensor:
-        """Sum of the per-pair losses of the micro-batch's real pairs (a zero still attached to the graph when it
-        holds only fillers: every rank must run backward under ZeRO-3); adds the pairs' statistics to ``window``."""
+        """Weighted sum of the per-pair losses of the micro-batch's pairs of weight > 0 (a zero still attached to the
+        graph when it holds none: every rank must run backward under ZeRO-3); adds their statistics (unweighted) to
+        ``window``."""
         ref_chosen, ref_rejected = self.reference.logps(batch) if self.reference is not None else (None, None)
         policy = concatenated_forward(self.policy, batch, with_wpo=self.cfg.loss.use_weighting,
                                       router_aux_loss=self.aux_loss_coef > 0, **self.forward_options)
@@ -282,11 +284,14 @@ class DPORecipe:
             policy.chosen, policy.rejected, ref_chosen, ref_rejected, policy.chosen_tokens, policy.rejected_tokens,
             policy.chosen_wpo, policy.rejected_wpo))
         if self.sp is None or self.sp.rank == 0:  # a sequence-parallel group's pairs count once
-            window.add(out, policy, (batch["pair_tokens"] * batch["weight"]).sum())
+            window.add(out, policy, batch["pair_tokens"][batch["weight"] > 0].sum())
+        pair_weights = torch.tensor([weights[i] for i in real], dtype=out.losses.dtype, device=out.losses.device)
+        loss = (out.losses * pair_weights).sum()
         if policy.aux_loss is None:
-            return out.losses.sum()
-        # TRL adds coef * aux_loss to each micro-batch's mean loss; as a sum over its pairs that is n * coef * aux
-        return out.losses.sum() + len(real) * self.aux_loss_coef * policy.aux_loss
+            return loss
+        # TRL adds coef * aux_loss to each micro-batch's mean loss; as a weighted sum over its pairs that is
+        # (sum of weights) * coef * aux
+        return loss + sum(weights) * self.aux_loss_coef * policy.aux_loss
 
     def _preference_loss(self, inputs: LossInputs) -> PreferenceLossOutput:
         return preference_loss(inputs, self.cfg.loss)

@@ -4,7 +4,8 @@ An epoch is a seeded permutation of all pairs, cut into global batches of
 ``G = micro_batch_size * gradient_accumulation_steps * world_size`` pairs. Every pair is seen exactly once per
 epoch. The last global batch of an epoch is usually short: it is filled up to ``G`` with weight-0 fillers, so every
 rank still runs the same number of forwards (ZeRO-3 needs all ranks in every gather) while the fillers contribute
-nothing to the loss, the gradients or the metrics. Every rank computes the same plan, so no communication is needed.
+nothing to the loss, the gradients or the metrics. Pairs carry their data weight (``pair_weights``; a pair of
+weight 0 is a filler). Every rank computes the same plan, so no communication is needed.
 """
 
 from __future__ import annotations
@@ -23,17 +24,21 @@ class StepPlan:
     """This rank's micro-batches for the step (dataset row indices): ``gradient_accumulation_steps`` of
     ``micro_batch_size`` pairs, or, with a token budget, as many as the rank that needs most."""
     weights: list[list[float]]
-    """1.0 for a real pair, 0.0 for a filler; same shape as ``micro_batches``."""
+    """The pair's weight (1.0 without data weights), 0.0 for a filler; same shape as ``micro_batches``."""
     num_pairs: int
-    """Real pairs in the whole global batch, across ranks: the loss is their mean."""
+    """Pairs in the whole global batch, across ranks (fillers not counted)."""
+    weight_sum: float
+    """Their weights' sum: the loss is the weighted mean over the global batch."""
 
 
 class GlobalBatchSampler:
     def __init__(self, num_pairs: int, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int,
                  rank: int, seed: int, shuffle: bool = True, pair_tokens: list[int] | None = None,
-                 max_tokens_per_batch: int | None = None):
-        """``pair_tokens`` and ``max_tokens_per_batch``: token-budget micro-batches (see ``token_budget``)."""
+                 max_tokens_per_batch: int | None = None, pair_weights: list[float] | None = None):
+        """``pair_tokens`` and ``max_tokens_per_batch``: token-budget micro-batches (see ``token_budget``);
+        ``pair_weights``: each pair's data weight (default 1)."""
         self.num_pairs, self.micro, self.accum = num_pairs, micro_batch_size, gradient_accumulation_steps
+        self.pair_weights = pair_weights
         self.world_size, self.rank, self.seed, self.shuffle = world_size, rank, seed, shuffle
         self.pair_tokens, self.max_tokens = pair_tokens, max_tokens_per_batch
         self.global_batch_size = micro_batch_size * gradient_accumulation_steps * world_size
@@ -54,7 +59,8 @@ class GlobalBatchSampler:
             chunk = order[step * g : (step + 1) * g]
             real = len(chunk)
             chunk += [order[i % self.num_pairs] for i in range(g - real)]
-            weights = [1.0] * real + [0.0] * (g - real)
+            weights = [1.0 if self.pair_weights is None else self.pair_weights[i] for i in chunk[:real]]
+            weights += [0.0] * (g - real)
             # Micro-batch m of rank r holds global slots [(m * world + r) * micro, ... + micro).
             per_rank = []
             for rank in range(self.world_size):
@@ -62,7 +68,8 @@ class GlobalBatchSampler:
                 per_rank.append(([chunk[s : s + self.micro] for s in slots],
                                  [weights[s : s + self.micro] for s in slots]))
             micro_batches, micro_weights = (self.token_budget(per_rank) if self.max_tokens else per_rank[self.rank])
-            yield StepPlan(micro_batches=micro_batches, weights=micro_weights, num_pairs=real)
+            yield StepPlan(micro_batches=micro_batches, weights=micro_weights, num_pairs=real,
+                           weight_sum=sum(weights))
 
     def plans(self, epoch: int = 0, done_in_epoch: int = 0) -> Iterator[tuple[int, int, StepPlan]]:
         """``(epoch, steps of that epoch done once this one is, plan)`` for every step after ``done_in_epoch`` steps

@@ -32,6 +32,8 @@ def config(tmp_path, **values):
     ({"prompt": "p", "chosen": ["a"], "rejected": "b"}, "row 2: field `chosen`: must be a string, got list"),
     ({"prompt": "p", "chosen": "", "rejected": "b"}, "row 2: field `chosen`: empty completion"),
     ({"prompt": "p", "chosen": "a", "rejected": "a"}, "row 2: field `rejected`: identical to `chosen`"),
+    ({**GOOD, "weight": -1}, r"row 2: field `weight`: must be a finite number >= 0, got -1"),
+    ({**GOOD, "weight": "high"}, r"row 2: field `weight`: must be a finite number >= 0, got 'high'"),
     (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', "row 2: not UTF-8 text"),
 ])
 def test_each_defect_is_reported_with_file_row_and_field(tmp_path, bad, where):
@@ -150,3 +152,12 @@ def test_hh_rlhf_implicit_prompts(tmp_path, hh_data):
         assert train[i]["chosen_input_ids"][-1] == tokenizer.eos_token_id
     assert batch["input_ids"].shape[0] == 8
     print(report.format())
+
+
+def test_a_weight_column_is_carried_per_pair_and_defaults_to_one(tmp_path):
+    path = write(tmp_path / "pairs.jsonl", [{**GOOD, "weight": 2.5}, GOOD, {**GOOD, "weight": 0}])
+    train, _, _ = load(config(tmp_path, dataset=path, eval_split_ratio=0.0), builtin.build_tokenizer())
+    assert train["weight"] == [2.5, 1.0, 0.0]
+    plain, _, _ = load(config(tmp_path, dataset=write(tmp_path / "plain.jsonl", [GOOD]), eval_split_ratio=0.0),
+                       builtin.build_tokenizer())
+    assert plain["weight"] == [1.0]

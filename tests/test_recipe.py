@@ -329,6 +329,30 @@ def test_every_loss_type_trains_from_the_cli(loss_type, single_rank, builtin_fil
     assert events.Histograms("eval/rewards/chosen")[-1].histogram_value.num == len(recipe.eval_data)
 
 
+def test_pair_weights_step_like_repeated_pairs(single_rank, builtin_files, tmp_path):
+    """A `weight` column: pairs A (weight 2), B, C and D (weight 0) take the same first step as A, A, B, C unweighted
+    (the loss is the weighted mean over the global batch), and differ from A, B, C, D unweighted."""
+    rows = [json.loads(line) for line in open(builtin_files["dataset"]).readlines()[:4]]
+    runs = {"weighted": [{**rows[0], "weight": 2}, rows[1], rows[2], {**rows[3], "weight": 0.0}],
+            "repeated": [rows[0], rows[0], rows[1], rows[2]], "unweighted": rows}
+    grad_norms = {}
+    for name, pairs in runs.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+        out = tmp_path / name
+        cfg = load_config(["--model_name_or_path", builtin_files["model_name_or_path"], "--dataset", str(path),
+                           "--max_steps", "1", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+                           "--save_steps", "0", "--learning_rate", "1e-3", "--output_dir", str(out)])
+        cfg.validate()
+        recipe = DPORecipe(cfg)
+        recipe.setup()
+        assert recipe.train().status == "finished"
+        recipe.cleanup()
+        grad_norms[name] = read_metrics(out)[0]["grad_norm"]
+    assert grad_norms["weighted"] == pytest.approx(grad_norms["repeated"], rel=1e-5)
+    assert abs(grad_norms["weighted"] / grad_norms["unweighted"] - 1) > 1e-3
+
+
 @pytest.mark.slow
 def test_short_training_run_on_hh_rlhf(tmp_path, hh_data):
     """Real data end to end: HH-RLHF harmless-base test (implicit prompts, 9 bad rows skipped), a BPE tokenizer

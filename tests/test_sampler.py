@@ -72,3 +72,14 @@ def test_plans_run_on_across_epochs_and_resume_where_a_checkpoint_left_off():
     resumed = sampler.plans(0, 3)  # a checkpoint at the end of epoch 0 resumes at the start of epoch 1
     assert [next(resumed)[:2] for _ in range(2)] == [(1, 1), (1, 2)]
     assert next(sampler.plans(1, 1))[2] == list(sampler.epoch(1))[1]
+
+
+def test_pair_weights_ride_with_their_pairs_and_sum_per_global_batch():
+    weights = [0.5 * i for i in range(10)]  # pair 0 weighs nothing, like a filler
+    ranks = [list(GlobalBatchSampler(10, 2, 1, 2, r, seed=3, pair_weights=weights).epoch(0)) for r in range(2)]
+    seen = []
+    for step in zip(*ranks):
+        pairs = [(i, w) for p in step for mb, ws in zip(p.micro_batches, p.weights) for i, w in zip(mb, ws)]
+        assert all(p.weight_sum == pytest.approx(sum(w for _, w in pairs)) for p in step)
+        seen += [(i, w) for i, w in pairs if w > 0]
+    assert sorted(seen) == [(i, w) for i, w in enumerate(weights) if w > 0]
