@@ -126,12 +126,18 @@ def measure(work: Path, name: str) -> float:
            # ~3 GiB); with every allocation over 64 KiB its own mapping, freed tensors leave the resident set and its
            # peak follows the live tensors, as a GPU allocator's peak does
            "MALLOC_MMAP_THRESHOLD_": "65536"}
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", name, "--work", str(work)], text=True,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for r in range(nproc)]
+    logs = [work / "logs" / f"{name.replace(' ', '_')}.rank{r}.log" for r in range(nproc)]
+    logs[0].parent.mkdir(exist_ok=True)
+    procs = []
+    for r, log in enumerate(logs):  # to files: a rank blocked on a full pipe would hang the others in a collective
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen([sys.executable, __file__, "--worker", name, "--work", str(work)],
+                                          env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=f,
+                                          stderr=subprocess.STDOUT))
     results = []
-    for proc in procs:
-        out = proc.communicate()[0]
+    for proc, log in zip(procs, logs):
+        proc.wait()
+        out = log.read_text()
         lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
         if not lines:
             raise RuntimeError(f"{name} failed:\n{out[-4000:]}")

@@ -97,7 +97,7 @@ class ModelConfig:
     lora_alpha: int = 32
     """LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``)."""
     lora_dropout: float = 0.05
-    """Dropout on the LoRA branch (off in reference passes)."""
+    """Dropout on the LoRA branch (off in reference passes, and with ``disable_dropout``, as in TRL)."""
     lora_target_modules: str | list[str] = "all-linear"
     """Module names to adapt, or ``all-linear``."""
     adapter_name_or_path: str | None = None

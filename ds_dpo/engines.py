@@ -187,6 +187,8 @@ def build_engine(cfg: DPOConfig, ds_config: dict, trainable: bool, total_steps: 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.use_peft:
         model = _with_adapter(cfg, model, trainable=True)
+        if cfg.model.disable_dropout:  # the adapters' dropout too, as TRL does after wrapping the model with peft
+            _disable_dropout(model)
     optim = cfg.optim
 
     def lr_schedule(optimizer):
