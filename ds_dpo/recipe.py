@@ -284,7 +284,7 @@ class DPORecipe:
             policy.chosen, policy.rejected, ref_chosen, ref_rejected, policy.chosen_tokens, policy.rejected_tokens,
             policy.chosen_wpo, policy.rejected_wpo))
         if self.sp is None or self.sp.rank == 0:  # a sequence-parallel group's pairs count once
-            window.add(out, policy, batch["pair_tokens"][batch["weight"] > 0].sum())
+            window.add(out, policy, (batch["pair_tokens"] * (batch["weight"] > 0)).sum())  # no host sync
         pair_weights = torch.tensor([weights[i] for i in real], dtype=out.losses.dtype, device=out.losses.device)
         loss = (out.losses * pair_weights).sum()
         if policy.aux_loss is None:
