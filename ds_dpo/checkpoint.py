@@ -30,6 +30,7 @@ from ds_dpo import engines
 from ds_dpo.config import CheckpointConfig, make_config
 from ds_dpo.distributed import say
 from ds_dpo.ds_config import zero3_disabled
+from ds_dpo.model_support import auto_class, is_vision_language
 from ds_dpo.train_state import TrainState
 
 TAG_PREFIX = "step-"
@@ -161,8 +162,9 @@ class Checkpointer:
         return sorted(found, key=lambda p: int(p.name[len(TAG_PREFIX):]))
 
 
-def export_hf_model(engine, tokenizer, output_dir: str | Path, save_merged_model: bool = False) -> None:
-    """Collective. Rank 0 writes config, safetensors weights and tokenizer to ``output_dir``.
+def export_hf_model(engine, processing_class, output_dir: str | Path, save_merged_model: bool = False) -> None:
+    """Collective. Rank 0 writes config, safetensors weights and ``processing_class`` (the tokenizer, or a
+    vision-language model's processor) to ``output_dir``.
 
     With LoRA the directory holds the peft adapter (``adapter_config.json``, ``adapter_model.safetensors``), and with
     ``save_merged_model`` ``output_dir/merged`` holds the full model with the adapters merged in.
@@ -172,10 +174,10 @@ def export_hf_model(engine, tokenizer, output_dir: str | Path, save_merged_model
         output_dir = Path(output_dir)
         model = engine.module
         model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(output_dir)
+        processing_class.save_pretrained(output_dir)
         if save_merged_model:
             _save_merged(model, state_dict, output_dir / "merged")
-            tokenizer.save_pretrained(output_dir / "merged")
+            processing_class.save_pretrained(output_dir / "merged")
     torch.distributed.barrier()
 
 
@@ -187,10 +189,8 @@ def _save_merged(peft_model, state_dict: dict[str, torch.Tensor], out: Path) -> 
 
 def _cpu_model(config, lora_config, state_dict: dict[str, torch.Tensor]):
     """An ordinary (unpartitioned) model, peft-wrapped when ``lora_config`` is given, holding ``state_dict``."""
-    from transformers import AutoModelForCausalLM
-
     with zero3_disabled():
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_class(config).from_config(config)
     if lora_config is not None:
         from peft import get_peft_model
 
@@ -208,16 +208,17 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: boo
     ``merge``) and the tokenizer, using the run's ``config.yaml`` two levels up."""
     import yaml
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     run = make_config(yaml.safe_load((checkpoint.parent.parent / "config.yaml").read_text())).model
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    lora = engines.lora_config(run) if run.use_peft else None
     config = AutoConfig.from_pretrained(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
+    lora = engines.lora_config(run, config.is_encoder_decoder) if run.use_peft else None
     model = _cpu_model(config, lora, state_dict)
     model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer = AutoTokenizer.from_pretrained(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
+    processing = AutoProcessor if is_vision_language(config) else AutoTokenizer
+    tokenizer = processing.from_pretrained(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
     tokenizer.save_pretrained(output_dir)
     if merge and lora is not None:
         model.merge_and_unload().save_pretrained(output_dir / "merged", safe_serialization=True)

@@ -104,6 +104,9 @@ class ModelConfig:
     """Start from this LoRA adapter (a peft directory or Hub id) instead of fresh adapters; implies ``use_peft``.
     The reference is then the base model without adapters (``reference: lora``) or the base model with this adapter,
     frozen (``reference: zero``/``precomputed``)."""
+    freeze_vision_tower: bool = False
+    """Vision-language models: keep the vision encoder's weights fixed (the projector and the language model train).
+    Ignored for other models."""
     router_aux_loss_coef: float | None = None
     """Mixture-of-experts models: weight of the router load-balancing loss added to the policy loss (TRL's
     semantics); unset: the model config's ``router_aux_loss_coef``; 0: off. Ignored for models without routers."""

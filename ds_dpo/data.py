@@ -6,8 +6,9 @@ Every row problem is found here, before any model is built: with ``on_bad_rows: 
 first offenders (file, row, field, reason) and the total; with ``skip`` they are dropped and counted. Tokenization runs
 through ``datasets.map`` into a cache file named by a fingerprint of the checked rows, the tokenizer (chat template
 included) and the length settings, so a second run with the same inputs tokenizes nothing. The returned datasets
-hold ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``, ``weight`` (the row's, 1 by default) and
-``index`` (the row's position, which keys precomputed reference log-probs).
+hold ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``, ``weight`` (the row's, 1 by default),
+``index`` (the row's position, which keys precomputed reference log-probs) and, for a vision-language model,
+``images`` (each pair's encoded images, empty for a text pair; pixels are made per micro-batch, ``ds_dpo.vision``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import datasets
 from datasets.fingerprint import Hasher
 
 from ds_dpo.config import DataConfig, as_list
-from ds_dpo.formats import RowError, detect, normalize, pair_weight
+from ds_dpo.formats import RowError, detect, has_images, normalize, pair_weight
 from ds_dpo.sources import DataError, RowProblem, read_source
 from ds_dpo.tokenization import LengthLimits, encode_pair
 
@@ -95,17 +96,21 @@ def _rename(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
     return {keys.get(k, k): v for k, v in data.items()} if keys else data
 
 
-def _cache_key(canonical: datasets.Dataset, tokenizer, limits: LengthLimits) -> str:
+def _cache_key(canonical: datasets.Dataset, tokenizer, limits: LengthLimits, encoder_decoder: bool,
+               processor) -> str:
+    vision = None if processor is None else (processor.chat_template, processor.to_json_string())
     return Hasher.hash((CACHE_VERSION, canonical._fingerprint, Hasher.hash(tokenizer), tokenizer.chat_template,
-                        limits))
+                        limits, encoder_decoder, vision))
 
 
 def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format: str = "auto",
                    delimiter: str = "\n\nAssistant:", keys: dict[str, str] | None = None,
                    on_bad_rows: str = "error", cache_dir: str | os.PathLike | None = None,
                    num_proc: int | None = None, split: str = "train", config_name: str | None = None,
-                   chat_template_kwargs: dict[str, Any] | None = None) -> tuple[datasets.Dataset, SourceReport]:
-    """Read, check, normalise and tokenize one source (its ``split`` where it has several); returns its trainable
+                   chat_template_kwargs: dict[str, Any] | None = None,
+                   encoder_decoder: bool = False, processor=None) -> tuple[datasets.Dataset, SourceReport]:
+    """Read, check, normalise and tokenize one source (its ``split`` where it has several; for an encoder-decoder
+    model with ``encoder_decoder``, for a vision-language model with its ``processor``); returns its trainable
     pairs and its report."""
     report = SourceReport(spec)
     rows, problems = read_source(spec, split, config_name)
@@ -113,6 +118,7 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
     if not rows and not problems:
         raise DataError(f"{spec}: no rows")
     fmt = dataset_format
+    vision = None
     canonical, weights = [], []
     for row in rows:
         data = row.data
@@ -122,8 +128,13 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
         data = _rename(data, keys or {})
         if fmt == "auto":
             fmt = detect(data)
+        if vision is None:
+            vision = has_images(data)
+            if vision and processor is None:
+                raise DataError(f"{spec}: rows have images, but the model is not a vision-language model (it has no "
+                                "image processor)")
         try:
-            pair, weight = normalize(data, fmt, delimiter, chat_template_kwargs), pair_weight(data)
+            pair, weight = normalize(data, fmt, delimiter, chat_template_kwargs, vision), pair_weight(data)
             canonical.append(pair)
             weights.append(weight)
         except RowError as e:
@@ -137,11 +148,13 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
         raise DataError(f"{spec}: no usable rows ({len(problems)} bad)")
 
     table = datasets.Dataset.from_list(canonical)
-    key = _cache_key(table, tokenizer, limits)
+    key = _cache_key(table, tokenizer, limits, encoder_decoder, processor)
     cache_file = cache_root(cache_dir) / f"tokenized-{key}.arrow"
     report.cache_hit = cache_file.exists()
-    tokenized = table.map(encode_pair, fn_kwargs={"tokenizer": tokenizer, "limits": limits},
-                          remove_columns=table.column_names, cache_file_name=str(cache_file), new_fingerprint=key,
+    tokenized = table.map(encode_pair, fn_kwargs={"tokenizer": tokenizer, "limits": limits,
+                                                  "encoder_decoder": encoder_decoder, "processor": processor},
+                          remove_columns=[c for c in table.column_names if c != "images"],
+                          cache_file_name=str(cache_file), new_fingerprint=key,
                           num_proc=num_proc if num_proc and num_proc > 1 and not report.cache_hit else None,
                           desc=f"tokenizing {Path(spec).name}")
     stats = tokenized.select_columns(["drop", "prompt_truncated", "completion_truncated", "prompt_length",
@@ -155,19 +168,22 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
                       for part in ("prompt", "chosen", "rejected")}
     if not kept:
         raise DataError(f"{spec}: every pair was dropped ({report.dropped})")
-    pairs = tokenized.select_columns(list(ID_COLUMNS)).add_column("weight", weights)
+    pairs = tokenized.select_columns(list(ID_COLUMNS) + (["images"] if vision else [])).add_column("weight", weights)
+    if processor is not None and not vision:  # a text source in a vision-language run: pairs without images
+        pairs = pairs.add_column("images", [[]] * len(pairs), feature=datasets.Sequence(datasets.Value("binary")))
     return (pairs if len(kept) == len(tokenized) else pairs.select(kept)), report
 
 
 def _load_all(specs: list[str], probs: list[float] | None, cfg: DataConfig, seed: int, tokenizer,
-              report: DataReport, split: str) -> datasets.Dataset:
+              report: DataReport, split: str, encoder_decoder: bool, processor) -> datasets.Dataset:
     parts = []
     for spec in specs:
         part, source_report = prepare_source(
             spec, tokenizer, cfg.length_limits, dataset_format=cfg.dataset_format,
             delimiter=cfg.implicit_prompt_delimiter, keys=cfg.column_names, on_bad_rows=cfg.on_bad_rows,
             cache_dir=cfg.dataset_cache_dir, num_proc=cfg.dataset_num_proc, split=split,
-            config_name=cfg.dataset_config, chat_template_kwargs=cfg.chat_template_kwargs)
+            config_name=cfg.dataset_config, chat_template_kwargs=cfg.chat_template_kwargs,
+            encoder_decoder=encoder_decoder, processor=processor)
         parts.append(part)
         report.sources.append(source_report)
     if len(parts) == 1:
@@ -178,18 +194,21 @@ def _load_all(specs: list[str], probs: list[float] | None, cfg: DataConfig, seed
     return datasets.concatenate_datasets(parts)
 
 
-def load_preference_data(cfg: DataConfig, tokenizer, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None,
-                                                                          DataReport]:
-    """The run's training and eval pairs (each with an ``index`` column) and the data report."""
+def load_preference_data(cfg: DataConfig, tokenizer, seed: int, encoder_decoder: bool = False, processor=None
+                         ) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
+    """The run's training and eval pairs (each with an ``index`` column) and the data report; ``encoder_decoder``:
+    tokenized for an encoder-decoder model; ``processor``: a vision-language model's (``ds_dpo.tokenization``)."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; completions must be closed by one")
     report = DataReport()
-    train = _load_all(as_list(cfg.dataset), cfg.dataset_probs, cfg, seed, tokenizer, report, cfg.dataset_train_split)
+    train = _load_all(as_list(cfg.dataset), cfg.dataset_probs, cfg, seed, tokenizer, report, cfg.dataset_train_split,
+                      encoder_decoder, processor)
     if cfg.max_samples is not None:
         train = train.select(range(min(cfg.max_samples, len(train))))
     evals = None
     if cfg.eval_dataset:
-        evals = _load_all(as_list(cfg.eval_dataset), None, cfg, seed, tokenizer, report, cfg.dataset_test_split)
+        evals = _load_all(as_list(cfg.eval_dataset), None, cfg, seed, tokenizer, report, cfg.dataset_test_split,
+                          encoder_decoder, processor)
     elif cfg.eval_split_ratio > 0:
         split = train.train_test_split(test_size=cfg.eval_split_ratio, seed=seed, shuffle=True)
         train, evals = split["train"], split["test"]

@@ -20,14 +20,14 @@ import torch
 import torch._dynamo  # noqa: F401
 import deepspeed
 from deepspeed.accelerator import get_accelerator
-from transformers import AutoModelForCausalLM, get_scheduler
+from transformers import AutoConfig, PretrainedConfig, get_scheduler
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from ds_dpo.activation_memory import tile_mlps
 from ds_dpo.config import DPOConfig, ModelConfig
 from ds_dpo.ds_config import zero_stage
 from ds_dpo.logprobs import enable_token_scoring
-from ds_dpo.model_support import moe_block_classes
+from ds_dpo.model_support import attention_setting, auto_class, moe_block_classes
 from ds_dpo.sequence_parallel import SequenceParallel
 
 _NO_DECAY = ("bias", "norm")
@@ -97,6 +97,17 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+def _zero_dropout_rates(config: PretrainedConfig) -> None:
+    """Every dropout rate of ``config`` and its sub-configs set to 0, before the model is built: many models apply
+    attention dropout (T5, Llama-style ``attention_dropout``), and BART-style models all their dropout, as a
+    functional call with a rate read from the config, which no ``Dropout`` module carries."""
+    for name, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):
+            _zero_dropout_rates(value)
+        elif isinstance(value, float) and ("dropout" in name or "pdrop" in name):
+            setattr(config, name, 0.0)
+
+
 def load_model(cfg: DPOConfig, ds_config: dict, trainable: bool,
                attn_implementation: str | None = None) -> tuple[torch.nn.Module, HfDeepSpeedConfig | None]:
     """``from_pretrained`` (the policy's or the reference's checkpoint) under ZeRO-3 partitioning when
@@ -112,10 +123,14 @@ def load_model(cfg: DPOConfig, ds_config: dict, trainable: bool,
         unset_hf_deepspeed_config()  # a ZeRO-3 reference built earlier must not partition a ZeRO-1/2 policy
     m = cfg.model
     path = m.model_name_or_path if trainable else cfg.ref_model_path
-    model = AutoModelForCausalLM.from_pretrained(
+    config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
+    if m.disable_dropout:
+        _zero_dropout_rates(config)
+    model = auto_class(config).from_pretrained(
         path,
+        config=config,
         dtype=torch.bfloat16 if m.bf16 else torch.float32,
-        attn_implementation=attn_implementation or m.attn_implementation,
+        attn_implementation=attention_setting(config, attn_implementation or m.attn_implementation),
         trust_remote_code=m.trust_remote_code,
     )
     model.config.use_cache = False
@@ -125,12 +140,24 @@ def load_model(cfg: DPOConfig, ds_config: dict, trainable: bool,
     return enable_token_scoring(model), hf_ds
 
 
-def lora_config(cfg: ModelConfig):
-    """The peft ``LoraConfig`` of the run's LoRA keys."""
+def lora_config(cfg: ModelConfig, encoder_decoder: bool = False):
+    """The peft ``LoraConfig`` of the run's LoRA keys (for an encoder-decoder model with ``encoder_decoder``)."""
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+                      target_modules=cfg.lora_target_modules,
+                      task_type="SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM")
+
+
+def freeze_vision_tower(model: torch.nn.Module) -> int:
+    """Fix the weights of a vision-language model's vision encoder (the module built from its ``vision_config``);
+    returns the number of parameters frozen (0 for other models)."""
+    vision_config = getattr(model.config, "vision_config", None)
+    towers = [m for m in model.modules() if vision_config is not None and getattr(m, "config", None) is vision_config]
+    if not towers:
+        return 0
+    towers[0].requires_grad_(False)  # the outermost: modules() lists parents before their children
+    return sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel for p in towers[0].parameters())
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -164,7 +191,7 @@ def _with_adapter(cfg: DPOConfig, model: torch.nn.Module, trainable: bool) -> to
     from peft import PeftModel, get_peft_model
 
     if cfg.model.adapter_name_or_path is None:
-        return get_peft_model(model, lora_config(cfg.model))
+        return get_peft_model(model, lora_config(cfg.model, model.config.is_encoder_decoder))
     return PeftModel.from_pretrained(model, cfg.model.adapter_name_or_path, is_trainable=trainable)
 
 
@@ -183,6 +210,8 @@ def build_engine(cfg: DPOConfig, ds_config: dict, trainable: bool, total_steps: 
         engine.eval()
         engine.hf_deepspeed_config, engine.ds_config_dict = hf_ds, ds_config
         return engine
+    if cfg.model.freeze_vision_tower:
+        freeze_vision_tower(model)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.use_peft:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds_dpo.config import DPOConfig
+from ds_dpo.config import ConfigError, DPOConfig
 
 GiB = 2**30
 
@@ -244,6 +244,9 @@ def workload(cfg: DPOConfig, config, world: int, gpus_per_node: int, prompt_toke
     prompt = prompt_tokens or min(data.max_prompt_length or longest // 2, longest - 1)
     completion = completion_tokens or min(data.max_completion_length or longest, longest - prompt)
     support = model_support(config, cfg.model.attn_implementation, device)
+    if support.encoder_decoder:
+        raise ConfigError(f"{support.class_name} is an encoder-decoder model; the estimator counts decoder-only "
+                          "models' activations and does not estimate it")
     layout, _ = support.layout(batch.padding_free, batch.prefix_sharing)
     reference = "none" if not cfg.loss.needs_reference else (
         "precomputed" if cfg.ref.precompute_ref_log_probs else cfg.ref.reference)

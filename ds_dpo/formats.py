@@ -16,6 +16,12 @@ Conversational rows may also carry ``tools`` (a list of tool schemas, for tool-c
 chat template, kept in the canonical row as ``template_options`` (JSON, so that the tokenization cache key covers
 them).
 
+Rows of a vision-language dataset (its first row has ``images``, a list, or ``image``) are conversational, as in
+TRL: message contents are strings or lists of parts (``{"type": "text", "text": ...}``, ``{"type": "image"}``), kept
+as parts; the images (paths, bytes, ``{"bytes", "path"}`` records or PIL images) are checked and kept as encoded bytes
+in ``images``. Each image belongs to the prompt: as many image parts in the prompt as the row has images, or none,
+and then one per image is put before the first user message's text (TRL's ``prepare_multimodal_messages``).
+
 Any row may carry a ``weight``: the pair's weight in the training loss (a weighted mean over the global batch;
 0 keeps the pair out, as the sampler's fillers are), read by ``pair_weight``.
 
@@ -48,10 +54,24 @@ def detect(row: dict[str, Any]) -> str:
     return "explicit" if "prompt" in row else "implicit"
 
 
+def has_images(row: dict[str, Any]) -> bool:
+    """Whether a dataset is a vision-language one, from its first row."""
+    return "images" in row or "image" in row
+
+
 def normalize(row: dict[str, Any], fmt: str, delimiter: str,
-              chat_template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+              chat_template_kwargs: dict[str, Any] | None = None, vision: bool = False) -> dict[str, Any]:
     """The canonical pair of ``row``; ``delimiter`` is the turn boundary of implicit prompts,
-    ``chat_template_kwargs`` the run's template variables for conversational rows."""
+    ``chat_template_kwargs`` the run's template variables for conversational rows; ``vision``: a row of a
+    vision-language dataset."""
+    if vision:
+        if fmt != "conversational":
+            raise RowError("images", "rows with images must be conversational (prompt, chosen and rejected as "
+                                     "message lists), as in TRL's vision datasets")
+        images = _images(row)
+        pair = _conversational(row, parts=True)
+        return {**pair, "prompt": _place_images(pair, len(images)), "images": images,
+                "template_options": _template_options(row, chat_template_kwargs)}
     if fmt == "tokenized":
         return _tokenized(row)
     if fmt == "conversational":
@@ -111,7 +131,8 @@ def _split_implicit(chosen: str, rejected: str, delimiter: str) -> dict[str, str
     return {"prompt": prompt, "chosen": chosen_reply, "rejected": rejected_reply, "split_by_tokens": False}
 
 
-def _messages(value: Any, name: str) -> list[dict[str, str]]:
+def _messages(value: Any, name: str, parts: bool = False) -> list[dict[str, Any]]:
+    """The messages of ``value``; with ``parts``, every content as a list of text and image parts."""
     if not isinstance(value, list):
         raise RowError(name, f"must be a list of messages, got {type(value).__name__}")
     out = []
@@ -121,20 +142,80 @@ def _messages(value: Any, name: str) -> list[dict[str, str]]:
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise RowError(f"{name}[{i}].role", f"invalid role {role!r} (expected one of {ROLES})")
-        if not isinstance(content, str):
+        if parts:
+            content = _parts(content, f"{name}[{i}].content")
+        elif not isinstance(content, str):
             raise RowError(f"{name}[{i}].content", f"must be a string, got {type(content).__name__}")
         out.append({"role": role, "content": content})
     return out
 
 
-def _conversational(row: dict[str, Any]) -> dict[str, Any]:
+def _parts(content: Any, name: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise RowError(name, f"must be a string or a list of parts, got {type(content).__name__}")
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append({"type": "text", "text": part["text"]})
+        elif kind == "image":
+            out.append({"type": "image", "text": None})
+        else:
+            raise RowError(f"{name}[{j}]", 'must be {"type": "text", "text": ...} or {"type": "image"}')
+    return out
+
+
+def _images(row: dict[str, Any]) -> list[bytes]:
+    from ds_dpo.vision import image_bytes
+
+    images = row.get("images")
+    name = "images"
+    if images is None and row.get("image") is not None:
+        images, name = [row["image"]], "image"
+    if images is None:
+        return []
+    if not isinstance(images, list):
+        raise RowError(name, f"must be a list of images, got {type(images).__name__}")
+    out = []
+    for i, image in enumerate(images):
+        try:
+            out.append(image_bytes(image))
+        except ValueError as e:
+            raise RowError(f"{name}[{i}]" if name == "images" else name, str(e)) from None
+    return out
+
+
+def _place_images(pair: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """The prompt with one image part per image: the row's own, or put before the first user message's text."""
+    def image_parts(messages):
+        return sum(part["type"] == "image" for m in messages for part in m["content"])
+
+    for name in ("chosen", "rejected"):
+        if image_parts(pair[name]):
+            raise RowError(name, "image parts belong in the prompt")
+    prompt, placed = pair["prompt"], image_parts(pair["prompt"])
+    if placed == 0 and count:
+        first = next((i for i, m in enumerate(prompt) if m["role"] == "user"), None)
+        if first is None:
+            raise RowError("prompt", "images but no user message to put them in")
+        message = prompt[first]
+        prompt = [*prompt[:first], {**message, "content": [{"type": "image", "text": None}] * count
+                                    + message["content"]}, *prompt[first + 1:]]
+    elif placed != count:
+        raise RowError("prompt", f"{placed} image part(s) for {count} image(s)")
+    return prompt
+
+
+def _conversational(row: dict[str, Any], parts: bool = False) -> dict[str, Any]:
     for name in ("chosen", "rejected"):
         if name not in row or row[name] is None:
             raise RowError(name, "missing")
-    chosen, rejected = _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+    chosen, rejected = _messages(row["chosen"], "chosen", parts), _messages(row["rejected"], "rejected", parts)
     text_prompt = row.get("prompt") if isinstance(row.get("prompt"), str) else None
     if row.get("prompt") is not None and text_prompt is None:
-        prompt = _messages(row["prompt"], "prompt")
+        prompt = _messages(row["prompt"], "prompt", parts)
     else:  # whole conversations: the shared messages are the prompt
         shared = 0
         while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
@@ -144,7 +225,7 @@ def _conversational(row: dict[str, Any]) -> dict[str, Any]:
         # maybe_extract_prompt, the conversations' shared messages are the prompt; the string only stands in as the
         # user turn when they share none
         if not prompt and text_prompt:
-            prompt = [{"role": "user", "content": text_prompt}]
+            prompt = [{"role": "user", "content": _parts(text_prompt, "prompt") if parts else text_prompt}]
     if not prompt:
         raise RowError("prompt", "no prompt messages")
     for name, reply in (("chosen", chosen), ("rejected", rejected)):

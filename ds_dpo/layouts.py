@@ -14,6 +14,15 @@ computed once per pair instead of twice. Both are one row of S tokens without pa
 
     input_ids, position_ids, segment, branch   [1, S]
 
+``seq2seq`` (encoder-decoder models): the prompt is the encoder's input, once per pair; chosen and rejected are
+decoder rows that read their pair's encoder output (decoder row j reads prompt j mod B):
+
+    input_ids, attention_mask                [B, Tp]   prompts, right-padded
+    labels, decoder_attention_mask          [2B, Tc]  completions (chosen first), ``labels`` -100 on padding
+
+The model makes its decoder inputs from ``labels`` (``prepare_decoder_input_ids_from_labels``: its decoder start
+token, then the labels shifted right), so decoder position t predicts completion token t.
+
 Which tokens may attend to which is described per token by ``segment`` (the sequence it belongs to in the row) and
 ``branch`` (0 prompt, 1 chosen, 2 rejected), and turned into the attention kernel's input in ``model_inputs``:
 
@@ -35,6 +44,7 @@ Every layout also carries the scored tokens (M of them; see ``ds_dpo.logprobs``)
     weight       [B] float  1 for a real pair, 0 for a filler that only keeps ranks in step
     pair_tokens  [B] long   prompt + chosen + prompt + rejected tokens (the pair's real tokens, in any layout)
     ref_chosen_logps, ref_rejected_logps  [B] float, only when the dataset carries precomputed reference log-probs
+    pixel_values (+ pixel_attention_mask)  a vision-language model's images in the layout's order (``ds_dpo.vision``)
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import torch
 from ds_dpo.attention import (CHOSEN, PROMPT, REJECTED, Blocks, flex_block_mask, is_block_attention,
                               packed_attention_mask, shared_varlen_inputs, stand_in_mask)
 
-LAYOUTS = ("padded", "packed", "shared")
+LAYOUTS = ("padded", "packed", "shared")  # a decoder-only model's; an encoder-decoder's is "seq2seq"
 
 
 def is_varlen(attn_implementation: str) -> bool:
@@ -63,8 +73,8 @@ def batch_layout(padding_free: bool, prefix_sharing: bool, attn_implementation: 
 
 
 def forward_tokens(prompt: int, chosen: int, rejected: int, layout: str) -> int:
-    """Tokens a pair puts into a forward in ``layout``: the prompt once when shared, else twice."""
-    return (1 if layout == "shared" else 2) * prompt + chosen + rejected
+    """Tokens a pair puts into a forward in ``layout``: the prompt once when shared (or encoded), else twice."""
+    return (1 if layout in ("shared", "seq2seq") else 2) * prompt + chosen + rejected
 
 
 class ScoredTokens:
@@ -149,6 +159,28 @@ def pad_pairs(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.
     return {"input_ids": input_ids, "attention_mask": attention_mask, **scores.tensors()}
 
 
+def encoder_decoder_pairs(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The ``seq2seq`` layout."""
+    b = len(rows)
+    prompts = [row["prompt_input_ids"] for row in rows]
+    completions = [row[f"{side}_input_ids"] for side in ("chosen", "rejected") for row in rows]
+    tp, tc = max(map(len, prompts)), max(map(len, completions))
+    input_ids = torch.full((b, tp), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, tp), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, :len(prompt)] = torch.tensor(prompt)
+        attention_mask[i, :len(prompt)] = 1
+    labels = torch.full((2 * b, tc), -100, dtype=torch.long)
+    decoder_attention_mask = torch.zeros((2 * b, tc), dtype=torch.long)
+    scores = ScoredTokens()
+    for j, completion in enumerate(completions):
+        labels[j, :len(completion)] = torch.tensor(completion)
+        decoder_attention_mask[j, :len(completion)] = 1
+        scores.add(j, completion, j * tc, j * tc + 1)  # decoder position t predicts token t
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "decoder_attention_mask": decoder_attention_mask, **scores.tensors()}
+
+
 def sliding_window(config) -> tuple[int | None, bool]:
     """The model's attention window and whether only some layers use it (then masks go per ``layer_types``)."""
     text = config.get_text_config()
@@ -163,10 +195,14 @@ def model_inputs(batch: dict[str, torch.Tensor], config, dtype: torch.dtype) -> 
     """The keyword arguments for the forward of a model with ``config``: padded batches as they are; packed ones
     with ``position_ids`` and, unless the kernel is varlen, the 4D mask (or one per layer type): ds_dpo's blocks
     with a stand-in, a FlexAttention block mask, or a dense mask."""
+    pixels = {k: batch[k].to(dtype) if batch[k].is_floating_point() else batch[k]
+              for k in ("pixel_values", "pixel_attention_mask") if k in batch}
+    if "labels" in batch:  # seq2seq
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "decoder_attention_mask")}
     if "segment" not in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **pixels}
     attn = config._attn_implementation
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], **pixels}
     if is_varlen(attn):
         # shared: a pair's rejected tokens are in the same sequence as its chosen ones (packed: in the next)
         shared = bool((batch["branch"][batch["segment"] == 0] == REJECTED).any())
@@ -195,10 +231,17 @@ def model_inputs(batch: dict[str, torch.Tensor], config, dtype: torch.dtype) -> 
 
 
 def collate_pairs(rows: list[dict[str, Any]], weights: list[float], pad_token_id: int,
-                  layout: str = "padded") -> dict[str, torch.Tensor]:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown batch layout {layout!r}; one of {LAYOUTS}")
-    batch = pad_pairs(rows, pad_token_id) if layout == "padded" else pack_pairs(rows, share_prompt=layout == "shared")
+                  layout: str = "padded", vision=None) -> dict[str, torch.Tensor]:
+    """The micro-batch of ``rows`` in ``layout``; ``vision``: a vision-language model's ``VisionInputs``, which makes
+    the pixel tensors of the rows' ``images``."""
+    if layout not in (*LAYOUTS, "seq2seq"):
+        raise ValueError(f"unknown batch layout {layout!r}; one of {LAYOUTS} or 'seq2seq'")
+    if layout == "padded":
+        batch = pad_pairs(rows, pad_token_id)
+    elif layout == "seq2seq":
+        batch = encoder_decoder_pairs(rows, pad_token_id)
+    else:
+        batch = pack_pairs(rows, share_prompt=layout == "shared")
     batch["index"] = torch.tensor([row["index"] for row in rows], dtype=torch.long)
     batch["weight"] = torch.tensor(weights, dtype=torch.float32)
     batch["pair_tokens"] = torch.tensor([2 * len(row["prompt_input_ids"]) + len(row["chosen_input_ids"]) +
@@ -206,4 +249,6 @@ def collate_pairs(rows: list[dict[str, Any]], weights: list[float], pad_token_id
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         if column in rows[0]:
             batch[column] = torch.tensor([row[column] for row in rows], dtype=torch.float32)
+    if vision is not None:
+        batch.update(vision([row["images"] for row in rows], layout))
     return batch

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import BaseModelOutput
 
 from ds_dpo import sequence_parallel
 from ds_dpo.distributed import say
@@ -207,18 +208,25 @@ def probe_output_head(causal_lm: torch.nn.Module, plain_forward: Callable, devic
     """How the model turns its output layer's logits into the logits it returns, or None when that is not
     ``OutputHead``-shaped (or the output layer is not a Linear on the base model's last hidden state).
 
-    Runs the model on ``_PROBE_TOKENS`` fixed token ids (the same on every rank, so every rank decides alike), inside
-    the model's forward: under ZeRO-3 the layers gather their weights as they are called.
+    Runs the model on ``_PROBE_TOKENS`` fixed token ids (the same on every rank, so every rank decides alike; an
+    encoder-decoder reads them as prompt and as completion), inside the model's forward: under ZeRO-3 the layers
+    gather their weights as they are called.
     """
     head = causal_lm.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         return None
     config = causal_lm.config.get_text_config()
     ids = torch.randint(config.vocab_size, (1, _PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device)
+    inputs = {"input_ids": ids.to(device), "use_cache": False}
     with torch.no_grad():
-        returned = plain_forward(input_ids=ids, use_cache=False).logits.float()
-        projected = head(causal_lm.base_model(input_ids=ids, use_cache=False).last_hidden_state).float()
+        if causal_lm.config.is_encoder_decoder:
+            # explicit masks: some decoders (T5Gemma) otherwise mask every token equal to the pad id
+            ones = torch.ones_like(inputs["input_ids"])
+            inputs = _encode_prompts_once(causal_lm, inputs | {
+                "attention_mask": ones, "labels": inputs["input_ids"].repeat(2, 1),
+                "decoder_attention_mask": ones.repeat(2, 1)})
+        returned = plain_forward(**inputs).logits.float()
+        projected = head(_last_hidden_state(causal_lm, inputs)).float()
     softcap = getattr(config, "final_logit_softcapping", None)
     target = returned
     if softcap is not None:  # undo the soft-capping to fit the scale before it
@@ -229,6 +237,30 @@ def probe_output_head(causal_lm: torch.nn.Module, plain_forward: Callable, devic
     tolerance = 1e-4 if head.weight.dtype == torch.float32 else 3e-2
     error = (fitted(projected) - returned).abs().max() / returned.abs().max().clamp(min=1e-30)
     return fitted if error <= tolerance else None
+
+
+def _encode_prompts_once(model: torch.nn.Module, inputs: dict) -> dict:
+    """An encoder-decoder batch (``seq2seq`` layout: B prompts, 2B completions as ``labels``) as the model's forward
+    takes it, with each prompt encoded once: the encoder's output for the B prompts, repeated for the chosen and the
+    rejected decoder rows (gradients from both flow back into the one encoder pass), and the decoder inputs the
+    model makes from the labels (its decoder start token, then the labels shifted right)."""
+    inputs = dict(inputs)
+    mask = inputs.pop("attention_mask", None)
+    encoded = model.get_encoder()(input_ids=inputs.pop("input_ids"), attention_mask=mask).last_hidden_state
+    labels = inputs.pop("labels")
+    return inputs | {"encoder_outputs": BaseModelOutput(last_hidden_state=torch.cat([encoded, encoded])),
+                     "attention_mask": None if mask is None else torch.cat([mask, mask]),
+                     "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels)}
+
+
+def _last_hidden_state(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """The hidden states the output layer reads: the base model's (a causal LM) or the decoder's."""
+    if "encoder_outputs" not in inputs:
+        return model.base_model(**inputs).last_hidden_state
+    return model.get_decoder()(input_ids=inputs["decoder_input_ids"],
+                               attention_mask=inputs.get("decoder_attention_mask"),
+                               encoder_hidden_states=inputs["encoder_outputs"].last_hidden_state,
+                               encoder_attention_mask=inputs["attention_mask"]).last_hidden_state
 
 
 @dataclass(frozen=True)
@@ -295,6 +327,8 @@ def enable_token_scoring(model: torch.nn.Module) -> torch.nn.Module:
         if score_index is None:
             return plain_forward(*args, **kwargs)
         kwargs["use_cache"] = False
+        if causal_lm.config.is_encoder_decoder:  # a seq2seq batch
+            kwargs = _encode_prompts_once(causal_lm, kwargs)
         if logps_chunk_size > 0 and not hasattr(causal_lm, "_ds_dpo_output_head"):
             causal_lm._ds_dpo_output_head = probe_output_head(causal_lm, plain_forward, score_index.device)
             if causal_lm._ds_dpo_output_head is None:
@@ -308,7 +342,7 @@ def enable_token_scoring(model: torch.nn.Module) -> torch.nn.Module:
                 logits = plain_forward(*args, **kwargs).logits
                 stats = token_stats(logits.flatten(0, 1)[score_index], score_labels, with_wpo)
             else:
-                hidden = causal_lm.base_model(*args, **kwargs).last_hidden_state
+                hidden = _last_hidden_state(causal_lm, kwargs)
                 stats = causal_lm.ds_dpo_token_stats(hidden.flatten(0, 1)[score_index], score_labels,
                                                      logps_chunk_size, head, with_wpo)
         if router_logits:
@@ -377,23 +411,25 @@ def _relative_error(got: PairLogps, expected: PairLogps) -> tuple[float, str, in
 
 
 @torch.no_grad()
-def scoring_mismatch(model, rows: list[dict], pad_token_id: int, layout: str, logps_chunk_size: int) -> str | None:
+def scoring_mismatch(model, rows: list[dict], pad_token_id: int, layout: str, logps_chunk_size: int,
+                     vision=None) -> str | None:
     """The startup self-check: score ``rows`` (a real micro-batch) with the run's fast path (``layout``, chunked
     log-probs) and with the model's own forward on a padded batch; a description of the difference when they
     disagree beyond rounding, else None.
 
     Three forwards under ``no_grad`` in eval mode (the third, padded with chunked log-probs, tells a wrong layout from a
-    wrong output head), the same on every rank."""
+    wrong output head), the same on every rank. An encoder-decoder's only layout is its plain one: two forwards."""
     causal_lm = _unwrap_peft(getattr(model, "module", model))
     was_training = causal_lm.training
+    plain_layout = "seq2seq" if layout == "seq2seq" else "padded"
     model.eval()
     try:
         weights = [1.0] * len(rows)
-        plain = concatenated_forward(model, collate_pairs(rows, weights, pad_token_id, "padded"), logps_chunk_size=0)
-        head = concatenated_forward(model, collate_pairs(rows, weights, pad_token_id, "padded"),
-                                    logps_chunk_size=logps_chunk_size)
-        fast = concatenated_forward(model, collate_pairs(rows, weights, pad_token_id, layout),
-                                    logps_chunk_size=logps_chunk_size)
+        batch = lambda layout: collate_pairs(rows, weights, pad_token_id, layout, vision)  # noqa: E731
+        plain = concatenated_forward(model, batch(plain_layout), logps_chunk_size=0)
+        head = concatenated_forward(model, batch(plain_layout), logps_chunk_size=logps_chunk_size)
+        fast = head if layout == plain_layout else concatenated_forward(model, batch(layout),
+                                                                          logps_chunk_size=logps_chunk_size)
     finally:
         model.train(was_training)
     # float32 agrees to ~1e-6; bf16 kernels on different layouts round differently by up to ~1e-2

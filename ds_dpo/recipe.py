@@ -41,8 +41,9 @@ from ds_dpo.preemption import PreemptionGuard
 from ds_dpo.reference import (AdapterReference, EngineReference, PrecomputedReference, Reference,
                               precompute_reference_logps)
 from ds_dpo.sampler import GlobalBatchSampler, StepPlan
-from ds_dpo.tokenization import load_tokenizer
+from ds_dpo.tokenization import load_processor, load_tokenizer
 from ds_dpo.train_state import TrainState
+from ds_dpo.vision import VisionInputs, processor_problem
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,21 @@ class DPORecipe:
         torch.manual_seed(cfg.seed)  # same on every rank: LoRA init and anything else random must agree
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
-        self.tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code,
-                                        cfg.data.chat_template)
+        self.processor, self.vision = None, None  # a vision-language model's processor and pixel maker
+        if support.vision:
+            self.processor = load_processor(cfg.model.model_name_or_path, cfg.model.trust_remote_code,
+                                            cfg.data.chat_template)
+            problem = processor_problem(self.processor)
+            if problem:
+                raise ConfigError(f"{support.class_name}: {problem}")
+            self.vision = VisionInputs(self.processor.image_processor)
+            self.tokenizer = self.processor.tokenizer
+        else:
+            self.tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code,
+                                            cfg.data.chat_template)
         with local_main_first():  # tokenizes once per node; the other ranks read the cache
-            self.train_data, self.eval_data, report = load_preference_data(cfg.data, self.tokenizer, cfg.seed)
+            self.train_data, self.eval_data, report = load_preference_data(
+                cfg.data, self.tokenizer, cfg.seed, support.encoder_decoder, self.processor)
         if self.rank == 0:
             print(report.format(), flush=True)
             (self.output_dir / "data_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
@@ -151,14 +163,20 @@ class DPORecipe:
         attention = self.attn_implementation
         if is_block_attention(attention):
             attention = f"{cfg.model.attn_implementation} per sequence block"
-        elif self.layout != "padded" and is_varlen(attention):
+        elif self.layout in ("packed", "shared") and is_varlen(attention):
             attention += " varlen" + (", prompt keys gathered per rejected run" if self.layout == "shared" else "")
-        elif self.layout != "padded":
+        elif self.layout in ("packed", "shared"):
             attention += " with a block mask" if attention == "flex_attention" else " with a dense row mask"
+        layout = self.layout + (" (each prompt encoded once, chosen and rejected decoded from it)"
+                                if self.layout == "seq2seq" else "")
         parallel = "" if self.sp is None else f"; sequence-parallel over {self.sp.size} ranks (Ulysses)"
+        if self.vision is not None:
+            times = "once" if self.layout == "shared" else "twice"
+            layout += (f"; images: each pair's through the vision tower {times}"
+                       + (" (frozen)" if cfg.model.freeze_vision_tower else ""))
         memory = "".join([f"; MLPs in {cfg.model.tiled_mlp_shards} slices" if cfg.model.tiled_mlp_shards > 1 else "",
                           "; checkpointed activations offloaded" if cfg.model.activation_offloading else ""])
-        say(f"reference: {self._describe_reference()}; batches: {self.layout}; attention: {attention}; "
+        say(f"reference: {self._describe_reference()}; batches: {layout}; attention: {attention}; "
             f"log-probs from {chunks}{parallel}{memory}")
 
     def _write_json(self, name: str, value: dict) -> None:
@@ -173,7 +191,7 @@ class DPORecipe:
         first = next(self.sampler.plans(0, 0))[2].micro_batches[0]
         rows = [self.train_data[i] for i in first]
         problem = scoring_mismatch(engine, rows, self.tokenizer.pad_token_id, self.layout,
-                                   self.cfg.batch.logps_chunk_size)
+                                   self.cfg.batch.logps_chunk_size, self.vision)
         if any_rank(problem is not None, self.device):
             raise ConfigError(f"{name}: {problem or 'the scoring self-check failed on another rank'}")
 
@@ -209,7 +227,7 @@ class DPORecipe:
         batches carry the log-probs."""
         score = lambda data: precompute_reference_logps(  # noqa: E731
             self.reference, data, self.cfg, self.tokenizer.pad_token_id, self.device, self.layout,
-            self.data_parallel)
+            self.data_parallel, self.vision)
         self.train_data = score(self.train_data)
         self.eval_data = None if self.eval_data is None else score(self.eval_data)
         self.reference = PrecomputedReference()
@@ -297,7 +315,8 @@ class DPORecipe:
         return preference_loss(inputs, self.cfg.loss)
 
     def _batch(self, dataset, indices: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
-        batch = collate_pairs([dataset[i] for i in indices], weights, self.tokenizer.pad_token_id, self.layout)
+        batch = collate_pairs([dataset[i] for i in indices], weights, self.tokenizer.pad_token_id, self.layout,
+                              self.vision)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _log_train(self) -> None:
@@ -336,7 +355,8 @@ class DPORecipe:
 
     def save(self) -> None:
         """The final model as a Hugging Face directory in ``output_dir`` (collective)."""
-        export_hf_model(self.policy, self.tokenizer, self.output_dir, self.cfg.checkpoint.save_merged_model)
+        export_hf_model(self.policy, self.processor or self.tokenizer, self.output_dir,
+                        self.cfg.checkpoint.save_merged_model)
 
     def cleanup(self, completed: bool = True) -> None:
         """Close the logs and release what the run holds outside this process; safe after a failure at any point.

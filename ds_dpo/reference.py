@@ -75,12 +75,13 @@ class PrecomputedReference:
 @torch.no_grad()
 def score_dataset(reference: Reference, dataset: datasets.Dataset, batch_size: int, pad_token_id: int,
                   device: torch.device, layout: str = "padded", desc: str = "reference log-probs",
-                  data_parallel: tuple[int, int] | None = None) -> torch.Tensor:
+                  data_parallel: tuple[int, int] | None = None, vision=None) -> torch.Tensor:
     """[N, 2] float64 (chosen, rejected) reference log-probs of every pair, on every rank.
 
     Each data-parallel rank (``data_parallel``: size and rank; default every rank is one) scores a disjoint shard,
     padded with fillers so that every rank runs the same number of forwards, as ZeRO-3 requires; one all-gather at
-    the end gives every rank the whole table (a sequence-parallel group's ranks give the same rows).
+    the end gives every rank the whole table (a sequence-parallel group's ranks give the same rows). ``vision``: a
+    vision-language model's ``VisionInputs``.
     """
     from tqdm.auto import tqdm
 
@@ -91,7 +92,7 @@ def score_dataset(reference: Reference, dataset: datasets.Dataset, batch_size: i
     for plan in tqdm(sampler.epoch(0), total=sampler.steps_per_epoch, desc=desc,
                      disable=torch.distributed.get_rank() != 0):
         indices, weights = plan.micro_batches[0], plan.weights[0]
-        batch = collate_pairs([dataset[i] for i in indices], weights, pad_token_id, layout)
+        batch = collate_pairs([dataset[i] for i in indices], weights, pad_token_id, layout, vision)
         chosen, rejected = reference.logps({k: v.to(device) for k, v in batch.items()})
         rows.append(torch.stack([torch.tensor(indices, dtype=torch.float64), batch["weight"].double(),
                                  chosen.double().cpu(), rejected.double().cpu()], dim=1))
@@ -131,7 +132,7 @@ def cached_reference_logps(cache_file: Path, compute, device: torch.device) -> t
 
 def precompute_reference_logps(reference: Reference, data: datasets.Dataset, cfg: DPOConfig, pad_token_id: int,
                                device: torch.device, layout: str,
-                               data_parallel: tuple[int, int] | None = None) -> datasets.Dataset:
+                               data_parallel: tuple[int, int] | None = None, vision=None) -> datasets.Dataset:
     """Collective. ``data`` with its reference log-probs as columns: read from the cache when an earlier run scored
     the same pairs with the same reference weights and settings (a resumed run, a beta sweep), else computed once
     with ``reference`` and cached."""
@@ -141,7 +142,7 @@ def precompute_reference_logps(reference: Reference, data: datasets.Dataset, cfg
     batch_size = cfg.ref.precompute_ref_batch_size or cfg.logging.per_device_eval_batch_size
     logps, hit = cached_reference_logps(
         cache_file, lambda: score_dataset(reference, data, batch_size, pad_token_id, device, layout,
-                                          data_parallel=data_parallel), device)
+                                          data_parallel=data_parallel, vision=vision), device)
     say(f"reference log-probs of {len(data)} pairs: {'read from cache' if hit else 'computed'} ({cache_file.name})")
     return with_reference_columns(data, logps)
 

@@ -86,6 +86,10 @@ def problems(sp_size: int, world_size: int, config, attn_implementation: str, st
          "flash-attention"),
         (not stateful, "recurrent (state-space) layers carry state along the whole row, which sequence parallelism "
                        "splits across ranks"),
+        (not getattr(config, "is_encoder_decoder", False),
+         "encoder-decoder models are not supported (their cross-attention reads the whole encoder output)"),
+        (getattr(config, "vision_config", None) is None,
+         "vision-language models are not supported (an image's tokens could straddle two ranks' slices)"),
     ]
     return [f"sequence parallelism: {message}" for ok, message in checks if not ok]
 

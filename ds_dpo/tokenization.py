@@ -10,12 +10,20 @@ a pair cannot be trained on, or "") and the untruncated lengths for the data rep
   are the longest prefix shared by the tokenized prompt and both full conversations, so they are identical for
   chosen and rejected even for templates that render a prompt differently once a reply follows; the template's own
   end-of-turn closes each reply;
+- rows with images (a vision-language model's ``processor``) are rendered by the processor's chat template and
+  tokenized by the processor with their images, so each image token is expanded to the image's feature tokens; a
+  prompt with images is never cut (the pair is dropped instead: a cut image would not match its features);
 - pre-tokenized ids are taken as they are;
+- for an encoder-decoder model (``encoder_decoder``) the prompt is the encoder's input and each completion a decoder
+  target: text prompts get the tokenizer's special tokens (T5's closing ``</s>``, BART's ``<s> ... </s>``),
+  completions are tokenized as targets (``text_target``) and closed by EOS; conversations render the prompt with the
+  chat template and take each reply's text as its target;
 - a prompt longer than ``max_prompt_length`` keeps its end (``truncation_mode: keep_end``) or its start
   (``keep_start``); without ``max_prompt_length`` (the default, as in TRL) a prompt is cut only when it alone fills
   ``max_length``, to half of ``max_length``; completions are cut to ``max_completion_length`` and to what
   ``max_length`` leaves; a pair with no room for a completion token is dropped. Every truncation and drop is counted
-  in the data report.
+  in the data report. For an encoder-decoder the prompt and each completion are limited separately: the prompt to
+  ``max_prompt_length`` (default ``max_length``), a completion to ``max_completion_length`` and ``max_length``.
 """
 
 from __future__ import annotations
@@ -45,9 +53,27 @@ def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False, cha
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if chat_template:
-        is_file = "{" not in chat_template and Path(chat_template).expanduser().is_file()  # Jinja has braces
-        tokenizer.chat_template = Path(chat_template).expanduser().read_text() if is_file else chat_template
+        tokenizer.chat_template = _template_text(chat_template)
     return tokenizer
+
+
+def load_processor(model_name_or_path: str, trust_remote_code: bool = False, chat_template: str | None = None):
+    """A vision-language model's processor, its tokenizer prepared as ``load_tokenizer`` prepares one and
+    ``chat_template`` in place of the processor's own when given."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    if processor.tokenizer.pad_token_id is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    if chat_template:
+        processor.chat_template = processor.tokenizer.chat_template = _template_text(chat_template)
+    return processor
+
+
+def _template_text(chat_template: str) -> str:
+    """A Jinja string, or the text of the file that holds one."""
+    is_file = "{" not in chat_template and Path(chat_template).expanduser().is_file()  # Jinja has braces
+    return Path(chat_template).expanduser().read_text() if is_file else chat_template
 
 
 def _common_prefix(*sequences: list[int]) -> int:
@@ -74,21 +100,44 @@ def _completion(tokenizer, text: str) -> list[int]:
     return ids if ids[-1:] == [tokenizer.eos_token_id] else ids + [tokenizer.eos_token_id]
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool, options: dict[str, Any]) -> list[int]:
+def _target(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text_target=text)["input_ids"]
+    return ids if ids[-1:] == [tokenizer.eos_token_id] else ids + [tokenizer.eos_token_id]
+
+
+def _reply_text(messages: list[dict]) -> str:
+    return "".join(m["content"] if isinstance(m["content"], str) else
+                   "".join(part.get("text", "") for part in m["content"]) for m in messages)
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, options: dict[str, Any],
+            images: list | None = None) -> list[int]:
+    """``messages`` through the chat template, tokenized; with ``images``, ``tokenizer`` is the model's processor."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
                                          **options)
+    if images is not None:
+        return list(tokenizer(text=[text], images=images or None, add_special_tokens=False)["input_ids"][0])
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
 
 
-def _ids(pair: dict[str, Any], tokenizer) -> tuple[list[int], list[int], list[int]]:
+def _ids(pair: dict[str, Any], tokenizer, encoder_decoder: bool, processor) -> tuple[list[int], list[int], list[int]]:
     prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
+    images = None
+    if "images" in pair:  # a vision-language row: the processor renders and tokenizes it, images included
+        from ds_dpo.vision import open_images
+
+        tokenizer, images = processor, open_images(pair["images"])
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         return prompt, chosen, rejected
+    if isinstance(prompt, list) and encoder_decoder:  # the rendered prompt to the encoder, each reply's text as target
+        options = json.loads(pair.get("template_options") or "{}")
+        return (_render(tokenizer, prompt, True, options), _target(tokenizer, _reply_text(chosen)),
+                _target(tokenizer, _reply_text(rejected)))
     if isinstance(prompt, list):  # messages
         options = json.loads(pair.get("template_options") or "{}")
-        prompt_ids = _render(tokenizer, prompt, True, options)
-        full_chosen = _render(tokenizer, prompt + chosen, False, options)
-        full_rejected = _render(tokenizer, prompt + rejected, False, options)
+        prompt_ids = _render(tokenizer, prompt, True, options, images)
+        full_chosen = _render(tokenizer, prompt + chosen, False, options, images)
+        full_rejected = _render(tokenizer, prompt + rejected, False, options, images)
         n = _common_prefix(prompt_ids, full_chosen, full_rejected)
         return full_chosen[:n], full_chosen[n:], full_rejected[n:]
     if pair["split_by_tokens"]:  # implicit prompt without turn boundaries: longest common token prefix
@@ -96,11 +145,15 @@ def _ids(pair: dict[str, Any], tokenizer) -> tuple[list[int], list[int], list[in
         n = min(_common_prefix(full_chosen, full_rejected), len(full_chosen) - 1, len(full_rejected) - 1)
         eos = [tokenizer.eos_token_id]
         return full_chosen[:n], full_chosen[n:] + eos, full_rejected[n:] + eos
-    return _text_prompt(tokenizer, prompt), _completion(tokenizer, chosen), _completion(tokenizer, rejected)
+    completion = _target if encoder_decoder else _completion
+    return _text_prompt(tokenizer, prompt), completion(tokenizer, chosen), completion(tokenizer, rejected)
 
 
-def encode_pair(pair: dict[str, Any], tokenizer, limits: LengthLimits) -> dict[str, Any]:
-    prompt, chosen, rejected = _ids(pair, tokenizer)
+def encode_pair(pair: dict[str, Any], tokenizer, limits: LengthLimits, encoder_decoder: bool = False,
+                processor=None) -> dict[str, Any]:
+    """The token ids of a canonical pair (``ds_dpo.formats``) and its bookkeeping; ``processor``: a vision-language
+    model's, for rows with images."""
+    prompt, chosen, rejected = _ids(pair, tokenizer, encoder_decoder, processor)
     out = {"prompt_length": len(prompt), "chosen_length": len(chosen), "rejected_length": len(rejected),
            "prompt_truncated": False, "completion_truncated": False, "drop": ""}
     if not prompt:
@@ -108,14 +161,18 @@ def encode_pair(pair: dict[str, Any], tokenizer, limits: LengthLimits) -> dict[s
     elif not chosen or not rejected:
         out["drop"] = "empty completion after tokenization"
     m = limits.max_prompt_length
-    if m is None and limits.max_length is not None and len(prompt) >= limits.max_length:
+    if m is None and limits.max_length is not None and encoder_decoder:
+        m = limits.max_length  # the encoder's own limit
+    elif m is None and limits.max_length is not None and len(prompt) >= limits.max_length:
         m = limits.max_length // 2  # the prompt alone fills max_length: keep half of it for the prompt
-    if m is not None and len(prompt) > m:
+    if m is not None and len(prompt) > m and pair.get("images"):
+        out["drop"] = out["drop"] or "prompt with images longer than the prompt limit (an image cannot be cut)"
+    elif m is not None and len(prompt) > m:
         prompt = prompt[-m:] if limits.truncation_mode == "keep_end" else prompt[:m]
         out["prompt_truncated"] = True
     room = limits.max_completion_length
     if limits.max_length is not None:
-        left = limits.max_length - len(prompt)
+        left = limits.max_length - (0 if encoder_decoder else len(prompt))
         room = left if room is None else min(room, left)
     if room is not None:
         if room < 1:

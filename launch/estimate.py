@@ -42,9 +42,13 @@ def main(argv: list[str]) -> int:
     if cfg.builtin:
         cfg = cfg.replace(**builtin.materialize(Path(cfg.output_dir) / "builtin", cfg.seed))
     config = AutoConfig.from_pretrained(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    shape = ModelShape.of(config)
     world = args.num_gpus * args.num_nodes
-    work = workload(cfg, config, world, args.num_gpus, args.prompt_tokens, args.completion_tokens)
+    try:
+        work = workload(cfg, config, world, args.num_gpus, args.prompt_tokens, args.completion_tokens)
+    except ConfigError as e:
+        print(f"ds_dpo: {e}", file=sys.stderr)
+        return 2
+    shape = ModelShape.of(config)
     budget = args.gpu_memory_gb - args.reserve_gb
     own = setup_of(cfg, cfg.parallel.deepspeed_json())
     by_setup = {s: estimate(shape, s, work) for s in dict.fromkeys([own, *CANDIDATES])}  # the configured one first

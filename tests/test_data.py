@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from conftest import REPO
 from ds_dpo import builtin, data
 from ds_dpo.config import make_config
 from ds_dpo.data import DataError, load_preference_data
@@ -84,6 +85,15 @@ def test_second_load_hits_the_tokenization_cache(tmp_path, monkeypatch):
     assert second[:] == first[:]
     load(config(tmp_path, dataset=path, max_length=8, max_prompt_length=4), builtin.build_tokenizer())
     assert len(calls) == 4  # other lengths: a new cache entry
+    cfg = config(tmp_path, dataset=path)
+    _, _, r3 = load_preference_data(cfg.data, builtin.build_tokenizer(), cfg.seed, encoder_decoder=True)
+    assert len(calls) == 6 and not r3.sources[0].cache_hit  # tokenized for an encoder-decoder: another entry
+
+
+def test_the_encoder_decoder_example_rows_load(tmp_path):
+    cfg = config(tmp_path, dataset=str(REPO / "examples" / "seq2seq" / "pairs.jsonl"))
+    train, _, report = load_preference_data(cfg.data, builtin.build_tokenizer(), cfg.seed, encoder_decoder=True)
+    assert len(train) == 8 and report.sources[0].format == "explicit" and not report.sources[0].bad_rows
 
 
 def test_mixing_splitting_sampling_and_column_mapping(tmp_path):

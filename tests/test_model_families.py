@@ -5,7 +5,7 @@ the model's own forward; and the startup self-check that catches a fast path tha
 import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig, LlamaForCausalLM
 
 from ds_dpo import layouts
 from ds_dpo.layouts import LAYOUTS, collate_pairs
@@ -290,3 +290,73 @@ def test_router_aux_loss_is_the_models_own_in_every_layout(family):
             assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
                        if "gate" in n or "router" in n)
     assert concatenated_forward(model, batch, logps_chunk_size=4).aux_loss is None  # only when asked for
+
+
+# --- encoder-decoder models ------------------------------------------------------------------------------------------
+
+_ENCODER_STACK = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+ENCODER_DECODERS = {
+    # tied embeddings: T5 scales the decoder output by d_model ** -0.5 before its head
+    "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0),
+    "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, decoder_start_token_id=2),
+    # Gemma-2 stacks: soft-capped logits, decoder start = BOS
+    "t5gemma": dict(encoder=dict(_ENCODER_STACK, final_logit_softcapping=0.5),
+                    decoder=dict(_ENCODER_STACK, final_logit_softcapping=0.5)),
+}
+SEQ2SEQ_PAIRS = PAIRS[:4]  # an encoder-decoder's prompt is never empty (its tokenizer closes it with EOS)
+
+
+def tiny_encoder_decoder(family: str):
+    config = AutoConfig.for_model(family, **{"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1,
+                                             "eos_token_id": 2, **ENCODER_DECODERS[family]})
+    support = model_support(config, "sdpa")
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config, attn_implementation=support.attn_implementation)
+    return enable_token_scoring(model).eval(), support
+
+
+def pair_by_pair(model, pairs, weights):
+    """The oracle: the model's own forward on one unpadded (prompt, completion) at a time; the weighted sum of the
+    completions' log-probs, and each one."""
+    logps = {}
+    for side in ("chosen", "rejected"):
+        logps[side] = []
+        for row in pairs:
+            labels = torch.tensor([row[f"{side}_input_ids"]])
+            logits = model(input_ids=torch.tensor([row["prompt_input_ids"]]), labels=labels).logits
+            logps[side].append(logits.float().log_softmax(-1).gather(-1, labels[..., None]).sum())
+    chosen, rejected = torch.stack(logps["chosen"]), torch.stack(logps["rejected"])
+    return (weights * chosen - 0.7 * rejected).sum(), chosen, rejected
+
+
+@pytest.mark.parametrize("family", list(ENCODER_DECODERS))
+def test_encoder_decoders_score_and_train_like_the_models_own_forward_pair_by_pair(family):
+    """The seq2seq layout (prompts padded into one encoder pass, chosen and rejected as padded decoder rows reading
+    their pair's encoder output), full and chunked logits: log-probs and every parameter's gradient equal the model's
+    own forward on one unpadded pair at a time (1e-5); the encoder runs once per micro-batch, on one row per pair."""
+    model, support = tiny_encoder_decoder(family)
+    assert support.encoder_decoder and support.layout(True, True) == ("seq2seq", None)
+    assert scoring_mismatch(model, SEQ2SEQ_PAIRS, 0, "seq2seq", 4) is None  # (probes the output head first)
+    weights = torch.arange(1.0, len(SEQ2SEQ_PAIRS) + 1)
+    model.zero_grad()
+    objective, chosen, rejected = pair_by_pair(model, SEQ2SEQ_PAIRS, weights)
+    objective.backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    encoder_rows = []
+    model.get_encoder().register_forward_hook(lambda m, args, kwargs, out: encoder_rows.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    for chunk in (0, 4):
+        model.zero_grad()
+        encoder_rows.clear()
+        batch = collate_pairs(SEQ2SEQ_PAIRS, [1.0] * len(SEQ2SEQ_PAIRS), 0, "seq2seq")
+        out = concatenated_forward(model, batch, logps_chunk_size=chunk)
+        assert encoder_rows == [len(SEQ2SEQ_PAIRS)]
+        torch.testing.assert_close(out.chosen, chosen.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.rejected, rejected.detach(), rtol=1e-5, atol=1e-5)
+        (weights * out.chosen - 0.7 * out.rejected).sum().backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-5 * expected.abs().max().item(),
+                                   msg=lambda m: f"{family} chunk {chunk}: {m}")
+    assert model._ds_dpo_output_head is not None, "T5's scale, BART's plain head and T5Gemma's soft-cap all fit"

@@ -483,3 +483,149 @@ def test_the_policy_trains_in_train_mode_so_checkpointing_applies(single_rank, b
     recipe.train_step(next(recipe.sampler.plans())[2])
     recipe.cleanup()
     assert recipe.policy.module.training and len(checkpointed) == len(layers)
+
+
+SEQ2SEQ = {  # tiny encoder-decoders (the dimensions of tests/test_model_families.py)
+    "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+    "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64),
+}
+
+
+def tiny_seq2seq_model(family: str, tokenizer_dir: str, out: Path) -> str:
+    """A tiny random encoder-decoder checkpoint with the built-in tokenizer (decoder start: T5's pad, BART's EOS)."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    start = tokenizer.pad_token_id if family == "t5" else tokenizer.eos_token_id
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  decoder_start_token_id=start, **SEQ2SEQ[family])
+    torch.manual_seed(0)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def seq2seq_logps(model, rows) -> torch.Tensor:
+    """[2B] chosen then rejected log-probs of ``rows`` from the model's own forward, one unpadded pair at a time."""
+    logps = []
+    for side in ("chosen", "rejected"):
+        for row in rows:
+            labels = torch.tensor([row[f"{side}_input_ids"]])
+            logits = model(input_ids=torch.tensor([row["prompt_input_ids"]]), labels=labels).logits
+            logps.append(logits.log_softmax(-1).gather(-1, labels[..., None]).sum())
+    return torch.stack(logps)
+
+
+@pytest.mark.parametrize("family, options", [
+    ("t5", []),  # a ZeRO-3 reference engine; full fine-tuning, exported as a plain transformers model
+    ("bart", ["--use_peft", "true", "--lora_r", "4", "--reference", "lora", "--precompute_ref_log_probs", "true",
+              "--learning_rate", "3e-2"]),
+])
+def test_encoder_decoder_models_train_with_each_reference_and_export(family, options, single_rank, builtin_files,
+                                                                     tmp_path):
+    """An encoder-decoder through the real recipe (in-process 1-rank ZeRO-3): batches in the seq2seq layout, step 1 at
+    ln 2 (policy = reference), training lowers the loss; BART with LoRA has its reference log-probs precomputed with
+    the adapters disabled, equal to the base model's own forward pair by pair; the exported model (T5) loads with
+    plain transformers and scores like the engine."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    model_dir = tiny_seq2seq_model(family, builtin_files["model_name_or_path"], tmp_path / "model")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(open(builtin_files["dataset"]).readlines()[:16]))
+    out = tmp_path / "run"
+    cfg = load_config(["--model_name_or_path", model_dir, "--dataset", str(pairs), "--eval_dataset", str(pairs),
+                       "--max_steps", "4", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
+                       "--logging_steps", "1", "--save_steps", "0", "--output_dir", str(out), *options])
+    cfg.validate()
+    recipe = DPORecipe(cfg)
+    recipe.setup()
+    assert recipe.layout == "seq2seq"
+    rows = [recipe.train_data[i] for i in range(4)]
+    if "--precompute_ref_log_probs" in options:
+        from ds_dpo.ds_config import zero3_disabled
+
+        with zero3_disabled():  # the run's ZeRO-3 registration would partition it
+            base = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+        with torch.no_grad():
+            expected = seq2seq_logps(base, rows)
+        stored = torch.tensor([row[f"ref_{side}_logps"] for side in ("chosen", "rejected") for row in rows])
+        torch.testing.assert_close(stored, expected, rtol=1e-5, atol=1e-5)
+    assert recipe.train().status == "finished"
+    recipe.save()
+    with torch.no_grad():
+        recipe.policy.eval()
+        engine = concatenated_forward(recipe.policy, recipe._batch(recipe.train_data, range(4), [1.0] * 4))
+    recipe.cleanup()
+    assert losses(out)[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert read_metrics(out, "eval_")[-1]["eval_loss"] < math.log(2) - 1e-2  # on the 16 pairs it trained on
+    if family == "t5":
+        exported = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(seq2seq_logps(exported, rows), torch.cat([engine.chosen, engine.rejected]),
+                                       rtol=1e-5, atol=1e-5)
+    else:
+        assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_an_encoder_decoder_on_two_zero3_ranks_reproduces_one_rank(builtin_files, tmp_path):
+    """T5 under ZeRO-3: 2 ranks x 4 pairs give the loss curve of 1 rank x 8 (1e-6), with chunked log-probs on one
+    and full logits on the other."""
+    model = tiny_seq2seq_model("t5", builtin_files["model_name_or_path"], tmp_path / "model")
+    common = [*SHORT, "--max_steps", "4", "--model_name_or_path", model, "--dataset", builtin_files["dataset"],
+              "--learning_rate", "3e-3"]
+    launch(*common, "--per_device_train_batch_size", "8", "--logps_chunk_size", "0", "--output_dir",
+           str(tmp_path / "one"), nprocs=1)
+    launch(*common, "--per_device_train_batch_size", "4", "--logps_chunk_size", "5", "--output_dir",
+           str(tmp_path / "two"), nprocs=2)
+    expected = losses(tmp_path / "one")
+    assert len(expected) == 4 and max(expected) - min(expected) > 1e-3
+    assert losses(tmp_path / "two") == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("family, options", [
+    ("llava", []),  # a ZeRO-3 reference engine
+    ("idefics3", ["--precompute_ref_log_probs", "true", "--freeze_vision_tower", "true"]),
+])
+def test_vision_language_models_train_and_export(family, options, single_rank, tmp_path):
+    """A vision-language model through the real recipe (in-process 1-rank ZeRO-3) on TRL-format rows with images
+    (1, 2, 1 and 0 per pair, paths in a JSON-lines file): prefix-shared batches with each pair's images once, step 1 at
+    ln 2, the loss falls on the pairs it trains on; a frozen vision tower stays as it was; the export (model and
+    processor) loads with plain transformers and scores like the engine."""
+    import vlm_models
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ds_dpo.vision import VisionInputs
+
+    model_dir = vlm_models.build(family, tmp_path / "model")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in vlm_models.rows(tmp_path / "images")))
+    out = tmp_path / "run"
+    cfg = load_config(["--model_name_or_path", model_dir, "--dataset", str(data), "--eval_dataset", str(data),
+                       "--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
+                       "--logging_steps", "1", "--save_steps", "0", "--output_dir", str(out), *options])
+    cfg.validate()
+    recipe = DPORecipe(cfg)
+    recipe.setup()
+    assert recipe.layout == "shared" and recipe.vision is not None
+    assert recipe.train().status == "finished"
+    recipe.save()
+    with torch.no_grad():
+        recipe.policy.eval()
+        engine = concatenated_forward(recipe.policy, recipe._batch(recipe.train_data, range(4), [1.0] * 4))
+    recipe.cleanup()
+    assert losses(out)[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert read_metrics(out, "eval_")[-1]["eval_loss"] < math.log(2) - 1e-2
+    processor = AutoProcessor.from_pretrained(out)
+    exported = enable_token_scoring(AutoModelForImageTextToText.from_pretrained(out).eval())
+    batch = collate_pairs([recipe.train_data[i] for i in range(4)], [1.0] * 4, processor.tokenizer.pad_token_id,
+                          "padded", VisionInputs(processor.image_processor))
+    with torch.no_grad():
+        plain = concatenated_forward(exported, batch, logps_chunk_size=0)
+    torch.testing.assert_close(torch.cat([plain.chosen, plain.rejected]), torch.cat([engine.chosen, engine.rejected]),
+                               rtol=1e-5, atol=1e-5)
+    original = dict(AutoModelForImageTextToText.from_pretrained(model_dir).named_parameters())
+    moved = [n for n, p in exported.named_parameters() if "vision" in n and not torch.equal(p, original[n])]
+    assert bool(moved) != ("--freeze_vision_tower" in options)

@@ -129,3 +129,29 @@ def test_max_length_alone_cuts_the_prompt_only_when_it_must(tokenizer):
     assert end["chosen_input_ids"] == [1, 2, 3, 4] and end["rejected_input_ids"] == [5, 6] and end["drop"] == ""
     start = encode_pair(pair, tokenizer, LengthLimits(8, None, None, "keep_start"))
     assert start["prompt_input_ids"] == list(range(10, 14)) and start["chosen_input_ids"] == [1, 2, 3, 4]
+
+
+def test_encoder_decoder_prompt_to_the_encoder_and_completions_as_targets(tokenizer):
+    """Encoder-decoder: the prompt with the tokenizer's special tokens, each completion tokenized as a target and
+    closed by EOS (a reply's text where the row is a conversation: the template renders only the prompt); the prompt
+    and each completion are limited separately."""
+    pair = normalize({"prompt": "hello there,", "chosen": " I am fine", "rejected": " go away"}, "explicit", "")
+    out = encode_pair(pair, tokenizer, NO_LIMITS, encoder_decoder=True)
+    assert out["prompt_input_ids"] == tokenizer("hello there,")["input_ids"]
+    for side, text in (("chosen", " I am fine"), ("rejected", " go away")):
+        assert out[f"{side}_input_ids"] == tokenizer(text_target=text)["input_ids"] + [tokenizer.eos_token_id]
+    chat = normalize({"prompt": [{"role": "user", "content": "hi"}],
+                      "chosen": [{"role": "assistant", "content": "I am fine"}],
+                      "rejected": [{"role": "assistant", "content": "go away"}]}, "conversational", "")
+    out = encode_pair(chat, tokenizer, NO_LIMITS, encoder_decoder=True)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert out["prompt_input_ids"] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert out["chosen_input_ids"] == tokenizer(text_target="I am fine")["input_ids"] + [tokenizer.eos_token_id]
+    raw = normalize({"prompt_input_ids": list(range(10, 20)), "chosen_input_ids": [1, 2, 3, 4],
+                     "rejected_input_ids": [5, 6]}, "tokenized", "")
+    cut = encode_pair(raw, tokenizer, LengthLimits(3, None, None), encoder_decoder=True)  # each part to max_length
+    assert cut["prompt_input_ids"] == [17, 18, 19] and cut["chosen_input_ids"] == [1, 2, 3]
+    assert cut["prompt_truncated"] and cut["completion_truncated"] and cut["drop"] == ""
+    own = encode_pair(raw, tokenizer, LengthLimits(6, 4, 2, "keep_start"), encoder_decoder=True)
+    assert own["prompt_input_ids"] == [10, 11, 12, 13] and own["chosen_input_ids"] == [1, 2]
