@@ -629,3 +629,22 @@ def test_vision_language_models_train_and_export(family, options, single_rank, t
     original = dict(AutoModelForImageTextToText.from_pretrained(model_dir).named_parameters())
     moved = [n for n, p in exported.named_parameters() if "vision" in n and not torch.equal(p, original[n])]
     assert bool(moved) != ("--freeze_vision_tower" in options)
+
+
+@pytest.mark.slow
+def test_a_vision_language_model_on_two_zero3_ranks_reproduces_one_rank(tmp_path):
+    """LLaVA under ZeRO-3 (vision tower sharded too): 2 ranks x 2 pairs give the loss curve of 1 rank x 4 (1e-6);
+    one rank's micro-batch may hold no image while the other's does."""
+    import vlm_models
+
+    model = vlm_models.build("llava", tmp_path / "model")
+    rows = vlm_models.rows(tmp_path / "images") + vlm_models.rows(tmp_path / "images", seed=100)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = [*SHORT, "--max_steps", "3", "--model_name_or_path", model, "--dataset", str(data),
+              "--learning_rate", "3e-3"]
+    launch(*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one"), nprocs=1)
+    launch(*common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two"), nprocs=2)
+    expected = losses(tmp_path / "one")
+    assert len(expected) == 3 and max(expected) - min(expected) > 1e-3
+    assert losses(tmp_path / "two") == pytest.approx(expected, abs=1e-6)

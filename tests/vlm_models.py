@@ -96,7 +96,7 @@ def rows(image_dir: Path, pairs=PAIRS, seed: int = 0) -> list[dict]:
     for k, (prompt, n, chosen, rejected) in enumerate(pairs):
         paths = []
         for i in range(n):
-            paths.append(str(image_dir / f"pair{k}-image{i}.png"))
+            paths.append(str(image_dir / f"seed{seed}-pair{k}-image{i}.png"))
             image(seed + 10 * k + i, 36 + 4 * i).save(paths[-1])
         out.append({"images": paths,
                     "prompt": [{"role": "user", "content": prompt}],
