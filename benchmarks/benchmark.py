@@ -161,12 +161,8 @@ class PeakRSS:
 
 def run_ds_dpo(work: Path, model: Path | None, options: dict, total_steps: int, phases: dict
                ) -> tuple[list[float], float, PeakRSS]:
-    import torch
-
     from ds_dpo import engines
     from ds_dpo.config import make_config
-    from ds_dpo.recipe import DPORecipe
-    from ds_dpo.sampler import StepPlan
 
     build_engine = engines.build_engine
 
@@ -185,16 +181,26 @@ def run_ds_dpo(work: Path, model: Path | None, options: dict, total_steps: int, 
         "max_prompt_length": MAX_PROMPT_LENGTH, "per_device_train_batch_size": per_rank,
         "max_steps": total_steps, "save_steps": 0, "learning_rate": 1e-6, "output_dir": str(work / "ds_dpo_run"),
         "dataset_cache_dir": str(work / "cache"), **options})
+    firsts = [s * PAIRS_PER_STEP + rank * per_rank for s in range(total_steps)]  # TRL's order: rank r takes the
+    return timed_steps(cfg, [list(range(f, f + per_rank)) for f in firsts], PAIRS_PER_STEP)  # step's r-th slice
+
+
+def timed_steps(cfg, steps: list[list[int]], global_pairs: int) -> tuple[list[float], float, PeakRSS]:
+    """ds_dpo's recipe for ``cfg`` taking one optimizer step per entry of ``steps`` (this rank's pair indices, one
+    micro-batch, of a global batch of ``global_pairs``): each step's time, the first step's loss, the memory."""
+    import torch
+
+    from ds_dpo.recipe import DPORecipe
+    from ds_dpo.sampler import StepPlan
+
     cfg.validate()
     recipe = DPORecipe(cfg)
     recipe.setup()
     times, first_loss = [], None
     with PeakRSS() as memory:
-        for step in range(total_steps):
-            first = step * PAIRS_PER_STEP + rank * per_rank  # TRL's order: rank r takes the step's r-th slice
+        for step, indices in enumerate(steps):
             started = time.perf_counter()
-            recipe.train_step(StepPlan([list(range(first, first + per_rank))], [[1.0] * per_rank], PAIRS_PER_STEP,
-                                         PAIRS_PER_STEP))
+            recipe.train_step(StepPlan([indices], [[1.0] * len(indices)], global_pairs, global_pairs))
             times.append(time.perf_counter() - started)
             if step == 0:
                 first_loss = recipe.state.window.reduce()["loss"]
@@ -203,24 +209,16 @@ def run_ds_dpo(work: Path, model: Path | None, options: dict, total_steps: int, 
     return times, first_loss, memory
 
 
-def run_trl(work: Path, model: Path | None, options: dict, total_steps: int, phases: dict
-            ) -> tuple[list[float], float, PeakRSS]:
-    from datasets import Dataset
+def recording_trainer(losses: list[float], tokenized: bool = True):
+    """TRL's DPOTrainer taking the dataset in file order (with several processes, accelerate hands process r the
+    r-th of each step's per-device batches) and appending each step's loss to ``losses``; ``tokenized``: the dataset
+    already holds ds_dpo's token ids, which TRL takes as they are."""
     from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    pairs = [json.loads(line) for line in open(work / "pairs.jsonl")]
-    dataset = Dataset.from_list([{"prompt_ids": p["prompt_input_ids"], "chosen_ids": p["chosen_input_ids"],
-                                  "rejected_ids": p["rejected_input_ids"]} for p in pairs])
-    losses, times = [], []
+    from trl import DPOTrainer
 
     class Trainer(DPOTrainer):
-        """TRL's trainer on the pairs exactly as ds_dpo tokenized them, in file order (with several processes,
-        accelerate hands process r the r-th of each step's per-device batches)."""
-
         def _prepare_dataset(self, dataset, *args, **kwargs):
-            return dataset
+            return dataset if tokenized else super()._prepare_dataset(dataset, *args, **kwargs)
 
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
@@ -230,12 +228,33 @@ def run_trl(work: Path, model: Path | None, options: dict, total_steps: int, pha
             losses.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
             return loss
 
+    return Trainer
+
+
+def step_timer(times: list[float]):
+    """A transformers callback appending each optimizer step's wall time to ``times``."""
+    from transformers import TrainerCallback
+
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *args, **kwargs):
             self.started = time.perf_counter()
 
         def on_step_end(self, *args, **kwargs):
             times.append(time.perf_counter() - self.started)
+
+    return StepTimer()
+
+
+def run_trl(work: Path, model: Path | None, options: dict, total_steps: int, phases: dict
+            ) -> tuple[list[float], float, PeakRSS]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
+
+    pairs = [json.loads(line) for line in open(work / "pairs.jsonl")]
+    dataset = Dataset.from_list([{"prompt_ids": p["prompt_input_ids"], "chosen_ids": p["chosen_input_ids"],
+                                  "rejected_ids": p["rejected_input_ids"]} for p in pairs])
+    losses, times = [], []
 
     args = DPOConfig(output_dir=str(work / "trl_run"),
                      per_device_train_batch_size=PAIRS_PER_STEP // int(os.environ["WORLD_SIZE"]),
@@ -248,8 +267,9 @@ def run_trl(work: Path, model: Path | None, options: dict, total_steps: int, pha
     phases["policy loaded"] = PeakRSS.current()
     reference_model = AutoModelForCausalLM.from_pretrained(reference)
     phases["reference loaded"] = PeakRSS.current()
-    trainer = Trainer(model=policy_model, ref_model=reference_model, args=args, train_dataset=dataset,
-                      processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer = recording_trainer(losses)(model=policy_model, ref_model=reference_model, args=args,
+                                        train_dataset=dataset, processing_class=tokenizer,
+                                        callbacks=[step_timer(times)])
     with PeakRSS() as memory:
         trainer.train()
     return times, losses[0], memory

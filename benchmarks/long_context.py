@@ -88,32 +88,23 @@ def run_ds_dpo(work: Path, length: int, sp: int) -> list[float]:
 
 def run_trl(work: Path, length: int, sp: int) -> list[float]:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
+
+    from benchmark import recording_trainer, step_timer  # the script's folder is on the path
 
     pair = json.loads((work / f"pair-{length}.jsonl").read_text())
     dataset = Dataset.from_list([{"prompt_ids": pair["prompt_input_ids"], "chosen_ids": pair["chosen_input_ids"],
                                   "rejected_ids": pair["rejected_input_ids"]}] * 2)
     times = []
 
-    class Trainer(DPOTrainer):
-        def _prepare_dataset(self, dataset, *args, **kwargs):  # already token ids
-            return dataset
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *args, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *args, **kwargs):
-            times.append(time.perf_counter() - self.started)
-
     args = DPOConfig(output_dir=str(work / f"trl-{length}"), per_device_train_batch_size=1, max_length=length + 1,
                      max_steps=2, learning_rate=1e-6, bf16=False, use_cpu=True, report_to=[], save_strategy="no",
                      logging_steps=10**6, dataloader_num_workers=0, gradient_checkpointing=True)
-    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(work / "policy"),
-                      ref_model=AutoModelForCausalLM.from_pretrained(work / "reference"), args=args,
-                      train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(work / "policy"),
-                      callbacks=[StepTimer()])
+    trainer = recording_trainer([])(
+        model=AutoModelForCausalLM.from_pretrained(work / "policy"),
+        ref_model=AutoModelForCausalLM.from_pretrained(work / "reference"), args=args, train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(work / "policy"), callbacks=[step_timer(times)])
     trainer.train()
     return times
 

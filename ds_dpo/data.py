@@ -118,7 +118,7 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
     if not rows and not problems:
         raise DataError(f"{spec}: no rows")
     fmt = dataset_format
-    vision = None
+    vision, image_token = None, None
     canonical, weights = [], []
     for row in rows:
         data = row.data
@@ -133,8 +133,9 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
             if vision and processor is None:
                 raise DataError(f"{spec}: rows have images, but the model is not a vision-language model (it has no "
                                 "image processor)")
+            image_token = processor.image_token if vision else None
         try:
-            pair, weight = normalize(data, fmt, delimiter, chat_template_kwargs, vision), pair_weight(data)
+            pair, weight = normalize(data, fmt, delimiter, chat_template_kwargs, image_token), pair_weight(data)
             canonical.append(pair)
             weights.append(weight)
         except RowError as e:

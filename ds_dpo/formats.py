@@ -16,11 +16,12 @@ Conversational rows may also carry ``tools`` (a list of tool schemas, for tool-c
 chat template, kept in the canonical row as ``template_options`` (JSON, so that the tokenization cache key covers
 them).
 
-Rows of a vision-language dataset (its first row has ``images``, a list, or ``image``) are conversational, as in
-TRL: message contents are strings or lists of parts (``{"type": "text", "text": ...}``, ``{"type": "image"}``), kept
-as parts; the images (paths, bytes, ``{"bytes", "path"}`` records or PIL images) are checked and kept as encoded bytes
-in ``images``. Each image belongs to the prompt: as many image parts in the prompt as the row has images, or none,
-and then one per image is put before the first user message's text (TRL's ``prepare_multimodal_messages``).
+Rows of a vision-language dataset (its first row has ``images``, a list, or ``image``) carry their images (paths,
+bytes, ``{"bytes", "path"}`` records or PIL images), checked and kept as encoded bytes in ``images``; each image
+belongs to the prompt. Conversational rows, as in TRL: message contents are strings or lists of parts
+(``{"type": "text", "text": ...}``, ``{"type": "image"}``), kept as parts; as many image parts in the prompt as the row
+has images, or none, and then one per image goes before the first user message's text (TRL's
+``prepare_multimodal_messages``). Explicit rows: the prompt string holds the processor's image token once per image.
 
 Any row may carry a ``weight``: the pair's weight in the training loss (a weighted mean over the global batch;
 0 keeps the pair out, as the sampler's fillers are), read by ``pair_weight``.
@@ -60,18 +61,12 @@ def has_images(row: dict[str, Any]) -> bool:
 
 
 def normalize(row: dict[str, Any], fmt: str, delimiter: str,
-              chat_template_kwargs: dict[str, Any] | None = None, vision: bool = False) -> dict[str, Any]:
+              chat_template_kwargs: dict[str, Any] | None = None, image_token: str | None = None) -> dict[str, Any]:
     """The canonical pair of ``row``; ``delimiter`` is the turn boundary of implicit prompts,
-    ``chat_template_kwargs`` the run's template variables for conversational rows; ``vision``: a row of a
-    vision-language dataset."""
-    if vision:
-        if fmt != "conversational":
-            raise RowError("images", "rows with images must be conversational (prompt, chosen and rejected as "
-                                     "message lists), as in TRL's vision datasets")
-        images = _images(row)
-        pair = _conversational(row, parts=True)
-        return {**pair, "prompt": _place_images(pair, len(images)), "images": images,
-                "template_options": _template_options(row, chat_template_kwargs)}
+    ``chat_template_kwargs`` the run's template variables for conversational rows; ``image_token``: the row is of a
+    vision-language dataset, whose processor marks an image in text with this token."""
+    if image_token is not None:
+        return _with_images(row, fmt, image_token, chat_template_kwargs)
     if fmt == "tokenized":
         return _tokenized(row)
     if fmt == "conversational":
@@ -165,6 +160,26 @@ def _parts(content: Any, name: str) -> list[dict[str, Any]]:
         else:
             raise RowError(f"{name}[{j}]", 'must be {"type": "text", "text": ...} or {"type": "image"}')
     return out
+
+
+def _with_images(row: dict[str, Any], fmt: str, image_token: str,
+                 chat_template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    images = _images(row)
+    if fmt == "conversational":
+        pair = _conversational(row, parts=True)
+        return {**pair, "prompt": _place_images(pair, len(images)), "images": images,
+                "template_options": _template_options(row, chat_template_kwargs)}
+    if fmt != "explicit":
+        raise RowError("images", "rows with images must be conversational or have an explicit `prompt`")
+    prompt, chosen, rejected = _strings(row, ("prompt", "chosen", "rejected"))
+    _check_pair(chosen, rejected)
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if image_token in text:
+            raise RowError(name, f"the image token {image_token!r} belongs in the prompt")
+    if prompt.count(image_token) != len(images):
+        raise RowError("prompt", f"{prompt.count(image_token)} image token(s) {image_token!r} for {len(images)} "
+                                 "image(s)")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "split_by_tokens": False, "images": images}
 
 
 def _images(row: dict[str, Any]) -> list[bytes]:

@@ -117,8 +117,8 @@ def inspect_model(cfg: ModelConfig, device_type: str = "cuda") -> ModelSupport:
 
 
 def model_support(config, attn_implementation: str, device_type: str = "cuda") -> ModelSupport:
-    """``ModelSupport`` of the class ``auto_class(config)`` builds for ``config``; a class that cannot be told in advance
-    (remote code) is taken as it is configured."""
+    """``ModelSupport`` of the class ``auto_class(config)`` builds for ``config``; a class that cannot be told in
+    advance (remote code) is taken as it is configured."""
     attn, notices = attn_implementation, []
     if attn == "flex_attention" and device_type == "cpu":
         notices.append("FlexAttention cannot train on CPU (torch has no CPU backward for it); using 'sdpa'")

@@ -10,9 +10,10 @@ a pair cannot be trained on, or "") and the untruncated lengths for the data rep
   are the longest prefix shared by the tokenized prompt and both full conversations, so they are identical for
   chosen and rejected even for templates that render a prompt differently once a reply follows; the template's own
   end-of-turn closes each reply;
-- rows with images (a vision-language model's ``processor``) are rendered by the processor's chat template and
-  tokenized by the processor with their images, so each image token is expanded to the image's feature tokens; a
-  prompt with images is never cut (the pair is dropped instead: a cut image would not match its features);
+- rows with images (a vision-language model's ``processor``) are tokenized by the processor with their images, so
+  each image token is expanded to the image's feature tokens: conversations rendered by the processor's chat template,
+  a text prompt with the tokenizer's special tokens (its completions as any text completion); a prompt with images is
+  never cut (the pair is dropped instead: a cut image would not match its features);
 - pre-tokenized ids are taken as they are;
 - for an encoder-decoder model (``encoder_decoder``) the prompt is the encoder's input and each completion a decoder
   target: text prompts get the tokenizer's special tokens (T5's closing ``</s>``, BART's ``<s> ... </s>``),
@@ -146,6 +147,10 @@ def _ids(pair: dict[str, Any], tokenizer, encoder_decoder: bool, processor) -> t
         eos = [tokenizer.eos_token_id]
         return full_chosen[:n], full_chosen[n:] + eos, full_rejected[n:] + eos
     completion = _target if encoder_decoder else _completion
+    if images is not None:
+        text_tokenizer = tokenizer.tokenizer
+        prompt_ids = list(tokenizer(text=[prompt], images=images or None)["input_ids"][0])
+        return prompt_ids, _completion(text_tokenizer, chosen), _completion(text_tokenizer, rejected)
     return _text_prompt(tokenizer, prompt), completion(tokenizer, chosen), completion(tokenizer, rejected)
 
 

@@ -518,6 +518,31 @@ def seq2seq_logps(model, rows) -> torch.Tensor:
     return torch.stack(logps)
 
 
+def short_run(model_dir: str, data: Path, out: Path, steps: int, *options: str) -> DPORecipe:
+    """An in-process recipe, set up: 4 pairs per step from ``data`` (also the eval set), lr 3e-3, every step logged."""
+    cfg = load_config(["--model_name_or_path", model_dir, "--dataset", str(data), "--eval_dataset", str(data),
+                       "--max_steps", str(steps), "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
+                       "--logging_steps", "1", "--save_steps", "0", "--output_dir", str(out), *options])
+    cfg.validate()
+    recipe = DPORecipe(cfg)
+    recipe.setup()
+    return recipe
+
+
+def train_export_and_score(recipe: DPORecipe):
+    """Train ``recipe`` to its end and export it; its log-probs of the first 4 pairs after training. Step 1 is at
+    ln 2 (policy = reference) and the final evaluation, on the pairs it trained on, below it."""
+    assert recipe.train().status == "finished"
+    recipe.save()
+    with torch.no_grad():
+        recipe.policy.eval()
+        logps = concatenated_forward(recipe.policy, recipe._batch(recipe.train_data, range(4), [1.0] * 4))
+    recipe.cleanup()
+    assert losses(recipe.output_dir)[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert read_metrics(recipe.output_dir, "eval_")[-1]["eval_loss"] < math.log(2) - 1e-2
+    return logps
+
+
 @pytest.mark.parametrize("family, options", [
     ("t5", []),  # a ZeRO-3 reference engine; full fine-tuning, exported as a plain transformers model
     ("bart", ["--use_peft", "true", "--lora_r", "4", "--reference", "lora", "--precompute_ref_log_probs", "true",
@@ -535,12 +560,7 @@ def test_encoder_decoder_models_train_with_each_reference_and_export(family, opt
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(open(builtin_files["dataset"]).readlines()[:16]))
     out = tmp_path / "run"
-    cfg = load_config(["--model_name_or_path", model_dir, "--dataset", str(pairs), "--eval_dataset", str(pairs),
-                       "--max_steps", "4", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
-                       "--logging_steps", "1", "--save_steps", "0", "--output_dir", str(out), *options])
-    cfg.validate()
-    recipe = DPORecipe(cfg)
-    recipe.setup()
+    recipe = short_run(model_dir, pairs, out, 4, *options)
     assert recipe.layout == "seq2seq"
     rows = [recipe.train_data[i] for i in range(4)]
     if "--precompute_ref_log_probs" in options:
@@ -552,14 +572,7 @@ def test_encoder_decoder_models_train_with_each_reference_and_export(family, opt
             expected = seq2seq_logps(base, rows)
         stored = torch.tensor([row[f"ref_{side}_logps"] for side in ("chosen", "rejected") for row in rows])
         torch.testing.assert_close(stored, expected, rtol=1e-5, atol=1e-5)
-    assert recipe.train().status == "finished"
-    recipe.save()
-    with torch.no_grad():
-        recipe.policy.eval()
-        engine = concatenated_forward(recipe.policy, recipe._batch(recipe.train_data, range(4), [1.0] * 4))
-    recipe.cleanup()
-    assert losses(out)[0] == pytest.approx(math.log(2), abs=1e-6)
-    assert read_metrics(out, "eval_")[-1]["eval_loss"] < math.log(2) - 1e-2  # on the 16 pairs it trained on
+    engine = train_export_and_score(recipe)
     if family == "t5":
         exported = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
         with torch.no_grad():
@@ -567,22 +580,6 @@ def test_encoder_decoder_models_train_with_each_reference_and_export(family, opt
                                        rtol=1e-5, atol=1e-5)
     else:
         assert (out / "adapter_model.safetensors").is_file()
-
-
-@pytest.mark.slow
-def test_an_encoder_decoder_on_two_zero3_ranks_reproduces_one_rank(builtin_files, tmp_path):
-    """T5 under ZeRO-3: 2 ranks x 4 pairs give the loss curve of 1 rank x 8 (1e-6), with chunked log-probs on one
-    and full logits on the other."""
-    model = tiny_seq2seq_model("t5", builtin_files["model_name_or_path"], tmp_path / "model")
-    common = [*SHORT, "--max_steps", "4", "--model_name_or_path", model, "--dataset", builtin_files["dataset"],
-              "--learning_rate", "3e-3"]
-    launch(*common, "--per_device_train_batch_size", "8", "--logps_chunk_size", "0", "--output_dir",
-           str(tmp_path / "one"), nprocs=1)
-    launch(*common, "--per_device_train_batch_size", "4", "--logps_chunk_size", "5", "--output_dir",
-           str(tmp_path / "two"), nprocs=2)
-    expected = losses(tmp_path / "one")
-    assert len(expected) == 4 and max(expected) - min(expected) > 1e-3
-    assert losses(tmp_path / "two") == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.parametrize("family, options", [
@@ -603,21 +600,9 @@ def test_vision_language_models_train_and_export(family, options, single_rank, t
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in vlm_models.rows(tmp_path / "images")))
     out = tmp_path / "run"
-    cfg = load_config(["--model_name_or_path", model_dir, "--dataset", str(data), "--eval_dataset", str(data),
-                       "--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
-                       "--logging_steps", "1", "--save_steps", "0", "--output_dir", str(out), *options])
-    cfg.validate()
-    recipe = DPORecipe(cfg)
-    recipe.setup()
+    recipe = short_run(model_dir, data, out, 3, *options)
     assert recipe.layout == "shared" and recipe.vision is not None
-    assert recipe.train().status == "finished"
-    recipe.save()
-    with torch.no_grad():
-        recipe.policy.eval()
-        engine = concatenated_forward(recipe.policy, recipe._batch(recipe.train_data, range(4), [1.0] * 4))
-    recipe.cleanup()
-    assert losses(out)[0] == pytest.approx(math.log(2), abs=1e-6)
-    assert read_metrics(out, "eval_")[-1]["eval_loss"] < math.log(2) - 1e-2
+    engine = train_export_and_score(recipe)
     processor = AutoProcessor.from_pretrained(out)
     exported = enable_token_scoring(AutoModelForImageTextToText.from_pretrained(out).eval())
     batch = collate_pairs([recipe.train_data[i] for i in range(4)], [1.0] * 4, processor.tokenizer.pad_token_id,
@@ -632,19 +617,28 @@ def test_vision_language_models_train_and_export(family, options, single_rank, t
 
 
 @pytest.mark.slow
-def test_a_vision_language_model_on_two_zero3_ranks_reproduces_one_rank(tmp_path):
-    """LLaVA under ZeRO-3 (vision tower sharded too): 2 ranks x 2 pairs give the loss curve of 1 rank x 4 (1e-6);
-    one rank's micro-batch may hold no image while the other's does."""
+@pytest.mark.parametrize("kind", ["encoder-decoder", "vision-language"])
+def test_two_zero3_ranks_reproduce_one_rank_for(kind, builtin_files, tmp_path):
+    """Under ZeRO-3, 2 ranks x half the pairs give the loss curve of 1 rank x all of them (1e-6): T5 (chunked
+    log-probs on one, full logits on the other), LLaVA (its vision tower sharded too; one rank's micro-batch may hold
+    no image while the other's does)."""
     import vlm_models
 
-    model = vlm_models.build("llava", tmp_path / "model")
-    rows = vlm_models.rows(tmp_path / "images") + vlm_models.rows(tmp_path / "images", seed=100)
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    common = [*SHORT, "--max_steps", "3", "--model_name_or_path", model, "--dataset", str(data),
+    if kind == "encoder-decoder":
+        model = tiny_seq2seq_model("t5", builtin_files["model_name_or_path"], tmp_path / "model")
+        data, pairs, steps = builtin_files["dataset"], 8, 4
+        one, two = ["--logps_chunk_size", "0"], ["--logps_chunk_size", "5"]
+    else:
+        model = vlm_models.build("llava", tmp_path / "model")
+        rows = vlm_models.rows(tmp_path / "images") + vlm_models.rows(tmp_path / "images", seed=100)
+        data, pairs, steps, one, two = tmp_path / "pairs.jsonl", 4, 3, [], []
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = [*SHORT, "--max_steps", str(steps), "--model_name_or_path", model, "--dataset", str(data),
               "--learning_rate", "3e-3"]
-    launch(*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one"), nprocs=1)
-    launch(*common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two"), nprocs=2)
+    launch(*common, "--per_device_train_batch_size", str(pairs), *one, "--output_dir", str(tmp_path / "one"),
+           nprocs=1)
+    launch(*common, "--per_device_train_batch_size", str(pairs // 2), *two, "--output_dir", str(tmp_path / "two"),
+           nprocs=2)
     expected = losses(tmp_path / "one")
-    assert len(expected) == 3 and max(expected) - min(expected) > 1e-3
+    assert len(expected) == steps and max(expected) - min(expected) > 1e-3
     assert losses(tmp_path / "two") == pytest.approx(expected, abs=1e-6)

@@ -196,12 +196,21 @@ def test_bad_image_rows_are_named_before_training(change, where, tmp_path):
         load_pairs(model_dir, data, tmp_path / "cache")
 
 
-def test_rows_with_images_must_be_conversational(tmp_path):
+def test_explicit_rows_hold_the_image_token_in_their_prompt(tmp_path):
+    """TRL's text rows with images: the processor expands the prompt's image token (the tokenizer's BOS first), each
+    completion is closed by EOS; a prompt whose image tokens do not match its images is a bad row."""
     model_dir = vlm_models.build("llava", tmp_path / "model")
     images = vlm_models.rows(tmp_path / "images")[0]["images"]
-    data = write_rows(tmp_path / "pairs.jsonl", [{"images": images, "prompt": "count", "chosen": "1", "rejected": "2"}])
-    with pytest.raises(DataError, match="row 1: field `images`: rows with images must be conversational"):
-        load_pairs(model_dir, data, tmp_path / "cache")
+    row = {"images": images, "prompt": "<image> count up from 3 :", "chosen": " 4 5", "rejected": " 2 1"}
+    processor, train, _ = load_pairs(model_dir, write_rows(tmp_path / "pairs.jsonl", [row]), tmp_path / "cache")
+    tokenizer, image = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert train[0]["prompt_input_ids"] == [tokenizer.bos_token_id] + [image] * 9 + tokenizer(
+        "count up from 3 :", add_special_tokens=False)["input_ids"]
+    assert train[0]["chosen_input_ids"] == tokenizer(" 4 5", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id]
+    bad = write_rows(tmp_path / "bad.jsonl", [{**row, "prompt": "count up from 3 :"}])
+    with pytest.raises(DataError, match=re.escape("row 1: field `prompt`: 0 image token(s) '<image>' for 1 image(s)")):
+        load_pairs(model_dir, bad, tmp_path / "cache")
 
 
 def test_a_prompt_with_images_is_dropped_rather_than_cut(tmp_path):
@@ -211,3 +220,23 @@ def test_a_prompt_with_images_is_dropped_rather_than_cut(tmp_path):
     # pairs 0 and 2 (1 image: 9 image tokens + text, 20 tokens) fit, pair 1 (2 images) does not, pair 3 has none
     assert len(train) == 3 and report.sources[0].dropped == {
         "prompt with images longer than the prompt limit (an image cannot be cut)": 1}
+
+
+def test_the_example_rows_load(tmp_path, monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)  # its image paths are relative to the repository, as its launch line runs
+    model_dir = vlm_models.build("idefics3", tmp_path / "model")
+    _, train, report = load_pairs(model_dir, str(REPO / "examples" / "vlm" / "pairs.jsonl"), tmp_path / "cache")
+    assert len(train) == 7 and not report.sources[0].bad_rows and [len(i) for i in train["images"]] == [1] * 6 + [2]
+
+
+def test_the_tokenization_cache_is_keyed_by_the_images(tmp_path):
+    model_dir = vlm_models.build("llava", tmp_path / "model")
+    rows = vlm_models.rows(tmp_path / "images")
+    data = write_rows(tmp_path / "pairs.jsonl", rows)
+    assert not load_pairs(model_dir, data, tmp_path / "cache")[2].sources[0].cache_hit
+    assert load_pairs(model_dir, data, tmp_path / "cache")[2].sources[0].cache_hit
+    vlm_models.image(99).save(rows[0]["images"][0])  # same file, other pixels
+    _, train, report = load_pairs(model_dir, data, tmp_path / "cache")
+    assert not report.sources[0].cache_hit and len(train) == 4
