@@ -2,13 +2,12 @@
 estimators and hand counts; the command line. How close it comes to measured runs is benchmarks/estimate_check.py's
 job (README "Will it fit?")."""
 
-import subprocess
-import sys
+import importlib.util
 
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, T5Config
 
 from conftest import REPO
 from ds_dpo.config import make_config
@@ -81,18 +80,28 @@ def test_lora_count_is_peft_s():
     assert lora_params(cfg, config) == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
 
-def test_command_line_gives_a_table_and_a_verdict(tmp_path):
+def test_command_line_gives_a_table_and_a_verdict(tmp_path, capsys):
+    """launch/estimate.py's main, in this process: exit 0 with a verdict, 1 when nothing fits, 2 for a bad config
+    and for an encoder-decoder model (not estimated)."""
+    spec = importlib.util.spec_from_file_location("estimate_cli", REPO / "launch" / "estimate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
     LlamaConfig(**LLAMA_8B).save_pretrained(tmp_path / "llama-8b")
+    T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4).save_pretrained(tmp_path / "t5")
     (tmp_path / "pairs.jsonl").write_text("")
-    run = lambda *args: subprocess.run(  # noqa: E731
-        [sys.executable, "launch/estimate.py", "--model_name_or_path", str(tmp_path / "llama-8b"), "--dataset",
-         str(tmp_path / "pairs.jsonl"), "--bf16", "true", "--max_length", "2048", *args],
-        cwd=REPO, capture_output=True, text=True)
-    fits = run("--num_gpus", "8", "--gpu_memory_gb", "80")
-    assert fits.returncode == 0, fits.stderr
-    assert "8.03 B parameters" in fits.stdout and "verdict: fits with ZeRO-" in fits.stdout
-    assert fits.stdout.count("| ZeRO-") == len(CANDIDATES)  # the configured setup (ZeRO-3) is one of them
-    too_small = run("--num_gpus", "1", "--gpu_memory_gb", "16")
-    assert too_small.returncode == 1 and "verdict: no setup fits" in too_small.stdout
-    bad = run("--num_gpus", "1", "--beta", "-1")
-    assert bad.returncode == 2 and "`beta`" in bad.stderr
+
+    def run(*args, model="llama-8b"):
+        code = cli.main(["--model_name_or_path", str(tmp_path / model), "--dataset", str(tmp_path / "pairs.jsonl"),
+                         "--bf16", "true", "--max_length", "2048", *args])
+        return code, *capsys.readouterr()
+
+    code, out, err = run("--num_gpus", "8", "--gpu_memory_gb", "80")
+    assert code == 0, err
+    assert "8.03 B parameters" in out and "verdict: fits with ZeRO-" in out
+    assert out.count("| ZeRO-") == len(CANDIDATES)  # the configured setup (ZeRO-3) is one of them
+    code, out, _ = run("--num_gpus", "1", "--gpu_memory_gb", "16")
+    assert code == 1 and "verdict: no setup fits" in out
+    code, _, err = run("--num_gpus", "1", "--beta", "-1")
+    assert code == 2 and "`beta`" in err
+    code, _, err = run(model="t5")
+    assert code == 2 and "T5ForConditionalGeneration is an encoder-decoder model" in err

@@ -618,10 +618,10 @@ def test_vision_language_models_train_and_export(family, options, single_rank, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["encoder-decoder", "vision-language"])
-def test_two_zero3_ranks_reproduce_one_rank_for(kind, builtin_files, tmp_path):
-    """Under ZeRO-3, 2 ranks x half the pairs give the loss curve of 1 rank x all of them (1e-6): T5 (chunked
-    log-probs on one, full logits on the other), LLaVA (its vision tower sharded too; one rank's micro-batch may hold
-    no image while the other's does)."""
+def test_two_zero3_ranks_reproduce_one_rank_for(kind, single_rank, builtin_files, tmp_path):
+    """Under ZeRO-3, 2 launched ranks x half the pairs give the loss curve of 1 rank (in-process) x all of them
+    (1e-6): T5 (chunked log-probs on one, full logits on the other), LLaVA (its vision tower sharded too; one rank's
+    micro-batch may hold no image while the other's does)."""
     import vlm_models
 
     if kind == "encoder-decoder":
@@ -635,8 +635,13 @@ def test_two_zero3_ranks_reproduce_one_rank_for(kind, builtin_files, tmp_path):
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     common = [*SHORT, "--max_steps", str(steps), "--model_name_or_path", model, "--dataset", str(data),
               "--learning_rate", "3e-3"]
-    launch(*common, "--per_device_train_batch_size", str(pairs), *one, "--output_dir", str(tmp_path / "one"),
-           nprocs=1)
+    cfg = load_config([*common, "--per_device_train_batch_size", str(pairs), *one, "--output_dir",
+                       str(tmp_path / "one")])
+    cfg.validate()
+    recipe = DPORecipe(cfg)
+    recipe.setup()
+    assert recipe.train().status == "finished"
+    recipe.cleanup()
     launch(*common, "--per_device_train_batch_size", str(pairs // 2), *two, "--output_dir", str(tmp_path / "two"),
            nprocs=2)
     expected = losses(tmp_path / "one")
