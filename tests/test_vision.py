@@ -240,3 +240,16 @@ def test_the_tokenization_cache_is_keyed_by_the_images(tmp_path):
     vlm_models.image(99).save(rows[0]["images"][0])  # same file, other pixels
     _, train, report = load_pairs(model_dir, data, tmp_path / "cache")
     assert not report.sources[0].cache_hit and len(train) == 4
+
+
+def test_images_come_as_paths_bytes_records_or_pil(tmp_path):
+    from ds_dpo.vision import image_bytes
+
+    picture = vlm_models.image(0)
+    picture.save(tmp_path / "a.png")
+    encoded = (tmp_path / "a.png").read_bytes()
+    for value in (str(tmp_path / "a.png"), encoded, {"bytes": encoded, "path": None},
+                  {"bytes": None, "path": str(tmp_path / "a.png")}, picture):
+        assert open_images([image_bytes(value)])[0].tobytes() == picture.tobytes()
+    with pytest.raises(ValueError, match="must be an image path, bytes or image, got int"):
+        image_bytes(3)
