@@ -1,14 +1,15 @@
 """Document-sparse attention for packed and prefix-shared rows: each sequence block of the row attends only within
 itself, so attention costs the sum over blocks instead of the square of the row.
 
-A packed row (``ds_dpo.layouts``) is a run of blocks: one per sequence when packed, one ``prompt | chosen |
-rejected`` per pair when shared. A row-wide 4D mask makes every kernel compute all S x S scores (and store the mask:
+A packed row (``ds_dpo.layouts``) is a run of blocks: one per sequence when packed, one ``prompt | response 1 | ... |
+response K`` per prompt when shared (a pair's chosen and rejected, or every response of a prompt that several pairs
+share). A row-wide 4D mask makes every kernel compute all S x S scores (and store the mask:
 64 MiB as bool at S = 8192, 16 GiB at 128k); here the model's attention runs once per block, on that block's
 queries, keys and values. With sdpa and no sliding window no block-sized mask exists either: a block is a causal run
-through sdpa's own causal path (flash-style kernels, on CPU too), and a shared pair's rejected tokens attend to the
-prompt's keys and their own with an [R, P + R] mask, so attention memory grows with a block's length, not its
-square. Otherwise (eager kernels, sliding windows) each block gets its own small mask (causal, rejected blind to
-chosen, the layer's window).
+through sdpa's own causal path (flash-style kernels, on CPU too), and each further response of a shared prompt
+attends to the prompt's keys and its own with an [R, P + R] mask, so attention memory grows with a block's length,
+not its square. Otherwise (eager kernels, sliding windows) each block gets its own small mask (causal, each response
+blind to the others, the layer's window).
 
 It is registered with transformers' attention interface as ``ds_dpo_blocks_sdpa`` and ``ds_dpo_blocks_eager``
 (``BLOCK_ATTENTION[inner]``): the per-block kernel is sdpa or the model's own eager attention (Gemma-2's soft-capped
@@ -17,10 +18,10 @@ carries ``ds_dpo_blocks``: ``layouts.model_inputs`` then passes a ``Blocks`` and
 stride-0 stand-in that transformers hands through untouched and no kernel reads.
 
 flash-attention needs no mask at all: its varlen kernel takes sequence boundaries (``cu_seqlens``), separately for
-queries and keys. A prefix-shared row becomes two query runs per pair, ``prompt + chosen`` and ``rejected``, whose
-keys are ``prompt + chosen`` and ``prompt + rejected`` (``shared_varlen_inputs``: the prompt's keys and values are
-gathered twice, not recomputed); flash-attention aligns a causal run with fewer queries than keys at the bottom
-right, so each rejected token sees the prompt and the rejected tokens before it, exactly. transformers' own flash
+queries and keys. A prefix-shared block becomes the query runs ``prompt + response 1``, ``response 2``, ...,
+whose keys are ``prompt + response k`` (``shared_varlen_inputs``: the prompt's keys and values are gathered once per
+response, not recomputed); flash-attention aligns a causal run with fewer queries than keys at the bottom right, so
+each token of a later response sees the prompt and that response's tokens before it, exactly. transformers' own flash
 functions are wrapped to do the gather when a forward carries ``ds_dpo_kv_index``, and are unchanged otherwise.
 """
 
@@ -36,8 +37,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
-"""``branch`` values: which part of a pair a token of a packed row belongs to."""
+PROMPT = 0
+"""``branch`` of a prompt token; a response token's ``branch`` is the response's number in its block, 1, 2, ...: it
+attends to its block's prompt and to the tokens of its own response (a pair's chosen is 1, its rejected 2)."""
 
 BLOCK_ATTENTION = {"sdpa": "ds_dpo_blocks_sdpa", "eager": "ds_dpo_blocks_eager"}
 """Per-block kernel -> the attention implementation name to load a model with."""
@@ -54,13 +56,13 @@ class Blocks:
     bounds: list[tuple[int, int]]
     """[start, end) of each block in the row."""
     branch: torch.Tensor
-    """[S] 0 prompt, 1 chosen, 2 rejected (``ds_dpo.layouts``)."""
+    """[S] 0 prompt, k response k of the block (``ds_dpo.layouts``)."""
     position_ids: torch.Tensor
     """[S]"""
     additive_dtype: torch.dtype | None = None
     """None: bool masks (sdpa); else additive float masks in this dtype (eager)."""
     _masks: dict = field(default_factory=dict, repr=False)
-    _runs: list[tuple[int, int, int]] | None = field(default=None, repr=False)
+    _runs: list[tuple[int, list[int]]] | None = field(default=None, repr=False)
 
     @classmethod
     def of_row(cls, segment: torch.Tensor, branch: torch.Tensor, position_ids: torch.Tensor,
@@ -70,18 +72,13 @@ class Blocks:
         bounds = list(zip(starts, starts[1:] + [seg.numel()]))
         return cls(bounds, branch[0], position_ids[0], additive_dtype)
 
-    def causal_runs(self) -> list[tuple[int, int, int]]:
-        """Per block ``(prompt, causal, rejected)`` token counts for the mask-free sdpa path: the block's first
-        ``prompt + causal`` tokens attend causally among themselves; a prefix-shared pair's ``rejected`` tokens then
-        attend to the first ``prompt`` tokens and causally among themselves. A block without both chosen and
-        rejected tokens (a packed sequence, a padded row) is one causal run."""
+    def causal_runs(self) -> list[tuple[int, list[int]]]:
+        """Per block ``(prompt, runs)`` token counts for the mask-free sdpa path: the block's first ``runs[0]`` tokens
+        (its prompt and first response) attend causally among themselves; each further run (a response of a
+        prefix-shared block) attends to the first ``prompt`` tokens and causally among itself. A block with one
+        response (a packed sequence, a padded row) is one causal run."""
         if self._runs is None:
-            self._runs = []
-            for start, end in self.bounds:
-                kind = self.branch[start:end]
-                chosen, rejected = int((kind == CHOSEN).sum()), int((kind == REJECTED).sum())
-                self._runs.append((end - start - chosen - rejected, chosen, rejected) if chosen and rejected
-                                  else (0, end - start, 0))
+            self._runs = [_response_runs(self.branch[start:end].tolist()) for start, end in self.bounds]
         return self._runs
 
     def masks(self, sliding_window: int | None) -> list[torch.Tensor]:
@@ -98,15 +95,15 @@ class Blocks:
 def packed_attention_mask(segment: torch.Tensor, branch: torch.Tensor, attn_implementation: str,
                           dtype: torch.dtype, position_ids: torch.Tensor | None = None,
                           sliding_window: int | None = None) -> torch.Tensor:
-    """[1, 1, S, S] mask from [1, S] ``segment``/``branch``: causal within a segment, rejected blind to chosen, and
+    """[1, 1, S, S] mask from [1, S] ``segment``/``branch``: causal within a segment, responses blind to each other,
+    and
     with ``sliding_window`` (needs ``position_ids``) no key that many positions or more before the query.
 
     Bool (True = may attend) for sdpa, else additive float in ``dtype`` (0 or the dtype's minimum)."""
     seg, kind = segment[0], branch[0]
     same = seg.unsqueeze(1) == seg.unsqueeze(0)
     causal = torch.ones(same.shape, dtype=torch.bool, device=seg.device).tril()
-    crossing = (kind == REJECTED).unsqueeze(1) & (kind == CHOSEN).unsqueeze(0)
-    allowed = same & causal & ~crossing
+    allowed = same & causal & ~_across_responses(kind.unsqueeze(1), kind.unsqueeze(0))
     if sliding_window is not None:
         pos = position_ids[0]
         allowed &= (pos.unsqueeze(1) - pos.unsqueeze(0)) < sliding_window
@@ -120,13 +117,13 @@ def packed_attention_mask(segment: torch.Tensor, branch: torch.Tensor, attn_impl
 def flex_block_mask(segment: torch.Tensor, branch: torch.Tensor, position_ids: torch.Tensor,
                     sliding_window: int | None = None) -> BlockMask:
     """``packed_attention_mask`` as FlexAttention's block mask, for ``attn_implementation: flex_attention``: kept per
-    128 x 128 tile, and the tiles where nothing may attend (other sequences, chosen seen from rejected) are skipped
+    128 x 128 tile, and the tiles where nothing may attend (other sequences, another response's tokens) are skipped
     by the kernel, so attention costs about the sum over sequence blocks. transformers hands a 4D ``BlockMask``
     through to its flex kernel as it is."""
     seg, kind, pos = segment[0], branch[0], position_ids[0]
 
     def mask_mod(batch, head, q, k):
-        allowed = (seg[q] == seg[k]) & (q >= k) & ~((kind[q] == REJECTED) & (kind[k] == CHOSEN))
+        allowed = (seg[q] == seg[k]) & (q >= k) & ~_across_responses(kind[q], kind[k])
         if sliding_window is not None:
             allowed = allowed & (pos[q] - pos[k] < sliding_window)
         return allowed
@@ -144,23 +141,41 @@ def _eager_kernel(module: torch.nn.Module):
     return kernel
 
 
-def _causal_sdpa_runs(module, query, key, value, runs: list[tuple[int, int, int]], **kwargs) -> torch.Tensor:
-    """sdpa over ``Blocks.causal_runs`` without a block-sized mask: each causal run through sdpa's own causal path
-    (no [L, L] mask or score matrix on the flash-style kernels torch picks for it, on CPU too), and a shared pair's
-    rejected queries over the prompt's and their own keys with a small [R, P + R] mask."""
-    sizes = [n for p, c, r in runs for n in (p + c, r)]
+def _across_responses(query_branch: torch.Tensor, key_branch: torch.Tensor) -> torch.Tensor:
+    """Where a query token of one response would read a key token of another response of its block."""
+    return (query_branch > PROMPT) & (key_branch > PROMPT) & (query_branch != key_branch)
+
+
+def _response_runs(branch: list[int]) -> tuple[int, list[int]]:
+    """``(prompt tokens, run lengths)`` of one block's ``branch`` values: ``prompt + response 1``, then each further
+    response; a block with one response is one run (no prompt to share)."""
+    runs = [0]
+    for previous, kind in zip([PROMPT, *branch], branch):
+        if kind != previous and previous != PROMPT:
+            runs.append(0)
+        runs[-1] += 1
+    return (branch.count(PROMPT), runs) if len(runs) > 1 else (0, runs)
+
+
+def _causal_sdpa_runs(module, query, key, value, runs: list[tuple[int, list[int]]], **kwargs) -> torch.Tensor:
+    """sdpa over ``Blocks.causal_runs`` without a block-sized mask: each block's first run through sdpa's own causal
+    path (no [L, L] mask or score matrix on the flash-style kernels torch picks for it, on CPU too), and each further
+    response's queries over the prompt's and their own keys with a small [R, P + R] mask."""
+    sizes = [n for _, lengths in runs for n in lengths]
     outputs = []
     queries, keys, values = query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)
-    for i, (p, _, r) in enumerate(runs):
-        q, k, v = queries[2 * i], keys[2 * i], values[2 * i]
-        outputs.append(sdpa_attention_forward(module, q, k, v, None, **kwargs)[0])
-        if r:
-            k_rejected = torch.cat([k[:, :, :p], keys[2 * i + 1]], dim=2)
-            v_rejected = torch.cat([v[:, :, :p], values[2 * i + 1]], dim=2)
-            mask = torch.ones(r, p + r, dtype=torch.bool, device=q.device)
-            mask[:, p:] = torch.ones(r, r, dtype=torch.bool, device=q.device).tril()
-            outputs.append(sdpa_attention_forward(module, queries[2 * i + 1], k_rejected, v_rejected,
-                                                  mask[None, None], **kwargs)[0])
+    first = 0
+    for p, lengths in runs:
+        k_prompt, v_prompt = keys[first][:, :, :p], values[first][:, :, :p]
+        outputs.append(sdpa_attention_forward(module, queries[first], keys[first], values[first], None, **kwargs)[0])
+        for j in range(first + 1, first + len(lengths)):
+            r = sizes[j]
+            mask = torch.ones(r, p + r, dtype=torch.bool, device=query.device)
+            mask[:, p:] = torch.ones(r, r, dtype=torch.bool, device=query.device).tril()
+            outputs.append(sdpa_attention_forward(module, queries[j], torch.cat([k_prompt, keys[j]], dim=2),
+                                                  torch.cat([v_prompt, values[j]], dim=2), mask[None, None],
+                                                  **kwargs)[0])
+        first += len(lengths)
     return torch.cat(outputs, dim=1)
 
 
@@ -195,19 +210,21 @@ for _inner, _name in BLOCK_ATTENTION.items():
 
 
 def shared_varlen_inputs(segment: torch.Tensor, branch: torch.Tensor) -> dict:
-    """flash-attention varlen keyword arguments for a prefix-shared [1, S] row (``segment``/``branch``): each pair
-    ``prompt | chosen | rejected`` is the query runs ``prompt + chosen`` and ``rejected``, with keys ``prompt +
-    chosen`` and ``prompt + rejected``; ``ds_dpo_kv_index`` gathers those keys (and values) from the row."""
+    """flash-attention varlen keyword arguments for a prefix-shared [1, S] row (``segment``/``branch``): each block
+    ``prompt | response 1 | ... | response K`` is the query runs ``prompt + response 1``, ``response 2``, ..., with
+    keys ``prompt + response k``; ``ds_dpo_kv_index`` gathers those keys (and values) from the row."""
     seg, kind = segment[0].tolist(), branch[0].tolist()
     starts = [i for i in range(len(seg)) if i == 0 or seg[i] != seg[i - 1]]
     q_lengths, k_lengths, kv_index = [], [], []
     for start, end in zip(starts, starts[1:] + [len(seg)]):
-        prompt, chosen = kind[start:end].count(PROMPT), kind[start:end].count(CHOSEN)
-        rejected = end - start - prompt - chosen
-        q_lengths += [prompt + chosen, rejected]
-        k_lengths += [prompt + chosen, prompt + rejected]
-        kv_index += [*range(start, start + prompt + chosen), *range(start, start + prompt),
-                     *range(start + prompt + chosen, end)]
+        prompt, runs = _response_runs(kind[start:end])
+        q_lengths += runs
+        k_lengths += [runs[0], *(prompt + r for r in runs[1:])]
+        kv_index += range(start, start + runs[0])
+        at = start + runs[0]
+        for r in runs[1:]:
+            kv_index += [*range(start, start + prompt), *range(at, at + r)]
+            at += r
     device = segment.device
 
     def cumulative(lengths):

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from ds_dpo.formats import FORMATS
+from ds_dpo.formats import FORMATS, PAIRINGS
 from ds_dpo.losses import LossConfig
 from ds_dpo.sources import looks_local
 from ds_dpo.tokenization import TRUNCATION_MODES, LengthLimits
@@ -151,7 +151,8 @@ class DataConfig:
     eval_dataset: str | list[str] | None = None
     """Held-out pairs, any source above; evaluated every ``eval_steps`` and at the end."""
     eval_split_ratio: float = 0.0
-    """Without ``eval_dataset``: hold this fraction of the training pairs out for evaluation (seeded)."""
+    """Without ``eval_dataset``: hold this fraction of the training prompts out for evaluation (seeded; all pairs of a
+    ranked row's prompt go to the same side)."""
     max_samples: int | None = None
     """Use at most this many training pairs (after mixing)."""
     prompt_key: str = "prompt"
@@ -161,7 +162,12 @@ class DataConfig:
     rejected_key: str = "rejected"
     """Column holding the dispreferred completion."""
     dataset_format: str = "auto"
-    """``auto`` (detected per dataset), ``explicit``, ``implicit``, ``conversational`` or ``tokenized``."""
+    """``auto`` (detected per dataset), ``explicit``, ``implicit``, ``conversational``, ``tokenized`` or ``ranked``
+    (K responses per prompt)."""
+    response_pairing: str = "best_vs_worst"
+    """How ranked rows (K responses per prompt, best first or scored) become pairs: ``best_vs_worst`` (one pair per
+    prompt), ``best_vs_rest`` (K - 1) or ``all_pairs`` (every two responses ranked apart). A prompt's pairs stay in
+    one micro-batch where they fit, where the prompt and each response are computed once."""
     implicit_prompt_delimiter: str = "\n\nAssistant:"
     """Turn boundary that ends the prompt in implicit-prompt data (HH-RLHF's)."""
     chat_template: str | None = None
@@ -208,6 +214,7 @@ class DataConfig:
             (self.max_samples is None or self.max_samples >= 1, "`max_samples` must be >= 1 or unset"),
             (self.dataset_format in ("auto", *FORMATS),
              f"`dataset_format` must be auto or one of {FORMATS} (got {self.dataset_format!r})"),
+            (self.response_pairing in PAIRINGS, f"`response_pairing` must be one of {PAIRINGS}"),
             (self.on_bad_rows in ("error", "skip"), "`on_bad_rows` must be `error` or `skip`"),
             (self.truncation_mode in TRUNCATION_MODES, f"`truncation_mode` must be one of {TRUNCATION_MODES}"),
             (self.max_length is None or self.max_length >= 2, "`max_length` must be >= 2 or unset"),

@@ -7,7 +7,8 @@ first offenders (file, row, field, reason) and the total; with ``skip`` they are
 through ``datasets.map`` into a cache file named by a fingerprint of the checked rows, the tokenizer (chat template
 included) and the length settings, so a second run with the same inputs tokenizes nothing. The returned datasets
 hold ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``, ``weight`` (the row's, 1 by default),
-``index`` (the row's position, which keys precomputed reference log-probs) and, for a vision-language model,
+``group`` (pairs made of one ranked row share it: they are held out together and batched together), ``index`` (the
+pair's position, which keys precomputed reference log-probs) and, for a vision-language model,
 ``images`` (each pair's encoded images, empty for a text pair; pixels are made per micro-batch, ``ds_dpo.vision``).
 """
 
@@ -23,7 +24,7 @@ import datasets
 from datasets.fingerprint import Hasher
 
 from ds_dpo.config import DataConfig, as_list
-from ds_dpo.formats import RowError, detect, has_images, normalize, pair_weight
+from ds_dpo.formats import RowError, detect, has_images, normalize, pair_weight, response_pairs
 from ds_dpo.sources import DataError, RowProblem, read_source
 from ds_dpo.tokenization import LengthLimits, encode_pair
 
@@ -40,6 +41,8 @@ class SourceReport:
     format: str = ""
     rows_read: int = 0
     bad_rows: dict[str, int] = field(default_factory=dict)
+    unpaired_rows: int = 0
+    """Ranked rows whose responses rank nothing apart (fewer than two, or all alike)."""
     dropped: dict[str, int] = field(default_factory=dict)
     prompt_truncated: int = 0
     completion_truncated: int = 0
@@ -62,6 +65,8 @@ class DataReport:
             for title, counts in (("bad rows skipped", s.bad_rows), ("pairs dropped", s.dropped)):
                 for reason, n in sorted(counts.items()):
                     lines.append(f"    {title}: {n} x {reason}")
+            if s.unpaired_rows:
+                lines.append(f"    rows without a pair: {s.unpaired_rows} (fewer than two responses, or all ranked alike)")
             if s.prompt_truncated or s.completion_truncated:
                 lines.append(f"    truncated: {s.prompt_truncated} prompts, {s.completion_truncated} pairs' completions")
             for part, q in s.lengths.items():
@@ -107,11 +112,11 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
                    delimiter: str = "\n\nAssistant:", keys: dict[str, str] | None = None,
                    on_bad_rows: str = "error", cache_dir: str | os.PathLike | None = None,
                    num_proc: int | None = None, split: str = "train", config_name: str | None = None,
-                   chat_template_kwargs: dict[str, Any] | None = None,
+                   chat_template_kwargs: dict[str, Any] | None = None, response_pairing: str = "best_vs_worst",
                    encoder_decoder: bool = False, processor=None) -> tuple[datasets.Dataset, SourceReport]:
     """Read, check, normalise and tokenize one source (its ``split`` where it has several; for an encoder-decoder
     model with ``encoder_decoder``, for a vision-language model with its ``processor``); returns its trainable
-    pairs and its report."""
+    pairs (``group``: the row they were made of) and its report."""
     report = SourceReport(spec)
     rows, problems = read_source(spec, split, config_name)
     report.rows_read = len(rows) + len(problems)
@@ -119,7 +124,7 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
         raise DataError(f"{spec}: no rows")
     fmt = dataset_format
     vision, image_token = None, None
-    canonical, weights = [], []
+    canonical, weights, groups = [], [], []
     for row in rows:
         data = row.data
         if not isinstance(data, dict):
@@ -135,11 +140,16 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
                                 "image processor)")
             image_token = processor.image_token if vision else None
         try:
-            pair, weight = normalize(data, fmt, delimiter, chat_template_kwargs, image_token), pair_weight(data)
-            canonical.append(pair)
-            weights.append(weight)
+            weight = pair_weight(data)
+            pairs = (response_pairs(data, response_pairing, delimiter, chat_template_kwargs, image_token)
+                     if fmt == "ranked" else [normalize(data, fmt, delimiter, chat_template_kwargs, image_token)])
         except RowError as e:
             problems.append(RowProblem(spec, row.number, e.field, e.reason))
+            continue
+        report.unpaired_rows += not pairs
+        canonical += pairs
+        weights += [weight] * len(pairs)
+        groups += [row.number] * len(pairs)
     report.format = fmt
     problems.sort(key=lambda p: p.number)
     if problems and on_bad_rows == "error":
@@ -169,7 +179,8 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
                       for part in ("prompt", "chosen", "rejected")}
     if not kept:
         raise DataError(f"{spec}: every pair was dropped ({report.dropped})")
-    pairs = tokenized.select_columns(list(ID_COLUMNS) + (["images"] if vision else [])).add_column("weight", weights)
+    pairs = tokenized.select_columns(list(ID_COLUMNS) + (["images"] if vision else []))
+    pairs = pairs.add_column("weight", weights).add_column("group", groups)
     if processor is not None and not vision:  # a text source in a vision-language run: pairs without images
         pairs = pairs.add_column("images", [[]] * len(pairs), feature=datasets.Sequence(datasets.Value("binary")))
     return (pairs if len(kept) == len(tokenized) else pairs.select(kept)), report
@@ -184,7 +195,10 @@ def _load_all(specs: list[str], probs: list[float] | None, cfg: DataConfig, seed
             delimiter=cfg.implicit_prompt_delimiter, keys=cfg.column_names, on_bad_rows=cfg.on_bad_rows,
             cache_dir=cfg.dataset_cache_dir, num_proc=cfg.dataset_num_proc, split=split,
             config_name=cfg.dataset_config, chat_template_kwargs=cfg.chat_template_kwargs,
-            encoder_decoder=encoder_decoder, processor=processor)
+            response_pairing=cfg.response_pairing, encoder_decoder=encoder_decoder, processor=processor)
+        if parts:  # groups are row numbers within a source: keep sources' groups apart
+            offset = max(parts[-1]["group"]) + 1
+            part = part.remove_columns("group").add_column("group", [g + offset for g in part["group"]])
         parts.append(part)
         report.sources.append(source_report)
     if len(parts) == 1:
@@ -193,6 +207,16 @@ def _load_all(specs: list[str], probs: list[float] | None, cfg: DataConfig, seed
         # OpenRLHF's blending: sample sources by probability until every one is used up (smaller ones repeat)
         return datasets.interleave_datasets(parts, probabilities=probs, seed=seed, stopping_strategy="all_exhausted")
     return datasets.concatenate_datasets(parts)
+
+
+def _split_groups(pairs: datasets.Dataset, test_size: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A seeded train/test split of ``pairs`` by ``group``: a ranked row's pairs all go to one side (with one pair
+    per group it is ``datasets``' own ``train_test_split`` of the pairs)."""
+    members: dict[int, list[int]] = {}
+    for i, group in enumerate(pairs["group"]):
+        members.setdefault(group, []).append(i)
+    split = datasets.Dataset.from_dict({"group": list(members)}).train_test_split(test_size=test_size, seed=seed)
+    return tuple(pairs.select([i for g in split[side]["group"] for i in members[g]]) for side in ("train", "test"))
 
 
 def load_preference_data(cfg: DataConfig, tokenizer, seed: int, encoder_decoder: bool = False, processor=None
@@ -211,8 +235,7 @@ def load_preference_data(cfg: DataConfig, tokenizer, seed: int, encoder_decoder:
         evals = _load_all(as_list(cfg.eval_dataset), None, cfg, seed, tokenizer, report, cfg.dataset_test_split,
                           encoder_decoder, processor)
     elif cfg.eval_split_ratio > 0:
-        split = train.train_test_split(test_size=cfg.eval_split_ratio, seed=seed, shuffle=True)
-        train, evals = split["train"], split["test"]
+        train, evals = _split_groups(train, cfg.eval_split_ratio, seed)
     train = train.add_column("index", list(range(len(train))))
     if evals is not None:
         evals = evals.add_column("index", list(range(len(evals))))

@@ -10,6 +10,16 @@
 |                 | ``prompt`` beside them (UltraFeedback) is used only if   |                                               |
 |                 | they share no leading messages, as the user turn         |                                               |
 | ``tokenized``   | ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` | the id lists                       |
+| ``ranked``      | ``prompt`` and K ``responses`` (best first, or with      | the pairs ``response_pairing`` makes, each as |
+|                 | ``scores``), or UltraFeedback's ``completions`` records  | an explicit or conversational row             |
+|                 | (``response``, ``overall_score``)                        |                                               |
+
+Ranked rows (K responses to one prompt) become pairs by a rule (``response_pairs``): ``best_vs_worst`` (one pair),
+``best_vs_rest`` (K - 1 pairs) or ``all_pairs`` (every pair of responses ranked apart, up to K(K-1)/2). A response
+ranks above another when it comes first in ``responses`` or, with scores, scores strictly higher: responses scored
+alike make no pair, and a row whose responses are all alike (or that has fewer than two) makes none. Its pairs are
+kept together through training (``data``, ``sampler``), so that a prefix-shared batch computes the prompt once and
+each response once (``layouts``).
 
 Conversational rows may also carry ``tools`` (a list of tool schemas, for tool-calling data) and
 ``chat_template_kwargs`` (template variables, over the run's ``chat_template_kwargs``), as in TRL 1.16; both go to the
@@ -35,7 +45,10 @@ import json
 import math
 from typing import Any
 
-FORMATS = ("explicit", "implicit", "conversational", "tokenized")
+FORMATS = ("explicit", "implicit", "conversational", "tokenized", "ranked")
+PAIRINGS = ("best_vs_worst", "best_vs_rest", "all_pairs")
+SCORE_FIELDS = ("overall_score", "score")
+"""The score of a ``completions`` record, first found (UltraFeedback's is ``overall_score``)."""
 ROLES = ("system", "user", "assistant", "tool")
 TOKEN_FIELDS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 
@@ -50,6 +63,8 @@ def detect(row: dict[str, Any]) -> str:
     """The format of a dataset, from its first row."""
     if all(k in row for k in TOKEN_FIELDS):
         return "tokenized"
+    if "responses" in row or isinstance(row.get("completions"), list):
+        return "ranked"
     if isinstance(row.get("chosen"), list) or isinstance(row.get("prompt"), list):
         return "conversational"
     return "explicit" if "prompt" in row else "implicit"
@@ -77,6 +92,70 @@ def normalize(row: dict[str, Any], fmt: str, delimiter: str,
     prompt, chosen, rejected = _strings(row, ("prompt", "chosen", "rejected"))
     _check_pair(chosen, rejected)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "split_by_tokens": False}
+
+
+def response_pairs(row: dict[str, Any], pairing: str, delimiter: str,
+                   chat_template_kwargs: dict[str, Any] | None = None, image_token: str | None = None
+                   ) -> list[dict[str, Any]]:
+    """The canonical pairs that ``pairing`` makes of a ranked row (see the module's docstring), each normalised as
+    the explicit or conversational row of its prompt and two responses; empty when the responses rank nothing
+    apart."""
+    if row.get("prompt") is None:
+        raise RowError("prompt", "missing")
+    responses, scores, name = _responses(row)
+    rest = {k: v for k, v in row.items() if k not in ("responses", "scores", "completions")}
+    if isinstance(rest.get("prompt"), list):  # message-list prompt: string responses are assistant turns
+        responses = [[{"role": "assistant", "content": r}] if isinstance(r, str) else r for r in responses]
+    order = sorted(range(len(responses)), key=lambda k: -scores[k])  # stable: ties keep the row's order
+    if pairing == "best_vs_worst":
+        candidates = [(order[0], order[-1])]
+    elif pairing == "best_vs_rest":
+        candidates = [(order[0], k) for k in order[1:]]
+    else:
+        candidates = [(a, b) for x, a in enumerate(order) for b in order[x + 1:]]
+    pairs = []
+    for better, worse in candidates:
+        if scores[better] == scores[worse] or responses[better] == responses[worse]:
+            continue
+        pair = {**rest, "chosen": responses[better], "rejected": responses[worse]}
+        try:
+            pairs.append(normalize(pair, detect(pair), delimiter, chat_template_kwargs, image_token))
+        except RowError as e:  # name the response in the user's row, not the pair made of it
+            field = e.field
+            for side, k in (("chosen", better), ("rejected", worse)):
+                if field.startswith(side):
+                    field = f"{name}[{k}]" + field[len(side):]
+            raise RowError(field, e.reason) from None
+    return pairs
+
+
+def _responses(row: dict[str, Any]) -> tuple[list[Any], list[float], str]:
+    """A ranked row's responses, their scores (higher is better; by position where the row has none) and the field
+    they came from."""
+    if "responses" in row:
+        responses = row["responses"]
+        if not isinstance(responses, list):
+            raise RowError("responses", f"must be a list of responses, got {type(responses).__name__}")
+        scores = row.get("scores")
+        if scores is None:
+            return responses, [float(k) for k in range(len(responses), 0, -1)], "responses"
+        if not isinstance(scores, list) or len(scores) != len(responses):
+            raise RowError("scores", f"must be a list of one number per response ({len(responses)})")
+        return responses, [_score(score, f"scores[{k}]") for k, score in enumerate(scores)], "responses"
+    responses, scores = [], []
+    for k, record in enumerate(row["completions"]):
+        if not isinstance(record, dict) or "response" not in record:
+            raise RowError(f"completions[{k}]", "must be a record with a `response`")
+        responses.append(record["response"])
+        found = next((f for f in SCORE_FIELDS if record.get(f) is not None), SCORE_FIELDS[0])
+        scores.append(_score(record.get(found), f"completions[{k}].{found}"))
+    return responses, scores, "completions"
+
+
+def _score(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RowError(field, f"must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _strings(row: dict[str, Any], fields: tuple[str, ...]) -> list[str]:

@@ -7,10 +7,12 @@ keep the sequences of a padding-free row apart.
     attention_mask  [N, T] long   1 on real tokens
 
 ``packed``: the 2B sequences ``prompt + chosen`` and ``prompt + rejected`` of B pairs concatenated into one row,
-``position_ids`` restarting at 0 for each. ``shared`` (prefix sharing): each pair as one sequence
-``prompt | chosen | rejected`` whose rejected tokens continue the positions from the end of the prompt and cannot
-attend to the chosen tokens, so every rejected token sees exactly ``prompt + rejected[:t]`` — the prompt is
-computed once per pair instead of twice. Both are one row of S tokens without padding:
+``position_ids`` restarting at 0 for each. ``shared`` (prefix sharing): each distinct prompt of the micro-batch once,
+followed by each distinct response to it, ``prompt | response 1 | ... | response K``; every response continues the
+positions from the end of the prompt and cannot attend to the other responses, so each of its tokens sees exactly
+``prompt + response[:t]``. A pair's prompt is computed once instead of twice, and pairs that share a prompt (the K
+responses of one prompt, ``ds_dpo.formats``) share its pass and each response's: K responses in C(K, 2) pairs cost
+one prompt and K responses. Both are one row of S tokens without padding:
 
     input_ids, position_ids, segment, branch   [1, S]
 
@@ -23,11 +25,11 @@ decoder rows that read their pair's encoder output (decoder row j reads prompt j
 The model makes its decoder inputs from ``labels`` (``prepare_decoder_input_ids_from_labels``: its decoder start
 token, then the labels shifted right), so decoder position t predicts completion token t.
 
-Which tokens may attend to which is described per token by ``segment`` (the sequence it belongs to in the row) and
-``branch`` (0 prompt, 1 chosen, 2 rejected), and turned into the attention kernel's input in ``model_inputs``:
+Which tokens may attend to which is described per token by ``segment`` (the block it belongs to in the row) and
+``branch`` (0 prompt, k the block's response k), and turned into the attention kernel's input in ``model_inputs``:
 
 - flash-attention (``attn_implementation`` containing ``flash``): no mask; packed, the kernel's varlen path finds
-  sequence boundaries where ``position_ids`` restart; shared, each pair's query runs and the keys each of them reads
+  sequence boundaries where ``position_ids`` restart; shared, each block's query runs and the keys each of them reads
   (``ds_dpo.attention.shared_varlen_inputs``).
 - ds_dpo's block attention (``ds_dpo.attention``, the default for sdpa and eager): the row's ``Blocks``, each with
   its own small mask, and a stride-0 stand-in where the model expects a mask;
@@ -37,9 +39,12 @@ Which tokens may attend to which is described per token by ``segment`` (the sequ
   fewer than ``sliding_window`` positions back. Models that mix full and sliding layers (``config.layer_types``)
   take one mask per layer type.
 
-Every layout also carries the scored tokens (M of them; see ``ds_dpo.logprobs``) and the pairs' bookkeeping:
+Every layout also carries the scored tokens (M of them; see ``ds_dpo.logprobs``) of its U scored sequences (2B, or
+fewer when shared responses are scored once), which of them each pair compares, and the pairs' bookkeeping:
 
     score_index, score_labels, score_sequence, score_rank   [M] long
+    sequence_tokens                         [U] long   scored tokens of each sequence
+    chosen_sequence, rejected_sequence      [B] long   the pair's two sequences among the U
     index        [B] long   row index in the dataset (keys precomputed reference log-probs)
     weight       [B] float  1 for a real pair, 0 for a filler that only keeps ranks in step
     pair_tokens  [B] long   prompt + chosen + prompt + rejected tokens (the pair's real tokens, in any layout)
@@ -54,8 +59,8 @@ from typing import Any
 
 import torch
 
-from ds_dpo.attention import (CHOSEN, PROMPT, REJECTED, Blocks, flex_block_mask, is_block_attention,
-                              packed_attention_mask, shared_varlen_inputs, stand_in_mask)
+from ds_dpo.attention import (PROMPT, Blocks, flex_block_mask, is_block_attention, packed_attention_mask,
+                              shared_varlen_inputs, stand_in_mask)
 
 LAYOUTS = ("padded", "packed", "shared")  # a decoder-only model's; an encoder-decoder's is "seq2seq"
 
@@ -98,49 +103,87 @@ class ScoredTokens:
         self.sequence += [sequence] * len(labels)
         self.rank += range(1, len(labels) + 1)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, num_sequences: int, chosen: list[int], rejected: list[int]) -> dict[str, torch.Tensor]:
+        """The scored tokens of ``num_sequences`` sequences, pair i comparing ``chosen[i]`` with ``rejected[i]``."""
+        sequence = torch.tensor(self.sequence, dtype=torch.long)
         return {
             "score_index": torch.tensor(self.index, dtype=torch.long),
             "score_labels": torch.tensor(self.labels, dtype=torch.long),
-            "score_sequence": torch.tensor(self.sequence, dtype=torch.long),
+            "score_sequence": sequence,
             "score_rank": torch.tensor(self.rank, dtype=torch.long),
+            "sequence_tokens": torch.bincount(sequence, minlength=num_sequences),
+            "chosen_sequence": torch.tensor(chosen, dtype=torch.long),
+            "rejected_sequence": torch.tensor(rejected, dtype=torch.long),
         }
 
+    def pairs_in_order(self, b: int) -> dict[str, torch.Tensor]:
+        """``tensors`` for 2B sequences numbered chosen 0..B-1, then rejected B..2B-1."""
+        return self.tensors(2 * b, list(range(b)), list(range(b, 2 * b)))
 
-def pack_pairs(rows: list[dict[str, Any]], share_prompt: bool) -> dict[str, torch.Tensor]:
-    """One [1, S] row holding every sequence of the pairs in ``rows`` (``packed`` or, with ``share_prompt``,
-    ``shared``), with ``position_ids``, ``segment``, ``branch`` ([1, S] each) and the scored tokens."""
-    b = len(rows)
-    tokens, positions, segment, branch = [], [], [], []
-    scores = ScoredTokens()
 
-    def append(ids: list[int], first_position: int, kind: int, seg: int) -> int:
-        start = len(tokens)
-        tokens.extend(ids)
-        positions.extend(range(first_position, first_position + len(ids)))
-        segment.extend([seg] * len(ids))
-        branch.extend([kind] * len(ids))
+def prompt_blocks(rows: list[dict[str, Any]]) -> list[list[int]]:
+    """The pairs of each distinct prompt among ``rows`` (the same token ids and images), in order of first
+    appearance: the blocks of a ``shared`` row."""
+    members: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        members.setdefault((tuple(row["prompt_input_ids"]), tuple(row.get("images") or ())), []).append(i)
+    return list(members.values())
+
+
+class PaddingFreeRow:
+    """A [1, S] row being built: each token with its position, block (``segment``) and ``branch``."""
+
+    def __init__(self):
+        self.tokens, self.positions, self.segment, self.branch = [], [], [], []
+
+    def append(self, ids: list[int], first_position: int, kind: int, block: int) -> int:
+        """Add ``ids`` at positions ``first_position, ...``; returns the flat position of the first."""
+        start = len(self.tokens)
+        self.tokens.extend(ids)
+        self.positions.extend(range(first_position, first_position + len(ids)))
+        self.segment.extend([block] * len(ids))
+        self.branch.extend([kind] * len(ids))
         return start
 
-    for i, row in enumerate(rows):
-        prompt, chosen, rejected = row["prompt_input_ids"], row["chosen_input_ids"], row["rejected_input_ids"]
-        p = len(prompt)
-        if share_prompt:
-            start = append(prompt, 0, PROMPT, i)
-            before = start + p - 1 if p else None
-            scores.add(i, chosen, before, append(chosen, p, CHOSEN, i))
-            scores.add(b + i, rejected, before, append(rejected, p, REJECTED, i))
-        else:
-            for sequence, completion, kind in ((i, chosen, CHOSEN), (b + i, rejected, REJECTED)):
-                start = append(prompt, 0, PROMPT, sequence)
-                scores.add(sequence, completion, start + p - 1 if p else None, append(completion, p, kind, sequence))
-    return {
-        "input_ids": torch.tensor([tokens], dtype=torch.long),
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-        "segment": torch.tensor([segment], dtype=torch.long),
-        "branch": torch.tensor([branch], dtype=torch.int8),
-        **scores.tensors(),
-    }
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.tensor([self.tokens], dtype=torch.long),
+                "position_ids": torch.tensor([self.positions], dtype=torch.long),
+                "segment": torch.tensor([self.segment], dtype=torch.long),
+                "branch": torch.tensor([self.branch], dtype=torch.int16)}
+
+
+def pack_pairs(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The ``packed`` layout: each sequence ``prompt + completion`` its own block."""
+    b, row, scores = len(rows), PaddingFreeRow(), ScoredTokens()
+    for i, pair in enumerate(rows):
+        prompt, p = pair["prompt_input_ids"], len(pair["prompt_input_ids"])
+        for sequence, completion in ((i, pair["chosen_input_ids"]), (b + i, pair["rejected_input_ids"])):
+            start = row.append(prompt, 0, PROMPT, sequence)
+            scores.add(sequence, completion, start + p - 1 if p else None, row.append(completion, p, 1, sequence))
+    return row.tensors() | scores.pairs_in_order(b)
+
+
+def share_prompts(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The ``shared`` layout: a block per distinct prompt (``prompt_blocks``), then each distinct response to it,
+    numbered 1, 2, ... in its block and scored once, whichever pairs compare it."""
+    row, scores = PaddingFreeRow(), ScoredTokens()
+    responses: dict[tuple, int] = {}  # (block, response ids) -> its sequence number
+    sides = [[0, 0] for _ in rows]
+    for block, pairs in enumerate(prompt_blocks(rows)):
+        prompt = rows[pairs[0]]["prompt_input_ids"]
+        start = row.append(prompt, 0, PROMPT, block)
+        before = start + len(prompt) - 1 if prompt else None
+        first = len(responses)
+        for i in pairs:
+            for side, name in enumerate(("chosen", "rejected")):
+                completion = rows[i][f"{name}_input_ids"]
+                key = (block, tuple(completion))
+                if key not in responses:
+                    responses[key] = len(responses)
+                    kind = responses[key] - first + 1
+                    scores.add(responses[key], completion, before, row.append(completion, len(prompt), kind, block))
+                sides[i][side] = responses[key]
+    return row.tensors() | scores.tensors(len(responses), *map(list, zip(*sides)))
 
 
 def pad_pairs(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -156,7 +199,7 @@ def pad_pairs(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.
         input_ids[i, :n] = torch.tensor(prompt + completion)
         attention_mask[i, :n] = 1
         scores.add(i, completion, i * t + p - 1 if p else None, i * t + p)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, **scores.tensors()}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **scores.pairs_in_order(b)}
 
 
 def encoder_decoder_pairs(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -178,7 +221,7 @@ def encoder_decoder_pairs(rows: list[dict[str, Any]], pad_token_id: int) -> dict
         decoder_attention_mask[j, :len(completion)] = 1
         scores.add(j, completion, j * tc, j * tc + 1)  # decoder position t predicts token t
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "decoder_attention_mask": decoder_attention_mask, **scores.tensors()}
+            "decoder_attention_mask": decoder_attention_mask, **scores.pairs_in_order(b)}
 
 
 def sliding_window(config) -> tuple[int | None, bool]:
@@ -204,8 +247,8 @@ def model_inputs(batch: dict[str, torch.Tensor], config, dtype: torch.dtype) -> 
     attn = config._attn_implementation
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], **pixels}
     if is_varlen(attn):
-        # shared: a pair's rejected tokens are in the same sequence as its chosen ones (packed: in the next)
-        shared = bool((batch["branch"][batch["segment"] == 0] == REJECTED).any())
+        # shared: a block holds several responses (packed: each block one)
+        shared = bool((batch["branch"] > 1).any())
         return inputs | (shared_varlen_inputs(batch["segment"], batch["branch"]) if shared else {})
     if is_block_attention(attn):  # per-block kernels: no row-wide mask exists
         additive = None if attn.endswith("sdpa") else dtype
@@ -241,7 +284,7 @@ def collate_pairs(rows: list[dict[str, Any]], weights: list[float], pad_token_id
     elif layout == "seq2seq":
         batch = encoder_decoder_pairs(rows, pad_token_id)
     else:
-        batch = pack_pairs(rows, share_prompt=layout == "shared")
+        batch = share_prompts(rows) if layout == "shared" else pack_pairs(rows)
     batch["index"] = torch.tensor([row["index"] for row in rows], dtype=torch.long)
     batch["weight"] = torch.tensor(weights, dtype=torch.float32)
     batch["pair_tokens"] = torch.tensor([2 * len(row["prompt_input_ids"]) + len(row["chosen_input_ids"]) +
@@ -249,6 +292,7 @@ def collate_pairs(rows: list[dict[str, Any]], weights: list[float], pad_token_id
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         if column in rows[0]:
             batch[column] = torch.tensor([row[column] for row in rows], dtype=torch.float32)
-    if vision is not None:
-        batch.update(vision([row["images"] for row in rows], layout))
+    if vision is not None:  # shared: the images of each block's prompt, once
+        image_rows = [rows[pairs[0]] for pairs in prompt_blocks(rows)] if layout == "shared" else rows
+        batch.update(vision([row["images"] for row in image_rows], layout))
     return batch

@@ -2,9 +2,10 @@
 
 A batch (``ds_dpo.layouts``) lists the M *scored tokens* of its completions: for each, the flat position in the
 model's output whose hidden state predicts it (``score_index``), the token (``score_labels``), the sequence it
-belongs to (``score_sequence``: chosen of pair i is i, rejected is B + i) and its 1-based rank in that completion
-(``score_rank``). That one description serves every layout (padded, packed, prefix-shared), so the log-prob code
-never looks at how sequences were laid out.
+belongs to (``score_sequence``, one of the batch's U sequences) and its 1-based rank in that completion
+(``score_rank``); ``chosen_sequence`` and ``rejected_sequence`` say which two sequences each pair compares (a response
+that several pairs share is one sequence, scored once). That one description serves every layout (padded, packed,
+prefix-shared), so the log-prob code never looks at how sequences were laid out.
 
 The vocabulary projection runs only on the M scored positions, in chunks of ``logps_chunk_size`` rows with each
 chunk's [chunk, V] logits recomputed in backward (``ChunkedTokenStats``, on the model's own output-layer weight):
@@ -23,8 +24,8 @@ Mixture-of-experts models add their router load-balancing loss (``TokenStats.aux
 ``forward`` does, with the model's ``load_balancing_loss_func`` on the router logits of every layer, recorded by hooks
 so that it works in every layout (the model's own call cannot take a packed row's 4D mask).
 
-Per-token statistics are reduced to per-sequence ones by pure functions (``completion_logps``, ``wpo_logps``), so
-the same reduction serves the policy, the reference, and the tests that drive TRL with identical per-token inputs.
+Per-token statistics are reduced to per-pair ones by pure functions (``completion_logps``, ``wpo_logps``), so the
+same reduction serves the policy, the reference, and the tests that drive TRL with identical per-token inputs.
 """
 
 from __future__ import annotations
@@ -108,31 +109,30 @@ class OutputHead:
         return logits
 
 
-def completion_logps(token_logps: torch.Tensor, sequence: torch.Tensor, rank: torch.Tensor, num_sequences: int,
-                     ld_alpha: float | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum each sequence's completion-token log-probs.
+def completion_logps(token_logps: torch.Tensor, sequence: torch.Tensor, rank: torch.Tensor, pairs: torch.Tensor,
+                     lengths: torch.Tensor, ld_alpha: float | None = None) -> torch.Tensor:
+    """The summed completion-token log-probs of each pair's chosen and rejected sequence.
 
     Args:
         token_logps: [M] log-prob of each scored token.
-        sequence: [M] long, the sequence each token belongs to (chosen of pair i: i; rejected: B + i).
+        sequence: [M] long, the sequence each token belongs to (one of U).
         rank: [M] long, 1-based position of the token among its sequence's scored tokens.
-        num_sequences: 2B.
+        pairs: [2B] long, the sequences the B pairs compare: every chosen, then every rejected.
+        lengths: [U] completion lengths (of the whole completion, also when the M tokens are only a
+            sequence-parallel shard's).
         ld_alpha: LD-DPO (Liu et al. 2024, https://arxiv.org/abs/2409.06411): tokens past the shorter completion of
             the pair count with weight ``ld_alpha``; ``logp = logp_shared + ld_alpha * logp_tail``.
-        lengths: [2B] completion lengths, when the M tokens are only some of each completion's (a sequence-parallel
-            shard); default: counted from ``sequence``.
 
     Returns:
-        [2B] summed log-probs.
+        [2B] summed log-probs, chosen first.
     """
-    if ld_alpha is not None:
-        if lengths is None:
-            lengths = torch.bincount(sequence, minlength=num_sequences)
-        chosen, rejected = lengths.chunk(2)
-        shared = torch.minimum(chosen, rejected).repeat(2)
-        weight = torch.where(rank <= shared[sequence], 1.0, ld_alpha).to(token_logps.dtype)
-        token_logps = token_logps * weight
-    return token_logps.new_zeros(num_sequences).index_add(0, sequence, token_logps)
+    if ld_alpha is None:
+        return token_logps.new_zeros(lengths.shape[0]).index_add(0, sequence, token_logps)[pairs]
+    chosen, rejected = lengths[pairs].chunk(2)
+    shared = torch.minimum(chosen, rejected).repeat(2)
+    # a shared response's weighting depends on the pair (on its partner's length): one row of weights per pair side
+    weight = torch.where(rank <= shared[:, None], 1.0, ld_alpha) * (sequence == pairs[:, None])
+    return weight.to(token_logps.dtype) @ token_logps
 
 
 def wpo_logps(token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, sequence: torch.Tensor,
@@ -370,9 +370,10 @@ def concatenated_forward(model, batch: dict[str, torch.Tensor], ld_alpha: float 
     the group runs its slice of the rows and scores the tokens predicted there; the per-sequence sums are added over
     the group, so every rank returns the same statistics of the whole micro-batch.
     """
-    num_sequences = 2 * batch["weight"].shape[0]
+    tokens = batch["sequence_tokens"]
+    num_sequences = tokens.shape[0]
+    pairs = torch.cat([batch["chosen_sequence"], batch["rejected_sequence"]])
     causal_lm = _unwrap_peft(getattr(model, "module", model))  # getattr: a DeepSpeed engine wraps the model
-    tokens = torch.bincount(batch["score_sequence"], minlength=num_sequences)
     sp = getattr(causal_lm, "_ds_dpo_sequence_parallel", None)
     if sp is None:
         inputs, scored = model_inputs(batch, causal_lm.config, causal_lm.dtype), batch
@@ -381,7 +382,7 @@ def concatenated_forward(model, batch: dict[str, torch.Tensor], ld_alpha: float 
     sequence, rank = scored["score_sequence"], scored["score_rank"]
     stats = model(**inputs, score_index=scored["score_index"], score_labels=scored["score_labels"],
                   logps_chunk_size=logps_chunk_size, with_wpo=with_wpo, router_aux_loss=router_aux_loss)
-    logps = completion_logps(stats.logps, sequence, rank, num_sequences, ld_alpha, tokens)
+    logps = completion_logps(stats.logps, sequence, rank, pairs, tokens, ld_alpha)
 
     def per_sequence(values: torch.Tensor) -> torch.Tensor:
         return values.new_zeros(num_sequences).index_add(0, sequence, values)
@@ -393,7 +394,8 @@ def concatenated_forward(model, batch: dict[str, torch.Tensor], ld_alpha: float 
     if sp is not None:
         logps = sequence_parallel.sum_over_group(logps, sp)
         torch.distributed.all_reduce(detached, group=sp.group)
-    (c, r), (cl, rl), (ct, rt) = logps.chunk(2), detached[0].chunk(2), tokens.chunk(2)
+    detached = detached[:, pairs]
+    (c, r), (cl, rl), (ct, rt) = logps.chunk(2), detached[0].chunk(2), tokens[pairs].chunk(2)
     cw, rw = detached[3].chunk(2) if with_wpo else (None, None)
     entropy, top1 = detached[1].view(2, -1).sum(0), detached[2].chunk(2)[0]
     return PairLogps(c, r, cl, rl, ct, rt, cw, rw, stats.aux_loss, entropy=entropy, chosen_top1=top1)

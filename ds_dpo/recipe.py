@@ -117,7 +117,7 @@ class DPORecipe:
         self.sampler = GlobalBatchSampler(
             len(self.train_data), optim.per_device_train_batch_size, optim.gradient_accumulation_steps,
             *self.data_parallel, cfg.seed, pair_tokens=pair_tokens, max_tokens_per_batch=budget,
-            pair_weights=self.train_data["weight"])
+            pair_weights=self.train_data["weight"], pair_groups=self.train_data["group"])
         self.total_steps = (optim.max_steps if optim.max_steps > 0
                             else math.ceil(optim.num_train_epochs * self.sampler.steps_per_epoch))
 

@@ -6,6 +6,10 @@ epoch. The last global batch of an epoch is usually short: it is filled up to ``
 rank still runs the same number of forwards (ZeRO-3 needs all ranks in every gather) while the fillers contribute
 nothing to the loss, the gradients or the metrics. Pairs carry their data weight (``pair_weights``; a pair of
 weight 0 is a filler). Every rank computes the same plan, so no communication is needed.
+
+Pairs made of one prompt's K responses (``pair_groups``) are permuted as a unit and stay next to each other, so they
+land in one micro-batch wherever it has room for them, where the prefix-shared layout computes their prompt and each
+response once (a group cut by a batch boundary is only computed in two parts).
 """
 
 from __future__ import annotations
@@ -34,11 +38,17 @@ class StepPlan:
 class GlobalBatchSampler:
     def __init__(self, num_pairs: int, micro_batch_size: int, gradient_accumulation_steps: int, world_size: int,
                  rank: int, seed: int, shuffle: bool = True, pair_tokens: list[int] | None = None,
-                 max_tokens_per_batch: int | None = None, pair_weights: list[float] | None = None):
+                 max_tokens_per_batch: int | None = None, pair_weights: list[float] | None = None,
+                 pair_groups: list[int] | None = None):
         """``pair_tokens`` and ``max_tokens_per_batch``: token-budget micro-batches (see ``token_budget``);
-        ``pair_weights``: each pair's data weight (default 1)."""
+        ``pair_weights``: each pair's data weight (default 1); ``pair_groups``: pairs of one group id are kept
+        together (default: each pair its own group)."""
         self.num_pairs, self.micro, self.accum = num_pairs, micro_batch_size, gradient_accumulation_steps
         self.pair_weights = pair_weights
+        members: dict[int, list[int]] = {}
+        for i, group in enumerate(pair_groups if pair_groups is not None else range(num_pairs)):
+            members.setdefault(group, []).append(i)
+        self.groups = list(members.values())
         self.world_size, self.rank, self.seed, self.shuffle = world_size, rank, seed, shuffle
         self.pair_tokens, self.max_tokens = pair_tokens, max_tokens_per_batch
         self.global_batch_size = micro_batch_size * gradient_accumulation_steps * world_size
@@ -51,7 +61,7 @@ class GlobalBatchSampler:
         if not self.shuffle:
             return list(range(self.num_pairs))
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_pairs, generator=generator).tolist()
+        return [i for g in torch.randperm(len(self.groups), generator=generator).tolist() for i in self.groups[g]]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[StepPlan]:
         order, g = self.order(epoch), self.global_batch_size

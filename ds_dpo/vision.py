@@ -9,7 +9,8 @@ cached. A micro-batch's pixel tensors follow its layout, in the order the image 
 
 - ``padded``: the chosen rows, then the rejected rows: each pair's images twice;
 - ``packed``: each pair's images twice, before the next pair's;
-- ``shared``: each pair's images once: the vision tower runs once per pair, in the policy and in the reference.
+- ``shared``: each distinct prompt's images once (``layouts.prompt_blocks``): the vision tower runs once per pair, or
+  once for all pairs of a prompt, in the policy and in the reference.
 
 Two tensor layouts exist, told apart by the image processor's own output: LLaVA-style ``pixel_values``
 [images, C, H, W] whatever the text rows; Idefics3/SmolVLM-style [text rows, images, C, H, W] zero-padded per row, with
@@ -112,8 +113,8 @@ class VisionInputs:
         return {"pixel_values": out["pixel_values"][0], "pixel_attention_mask": out["pixel_attention_mask"][0].bool()}
 
     def __call__(self, images: list[list[bytes]], layout: str) -> dict[str, torch.Tensor]:
-        """The pixel tensors of pairs whose images are ``images`` (one list per pair, maybe empty) in ``layout``;
-        empty when no pair has an image."""
+        """The pixel tensors of pairs whose images are ``images`` (one list per pair, maybe empty; ``shared``: per
+        block) in ``layout``; empty when no pair has an image."""
         pixels = [self.pair_pixels(encoded) if encoded else None for encoded in images]
         rows = [[pixels[i] for i in pairs if pixels[i] is not None] for pairs in text_rows(len(images), layout)]
         if not any(rows):

@@ -171,3 +171,41 @@ def test_a_weight_column_is_carried_per_pair_and_defaults_to_one(tmp_path):
     plain, _, _ = load(config(tmp_path, dataset=write(tmp_path / "plain.jsonl", [GOOD]), eval_split_ratio=0.0),
                        builtin.build_tokenizer())
     assert plain["weight"] == [1.0]
+
+
+def test_ranked_rows_make_pairs_that_stay_together(tmp_path):
+    """K = 4 scored responses per prompt, all pairs: 6 pairs per row sharing a group, held out by prompt, and laid
+    out in one prefix-shared row as the prompt once and each response once."""
+    def row(i):
+        return {"prompt": f"count up from {i} :", "responses": [f" {i + 1}", f" {i - 1}", f" {i + 1} {i + 2}", " 0"],
+                "scores": [8, 2, 9, 1]}
+
+    rows = [row(i) for i in range(10, 20)] + [{"prompt": "tie", "responses": [" a", " b"], "scores": [5, 5]}]
+    path = write(tmp_path / "ranked.jsonl", rows)
+    tokenizer = builtin.build_tokenizer()
+    train, _, report = load(config(tmp_path, dataset=path, response_pairing="all_pairs"), tokenizer)
+    assert report.sources[0].format == "ranked" and report.sources[0].unpaired_rows == 1
+    assert "rows without a pair: 1" in report.format()
+    assert len(train) == 60 and train["group"] == [g for g in range(1, 11) for _ in range(6)]
+    one, _, _ = load(config(tmp_path, dataset=path), tokenizer)  # best_vs_worst by default
+    assert len(one) == 10 and tokenizer.decode(one[0]["chosen_input_ids"]).startswith("11 12")
+
+    train, evals, _ = load(config(tmp_path, dataset=path, response_pairing="all_pairs", eval_split_ratio=0.2),
+                           tokenizer)
+    assert (len(train), len(evals)) == (48, 12)
+    assert not set(train["group"]) & set(evals["group"])  # a prompt's pairs are all on one side
+    group = [train[i] for i in range(6)]
+    assert len({g["group"] for g in group}) == 1
+    batch = collate_pairs(group, [1.0] * 6, tokenizer.pad_token_id, "shared")
+    prompt = group[0]["prompt_input_ids"]
+    responses = {tuple(g[f"{side}_input_ids"]) for g in group for side in ("chosen", "rejected")}
+    assert len(responses) == 4
+    assert batch["input_ids"].shape[1] == len(prompt) + sum(map(len, responses))
+    assert batch["sequence_tokens"].numel() == 4
+
+
+def test_sources_keep_their_groups_apart_when_mixed(tmp_path):
+    a = write(tmp_path / "a.jsonl", [{"prompt": f"p{i}", "responses": [" x", " y", " z"]} for i in range(3)])
+    b = write(tmp_path / "b.jsonl", [GOOD] * 4)
+    train, _, _ = load(config(tmp_path, dataset=[a, b], response_pairing="best_vs_rest"), builtin.build_tokenizer())
+    assert len(train) == 6 + 4 and len(set(train["group"])) == 3 + 4

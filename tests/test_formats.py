@@ -1,6 +1,8 @@
+import re
+
 import pytest
 
-from ds_dpo.formats import RowError, detect, normalize
+from ds_dpo.formats import RowError, detect, normalize, response_pairs
 
 D = "\n\nAssistant:"
 
@@ -73,3 +75,64 @@ def test_whole_conversations_split_at_the_shared_messages():
     diverging = [user, {"role": "assistant", "content": "x"}, user, {"role": "assistant", "content": "y"}]
     with pytest.raises(RowError, match="differ before the final assistant turn"):
         normalize({"chosen": diverging, "rejected": rejected}, "conversational", D)
+
+
+# --- K responses per prompt -------------------------------------------------------------------------------------------
+
+RANKED = {"prompt": "count up from 3 :", "responses": [" 4 5", " 4 6", " 9", " 0"]}  # best first
+
+
+def made(row, pairing):
+    return [(p["chosen"], p["rejected"]) for p in response_pairs(row, pairing, D)]
+
+
+def test_ranked_responses_become_pairs_by_the_rule():
+    assert detect(RANKED) == "ranked" and detect({"prompt": "p", "completions": []}) == "ranked"
+    a, b, c, d = RANKED["responses"]
+    assert made(RANKED, "best_vs_worst") == [(a, d)]
+    assert made(RANKED, "best_vs_rest") == [(a, b), (a, c), (a, d)]
+    assert made(RANKED, "all_pairs") == [(a, b), (a, c), (a, d), (b, c), (b, d), (c, d)]
+    pair = response_pairs(RANKED, "best_vs_worst", D)[0]
+    assert pair == normalize({"prompt": RANKED["prompt"], "chosen": a, "rejected": d}, "explicit", D)
+
+
+def test_scored_responses_rank_by_score_and_ties_make_no_pair():
+    row = {"prompt": "p", "responses": ["w", "x", "y", "z"], "scores": [2, 7.5, 2, 1]}
+    assert made(row, "best_vs_worst") == [("x", "z")]
+    assert made(row, "best_vs_rest") == [("x", "w"), ("x", "y"), ("x", "z")]
+    assert made(row, "all_pairs") == [("x", "w"), ("x", "y"), ("x", "z"), ("w", "z"), ("y", "z")]  # not w-y
+    assert made({**row, "scores": [3, 3, 3, 3]}, "all_pairs") == []
+    assert made({"prompt": "p", "responses": ["only one"]}, "best_vs_worst") == []
+    assert made({"prompt": "p", "responses": ["same", "same", "other"]}, "all_pairs") == [("same", "other")] * 2
+
+
+def test_ultrafeedback_completions_records_and_conversational_prompts():
+    """openbmb/UltraFeedback's rows: an ``instruction`` (mapped to ``prompt``) and ``completions`` records with
+    ``response`` and ``overall_score``; a message-list prompt takes string responses as assistant turns."""
+    row = {"prompt": "count up from 3 :", "completions": [
+        {"model": "m1", "response": " 4 5", "overall_score": 8.5, "fine-grained_score": 4.2},
+        {"model": "m2", "response": " 2 1", "overall_score": 3.0},
+        {"model": "m3", "response": " 4", "score": 6}]}
+    assert made(row, "best_vs_rest") == [(" 4 5", " 4"), (" 4 5", " 2 1")]
+    user = [{"role": "user", "content": "count up from 3 :"}]
+    pair = response_pairs({"prompt": user, "responses": [" 4", " 2"], "tools": [{"name": "add"}]}, "all_pairs", D)[0]
+    assert pair["prompt"] == user and pair["chosen"] == [{"role": "assistant", "content": " 4"}]
+    assert '"tools"' in pair["template_options"]  # the row's other fields ride with every pair
+
+
+@pytest.mark.parametrize("row, field, reason", [
+    ({"prompt": "p", "responses": "a"}, "responses", "must be a list of responses"),
+    ({"prompt": "p", "responses": ["a", "b"], "scores": [1]}, "scores", "one number per response (2)"),
+    ({"prompt": "p", "responses": ["a", "b"], "scores": [1, "high"]}, "scores[1]", "must be a finite number"),
+    ({"prompt": "p", "responses": ["a", " "]}, "responses[1]", "empty completion"),
+    ({"prompt": "p", "responses": ["a", 3]}, "responses[1]", "must be a string, got int"),
+    ({"responses": ["a", "b"]}, "prompt", "missing"),
+    ({"prompt": "p", "completions": [{"response": "a", "overall_score": 1}, {"text": "b"}]}, "completions[1]",
+     "a record with a `response`"),
+    ({"prompt": "p", "completions": [{"response": "a", "overall_score": None}]}, "completions[0].overall_score",
+     "must be a finite number"),
+])
+def test_bad_ranked_rows_name_the_response(row, field, reason):
+    with pytest.raises(RowError, match=re.escape(reason)) as e:
+        response_pairs(row, "all_pairs", D)
+    assert e.value.field == field

@@ -1,7 +1,7 @@
 import torch
 from transformers import Gemma3TextConfig, MistralConfig
 
-from ds_dpo.layouts import CHOSEN, REJECTED, batch_layout, collate_pairs, model_inputs, packed_attention_mask
+from ds_dpo.layouts import batch_layout, collate_pairs, model_inputs, packed_attention_mask
 
 ROWS = [{"index": 7, "prompt_input_ids": [1, 2, 3], "chosen_input_ids": [4, 5], "rejected_input_ids": [6, 7, 8]},
         {"index": 9, "prompt_input_ids": [], "chosen_input_ids": [10, 11], "rejected_input_ids": [12]}]
@@ -25,12 +25,35 @@ def test_shared_prefix_layout_continues_rejected_positions_from_the_prompt():
     batch = collate_pairs(ROWS, [1.0, 1.0], pad_token_id=0, layout="shared")
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 0]]
-    assert batch["branch"].tolist() == [[0, 0, 0, CHOSEN, CHOSEN, REJECTED, REJECTED, REJECTED, CHOSEN, CHOSEN,
-                                         REJECTED]]
+    assert batch["branch"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 1, 1, 2]]  # prompt, then response 1, 2
     # the last prompt token (position 2) predicts both the first chosen and the first rejected token
     assert batch["score_index"].tolist() == [2, 3, 2, 5, 6, 8]
     assert batch["score_labels"].tolist() == [4, 5, 6, 7, 8, 11]
-    assert batch["score_sequence"].tolist() == [0, 0, 2, 2, 2, 1]
+    assert batch["score_sequence"].tolist() == [0, 0, 1, 1, 1, 2]  # sequences in row order
+    assert batch["chosen_sequence"].tolist() == [0, 2] and batch["rejected_sequence"].tolist() == [1, 3]
+    assert batch["sequence_tokens"].tolist() == [2, 3, 1, 0]  # the empty prompt's first tokens are not scored
+
+
+def test_pairs_of_one_prompt_share_its_pass_and_each_response_is_scored_once():
+    """K = 3 responses a > b > c of prompt P as all three pairs, apart in the micro-batch around a pair of prompt
+    Q: one block per prompt, each response once, every response's positions continuing from its prompt."""
+    p, q, a, b, c = [1, 2], [3], [4, 5], [6], [7, 8, 9]
+    rows = [{"index": 0, "prompt_input_ids": p, "chosen_input_ids": a, "rejected_input_ids": b},
+            {"index": 1, "prompt_input_ids": q, "chosen_input_ids": [10], "rejected_input_ids": [11]},
+            {"index": 2, "prompt_input_ids": p, "chosen_input_ids": a, "rejected_input_ids": c},
+            {"index": 3, "prompt_input_ids": p, "chosen_input_ids": b, "rejected_input_ids": c}]
+    batch = collate_pairs(rows, [1.0] * 4, pad_token_id=0, layout="shared")
+    assert batch["input_ids"].tolist() == [p + a + b + c + q + [10, 11]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 2, 3, 4, 0, 1, 1]]
+    assert batch["segment"].tolist() == [[0] * 8 + [1] * 3]
+    assert batch["branch"].tolist() == [[0, 0, 1, 1, 2, 3, 3, 3, 0, 1, 2]]
+    # sequences: a, b, c of P, then Q's two; pair i compares these
+    assert batch["chosen_sequence"].tolist() == [0, 3, 0, 1] and batch["rejected_sequence"].tolist() == [1, 4, 2, 2]
+    assert batch["sequence_tokens"].tolist() == [2, 1, 3, 1, 1]
+    assert batch["pair_tokens"].tolist() == [7, 4, 9, 8]  # the pair's own tokens, whatever the sharing
+    allowed = packed_attention_mask(batch["segment"], batch["branch"], "sdpa", torch.float32)[0, 0]
+    visible = {t: allowed[t].nonzero().flatten().tolist() for t in range(11)}
+    assert visible[4] == [0, 1, 4] and visible[7] == [0, 1, 5, 6, 7] and visible[10] == [8, 10]
 
 
 def test_mask_is_causal_per_sequence_and_hides_chosen_from_rejected():

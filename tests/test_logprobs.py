@@ -24,8 +24,18 @@ def random_pairs(lengths, seed=0):
             for i, (p, c, r) in enumerate(lengths)]
 
 
-# uneven prompt and completion lengths; the last pair has an empty prompt
-PAIRS = random_pairs([(5, 3, 7), (1, 6, 2), (9, 1, 1), (4, 4, 4), (0, 4, 3)])
+def more_responses(pair, new_response, index):
+    """Two more pairs of ``pair``'s prompt, as K = 3 responses to one prompt make them: ``new_response`` against
+    each of the pair's responses."""
+    return [{**pair, "index": index, "rejected_input_ids": new_response},
+            {**pair, "index": index + 1, "chosen_input_ids": pair["rejected_input_ids"],
+             "rejected_input_ids": new_response}]
+
+
+# uneven prompt and completion lengths; pair 4 has an empty prompt; pairs 5-8 share the prompts of pairs 0 and 4
+# (apart from them in the batch), so a prefix-shared row scores each prompt once and each of the 3 responses once
+_BASE = random_pairs([(5, 3, 7), (1, 6, 2), (9, 1, 1), (4, 4, 4), (0, 4, 3)])
+PAIRS = _BASE + more_responses(_BASE[0], [11, 12, 13, 14, 15], 5) + more_responses(_BASE[4], [21, 22], 7)
 
 
 def one_at_a_time(model, prompt, completion):
@@ -40,7 +50,7 @@ def forward_and_grad(model, layout, chunk, ld_alpha=None):
     model.zero_grad()
     batch = collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, layout)
     out = concatenated_forward(model, batch, ld_alpha=ld_alpha, with_wpo=True, logps_chunk_size=chunk)
-    (out.chosen * torch.arange(1.0, 6.0) - 0.7 * out.rejected).sum().backward()
+    (out.chosen * torch.arange(1.0, len(PAIRS) + 1) - 0.7 * out.rejected).sum().backward()
     return out, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
@@ -62,9 +72,11 @@ def test_every_layout_and_chunking_equals_the_plain_padded_path(arch, attn):
                               "rejected_wpo", "chosen_tokens", "rejected_tokens", "entropy", "chosen_top1"):
                     torch.testing.assert_close(getattr(out, field), getattr(expected, field), rtol=1e-6, atol=1e-6,
                                                msg=f"{layout} chunk {chunk} {field}")
-                torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=0, msg=f"{layout} chunk {chunk}")
+                torch.testing.assert_close(grad, expected_grad, atol=1e-6 * expected_grad.abs().max().item(), rtol=0,
+                                           msg=f"{layout} chunk {chunk}")
     # the empty prompt's first completion token has no predicting position and is not scored, as in padded batches
-    assert expected.chosen_tokens.tolist() == [3, 6, 1, 4, 3] and expected.rejected_tokens.tolist() == [7, 2, 1, 4, 2]
+    assert expected.chosen_tokens.tolist() == [3, 6, 1, 4, 3, 3, 7, 3, 2]
+    assert expected.rejected_tokens.tolist() == [7, 2, 1, 4, 2, 5, 5, 1, 1]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

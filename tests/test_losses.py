@@ -115,9 +115,9 @@ def ds_dpo_loss(inputs, policy, ref, log_sum_sq, ld_alpha=None, use_weighting=Fa
     # the scored-token form of ds_dpo's batches: one entry per completion token
     sequence = torch.arange(n).unsqueeze(1).expand_as(mask)[mask]
     rank = mask.cumsum(-1)[mask]
-    logps = completion_logps(tokens[mask], sequence, rank, n, ld_alpha)
-    ref_logps = completion_logps(ref[mask], sequence, rank, n, ld_alpha)
-    lengths = mask.sum(-1)
+    lengths, pairs = mask.sum(-1), torch.arange(n)  # chosen of pair i is sequence i, its rejected n/2 + i
+    logps = completion_logps(tokens[mask], sequence, rank, pairs, lengths, ld_alpha)
+    ref_logps = completion_logps(ref[mask], sequence, rank, pairs, lengths, ld_alpha)
     wpo = wpo_logps(tokens[mask], log_sum_sq[mask], sequence, n).chunk(2) if use_weighting else (None, None)
     out = loss(*logps.chunk(2), *ref_logps.chunk(2), *lengths.chunk(2), use_weighting=use_weighting,
                           chosen_wpo_logps=wpo[0], rejected_wpo_logps=wpo[1], **options)

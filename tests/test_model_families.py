@@ -208,7 +208,8 @@ def test_flash_attention_shares_the_prefix_and_trains_like_the_plain_padded_path
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5 * expected_grad.abs().max().item(),
                                    msg=lambda m: f"{family} flash {layout}: {m}")
     inputs = layouts.model_inputs(collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, "shared"), model.config, torch.float32)
-    assert "attention_mask" not in inputs and inputs["cu_seq_lens_q"].numel() == 2 * len(PAIRS) + 1
+    # a query run per distinct response: 5 pairs' 2, and the third response of two of their prompts
+    assert "attention_mask" not in inputs and inputs["cu_seq_lens_q"].numel() == 2 * 5 + 2 + 1
 
 
 def output_head(model):
@@ -249,8 +250,8 @@ def test_a_head_that_cannot_be_reproduced_is_scored_from_full_logits(capsys):
     torch.manual_seed(0)
     model = enable_token_scoring(AbsLogits(LlamaConfig(**TINY))).eval()
     with torch.no_grad():
-        plain = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * 5, 0, "padded"), logps_chunk_size=0)
-        chunked = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * 5, 0, "shared"), logps_chunk_size=4)
+        plain = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, "padded"), logps_chunk_size=0)
+        chunked = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, "shared"), logps_chunk_size=4)
     assert model._ds_dpo_output_head is None and "AbsLogits" in capsys.readouterr().out
     close(chunked, plain, "full-logits fallback")
 
@@ -273,14 +274,14 @@ def test_self_check_catches_a_broken_head_and_a_broken_layout(monkeypatch):
 def test_router_aux_loss_is_the_models_own_in_every_layout(family):
     model, _ = tiny_model(family)
     assert moe_block_classes(model) and router_aux_loss(model) is not None
-    batch = collate_pairs(PAIRS, [1.0] * 5, 0, "padded")
+    batch = collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, "padded")
     expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      output_router_logits=True).aux_loss  # the model's own, padding masked out
     # a packed row holds exactly the padded batch's real tokens; a shared one holds each prompt once
     for layout in ("padded", "packed", "shared"):
         for chunk in (0, 4):
             model.zero_grad()
-            out = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * 5, 0, layout), logps_chunk_size=chunk,
+            out = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, layout), logps_chunk_size=chunk,
                                        router_aux_loss=True)
             if layout == "shared":
                 assert torch.isfinite(out.aux_loss) and abs(out.aux_loss - expected) < 0.1 * expected

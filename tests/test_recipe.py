@@ -353,6 +353,34 @@ def test_pair_weights_step_like_repeated_pairs(single_rank, builtin_files, tmp_p
     assert abs(grad_norms["weighted"] / grad_norms["unweighted"] - 1) > 1e-3
 
 
+def test_ranked_rows_train_like_their_pairs_written_out(single_rank, builtin_files, tmp_path):
+    """K = 4 ranked responses to each of 2 prompts, all pairs (12): one step of the default prefix-shared run, which
+    computes each prompt once and each response once, takes the same loss and gradient as the 12 pairs written out as
+    explicit rows in padded batches (every sequence computed in full for every pair); ZeRO-3 policy and reference."""
+    ranked = [{"prompt": f"count up from {n} :", "responses": ["".join(f" {n + k}" for k in range(1, 6)),
+                                                              f" {n + 1} {n + 2} {n + 4}", f" {n + 3} {n}", f" {n - 1}"]}
+              for n in (6, 48)]
+    written_out = [{"prompt": r["prompt"], "chosen": r["responses"][a], "rejected": r["responses"][b]}
+                   for r in ranked for a in range(4) for b in range(a + 1, 4)]
+    runs = {"ranked": (ranked, ["--response_pairing", "all_pairs"]), "pairs": (written_out, ["--padding_free", "false"])}
+    first_step = {}
+    for name, (rows, options) in runs.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        recipe = short_run(builtin_files["model_name_or_path"], path, tmp_path / name, 1,
+                           "--per_device_train_batch_size", "12", *options)
+        if name == "ranked":
+            assert len(recipe.train_data) == 12 and recipe.layout == "shared"
+            batch = recipe._batch(recipe.train_data, range(12), [1.0] * 12)
+            assert batch["sequence_tokens"].numel() == 8 and int(batch["segment"].max()) == 1  # 2 prompts, 8 responses
+        assert recipe.train().status == "finished"
+        recipe.cleanup()
+        first_step[name] = read_metrics(tmp_path / name)[0]
+    for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected", "entropy"):
+        assert first_step["ranked"][key] == pytest.approx(first_step["pairs"][key], rel=1e-5, abs=1e-6), key
+    assert first_step["ranked"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 @pytest.mark.slow
 def test_short_training_run_on_hh_rlhf(tmp_path, hh_data):
     """Real data end to end: HH-RLHF harmless-base test (implicit prompts, 9 bad rows skipped), a BPE tokenizer

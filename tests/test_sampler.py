@@ -83,3 +83,17 @@ def test_pair_weights_ride_with_their_pairs_and_sum_per_global_batch():
         assert all(p.weight_sum == pytest.approx(sum(w for _, w in pairs)) for p in step)
         seen += [(i, w) for i, w in pairs if w > 0]
     assert sorted(seen) == [(i, w) for i, w in enumerate(weights) if w > 0]
+
+
+def test_a_prompts_pairs_stay_next_to_each_other_and_single_pairs_keep_their_order():
+    groups = [g for g in range(12) for _ in range(g % 4 + 1)]  # groups of 1 to 4 pairs
+    sampler = GlobalBatchSampler(len(groups), 4, 2, 1, 0, seed=5, pair_groups=groups)
+    for epoch in range(3):
+        order = sampler.order(epoch)
+        assert sorted(order) == list(range(len(groups)))
+        runs = [groups[i] for k, i in enumerate(order) if k == 0 or groups[i] != groups[order[k - 1]]]
+        assert sorted(runs) == list(range(12))  # each group one contiguous run
+    assert sampler.order(0) != sampler.order(1)
+    # one pair per group: the same permutation as without groups, so existing runs are unchanged
+    assert GlobalBatchSampler(50, 4, 1, 1, 0, seed=3, pair_groups=list(range(50))).order(2) == \
+        GlobalBatchSampler(50, 4, 1, 1, 0, seed=3).order(2)

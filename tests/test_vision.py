@@ -117,6 +117,30 @@ def test_every_layout_scores_and_trains_like_the_models_own_forward(vlm, tmp_pat
     assert max(p.grad.abs().max() for p in tower.parameters() if p.grad is not None) > 0
 
 
+def test_pairs_of_one_prompt_and_its_images_share_one_pass_of_them(vlm):
+    """A third response to pair 0's prompt (same token ids, same image) adds a response to pair 0's block, not a
+    second pass of its image; the same prompt ids with another image are another block. Log-probs equal the padded
+    batch's (each pair in full)."""
+    model_dir, processor, rows = vlm
+    vision = VisionInputs(processor.image_processor)
+    third = {**rows[0], "index": 4, "chosen_input_ids": rows[0]["rejected_input_ids"],
+             "rejected_input_ids": rows[3]["chosen_input_ids"]}
+    other_image = {**third, "index": 5, "images": rows[2]["images"]}
+    pairs = [*rows, third, other_image]
+    model = load_model(model_dir, "shared")
+    tower = next(m for m in model.modules() if getattr(m, "config", None) is model.config.vision_config)
+    seen = []
+    tower.register_forward_hook(lambda m, args, kwargs, out: seen.append(
+        (kwargs.get("pixel_values", args[0] if args else None)).shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        shared = concatenated_forward(model, collate_pairs(pairs, [1.0] * 6, 0, "shared", vision), logps_chunk_size=4)
+        assert sum(seen) == 1 + 2 + 1 + 1  # pairs 0-3's images once, and the other image's block
+        padded = concatenated_forward(load_model(model_dir, "padded"),
+                                      collate_pairs(pairs, [1.0] * 6, 0, "padded", vision), logps_chunk_size=0)
+    for side in ("chosen", "rejected"):
+        torch.testing.assert_close(getattr(shared, side), getattr(padded, side), rtol=1e-5, atol=1e-5)
+
+
 def test_freezing_the_vision_tower_freezes_exactly_it(vlm):
     model = load_model(vlm[0], "shared")
     vision = {id(p) for m in model.modules() if getattr(m, "config", None) is model.config.vision_config
