@@ -231,6 +231,16 @@ def recording_trainer(losses: list[float], tokenized: bool = True):
     return Trainer
 
 
+def timed_trl(tokenized: bool = True, **trainer_kwargs) -> tuple[list[float], float, PeakRSS]:
+    """TRL's DPOTrainer (``recording_trainer``) built with ``trainer_kwargs`` and trained: each step's time, the
+    first step's loss, the memory during training."""
+    losses, times = [], []
+    trainer = recording_trainer(losses, tokenized)(callbacks=[step_timer(times)], **trainer_kwargs)
+    with PeakRSS() as memory:
+        trainer.train()
+    return times, losses[0], memory
+
+
 def step_timer(times: list[float]):
     """A transformers callback appending each optimizer step's wall time to ``times``."""
     from transformers import TrainerCallback
@@ -254,8 +264,6 @@ def run_trl(work: Path, model: Path | None, options: dict, total_steps: int, pha
     pairs = [json.loads(line) for line in open(work / "pairs.jsonl")]
     dataset = Dataset.from_list([{"prompt_ids": p["prompt_input_ids"], "chosen_ids": p["chosen_input_ids"],
                                   "rejected_ids": p["rejected_input_ids"]} for p in pairs])
-    losses, times = [], []
-
     args = DPOConfig(output_dir=str(work / "trl_run"),
                      per_device_train_batch_size=PAIRS_PER_STEP // int(os.environ["WORLD_SIZE"]),
                      max_length=MAX_LENGTH, max_steps=total_steps, learning_rate=1e-6, bf16=False, use_cpu=True,
@@ -267,17 +275,11 @@ def run_trl(work: Path, model: Path | None, options: dict, total_steps: int, pha
     phases["policy loaded"] = PeakRSS.current()
     reference_model = AutoModelForCausalLM.from_pretrained(reference)
     phases["reference loaded"] = PeakRSS.current()
-    trainer = recording_trainer(losses)(model=policy_model, ref_model=reference_model, args=args,
-                                        train_dataset=dataset, processing_class=tokenizer,
-                                        callbacks=[step_timer(times)])
-    with PeakRSS() as memory:
-        trainer.train()
-    return times, losses[0], memory
+    return timed_trl(model=policy_model, ref_model=reference_model, args=args, train_dataset=dataset,
+                     processing_class=tokenizer)
 
 
 def worker(name: str, work: Path, model: Path | None, total_steps: int) -> None:
-    import resource
-
     import torch
 
     phases = {"python + torch": PeakRSS.current()}
@@ -286,9 +288,38 @@ def worker(name: str, work: Path, model: Path | None, total_steps: int) -> None:
     times, first_loss, memory = (run_trl if trainer == "trl" else run_ds_dpo)(work, model, options, total_steps,
                                                                               phases)
     phases |= {"before the steps": memory.start, "steps (peak)": memory.peak}
+    print_result(times, first_loss, memory, phases=phases)
+
+
+def print_result(times: list[float], first_loss: float, memory: PeakRSS, **extra) -> None:
+    """A worker process's measurements, as the ``RESULT`` line its parent reads back (``read_result``): step times,
+    step-1 loss, the process's lifetime peak and the memory rise during the steps (MiB)."""
+    import resource
+
     lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
     print("RESULT " + json.dumps({"times": times, "first_loss": first_loss, "peak_mib": lifetime_peak,
-                                  "step_mib": memory.peak - memory.start, "phases": phases}), flush=True)
+                                  "step_mib": memory.peak - memory.start, **extra}), flush=True)
+
+
+def read_result(name: str, returncode: int, log: Path) -> dict:
+    """What ``print_result`` printed into ``log``; a worker that failed raises with the end of its output."""
+    out = log.read_text()
+    results = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    if returncode != 0 or not results:
+        raise RuntimeError(f"{name} failed (exit {returncode}):\n{out[-5000:]}")
+    return json.loads(results[-1].removeprefix("RESULT "))
+
+
+def run_one_process(name: str, script: str, args: list[str], log: Path) -> dict:
+    """``python script --worker name ARGS`` as a 1-rank run (torchrun's variables), output to ``log`` (a full pipe
+    would stall the run); its ``RESULT``."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "1",
+           "LOCAL_WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "TOKENIZERS_PARALLELISM": "false"}
+    log.parent.mkdir(exist_ok=True)
+    with open(log, "w") as f:
+        code = subprocess.run([sys.executable, script, "--worker", name, *args], env=env, stdout=f,
+                              stderr=subprocess.STDOUT).returncode
+    return read_result(name, code, log)
 
 
 # --- the comparison ---------------------------------------------------------------------------------------------------
@@ -316,12 +347,7 @@ def run_config(name: str, work: Path, model: Path | None, total_steps: int, npro
                                           stderr=subprocess.STDOUT, text=True))
     ranks = []
     for r, (proc, log) in enumerate(zip(procs, logs)):
-        proc.wait()
-        out = log.read_text()
-        results = [line for line in out.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not results:
-            raise RuntimeError(f"{name} rank {r} failed (exit {proc.returncode}):\n{out[-5000:]}")
-        ranks.append(json.loads(results[-1].removeprefix("RESULT ")))
+        ranks.append(read_result(f"{name} rank {r}", proc.wait(), log))
     return {"times": ranks[0]["times"], "first_loss": statistics.mean(r["first_loss"] for r in ranks),
             "peak_mib": max(r["peak_mib"] for r in ranks), "step_mib": max(r["step_mib"] for r in ranks),
             "phases": max((r["phases"] for r in ranks), key=lambda p: p["steps (peak)"])}
@@ -437,24 +463,43 @@ def memory_breakdown(results: dict[str, list[dict]]) -> list[str]:
     return lines + [""]
 
 
+def run_arguments(parser: argparse.ArgumentParser, work: Path, steps: int, repeats: int) -> None:
+    """The options every benchmark script takes: where it works, how many steps and rounds, and the worker's."""
+    parser.add_argument("--work", type=Path, default=work)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--total_steps", type=int, help=argparse.SUPPRESS)
+
+
+def round_robin(names: list[str], run, args, pairs_per_step: int) -> dict[str, list[dict]]:
+    """``run(name)`` for every configuration, ``args.repeats`` rounds of all of them in turn, so that slow drifts
+    of the machine hit all alike; each run's pairs/s (over the steps after ``args.warmup``) printed as it ends."""
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(args.repeats):
+        for name in names:
+            result = run(name)
+            results[name].append(result)
+            rate = pairs_per_step * args.steps / sum(result["times"][args.warmup:])
+            print(f"round {round_ + 1}/{args.repeats} {name}: {rate:.2f} pairs/s, peak {result['peak_mib']:.0f} MiB, "
+                  f"step-1 loss {result['first_loss']:.7f}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=os.environ.get(
         "DS_DPO_HH_DATA", REPO.parent / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"),
                         help="HH-RLHF pairs (.jsonl.gz); default $DS_DPO_HH_DATA, else ../shared/data/...")
-    parser.add_argument("--work", type=Path, default=REPO / "outputs" / "benchmark")
+    run_arguments(parser, REPO / "outputs" / "benchmark", steps=4, repeats=3)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab_size", type=int, default=8192)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", type=Path, help="a pretrained causal LM directory, used as policy and reference "
                         "with its tokenizer (default: random-init Llama pair and a BPE trained on the data)")
     parser.add_argument("--nproc", type=int, default=1, choices=(1, 2, 4, 8), help="processes (ranks) per run")
     parser.add_argument("--only", nargs="*", help="run only these configurations (names as in the table)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--total_steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.work, args.model, args.total_steps)
@@ -464,15 +509,8 @@ def main() -> None:
     total = args.warmup + args.steps
     args.work.mkdir(parents=True, exist_ok=True)
     pairs = prepare(args.data, args.work, total * PAIRS_PER_STEP, args.vocab_size, args.seed, args.model)
-    names = args.only or list(CONFIGS)
-    results: dict[str, list[dict]] = {name: [] for name in names}
-    for round_ in range(args.repeats):
-        for name in names:
-            result = run_config(name, args.work, args.model, total, args.nproc)
-            results[name].append(result)
-            rate = PAIRS_PER_STEP * args.steps / sum(result["times"][args.warmup:])
-            print(f"round {round_ + 1}/{args.repeats} {name}: {rate:.2f} pairs/s, peak {result['peak_mib']:.0f} MiB, "
-                  f"step-1 loss {result['first_loss']:.7f}", flush=True)
+    results = round_robin(args.only or list(CONFIGS),
+                          lambda name: run_config(name, args.work, args.model, total, args.nproc), args, PAIRS_PER_STEP)
     table = report(results, pairs, args, machine())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,8 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from benchmark import (MAX_LENGTH, MAX_PROMPT_LENGTH, PeakRSS, free_port, machine, model_dirs,  # noqa: E402
-                       prepare, recording_trainer, step_timer, timed_steps)
+from benchmark import (MAX_LENGTH, MAX_PROMPT_LENGTH, PeakRSS, machine, model_dirs, prepare,  # noqa: E402
+                       print_result, round_robin, run_arguments, run_one_process, timed_steps, timed_trl)
 
 K = 4
 PAIRS_PER_PROMPT = K * (K - 1) // 2
@@ -105,47 +104,27 @@ def run_trl(work: Path, order: str, total_steps: int, seed: int) -> tuple[list[f
     ordered = [rows[i] for step in step_indices(order, total_steps, seed) for i in step]
     dataset = Dataset.from_list([{"prompt_ids": p["prompt_input_ids"], "chosen_ids": p["chosen_input_ids"],
                                   "rejected_ids": p["rejected_input_ids"]} for p in ordered])
-    losses, times = [], []
     args = DPOConfig(output_dir=str(work / "trl_run"), per_device_train_batch_size=PAIRS_PER_STEP,
                      max_length=MAX_LENGTH, max_steps=total_steps, learning_rate=1e-6, bf16=False, use_cpu=True,
                      report_to=[], save_strategy="no", logging_steps=10**6, dataloader_num_workers=0)
     policy, reference = model_dirs(work, None)
-    trainer = recording_trainer(losses)(
-        model=AutoModelForCausalLM.from_pretrained(policy), ref_model=AutoModelForCausalLM.from_pretrained(reference),
-        args=args, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(policy),
-        callbacks=[step_timer(times)])
-    with PeakRSS() as memory:
-        trainer.train()
-    return times, losses[0], memory
+    return timed_trl(model=AutoModelForCausalLM.from_pretrained(policy),
+                     ref_model=AutoModelForCausalLM.from_pretrained(reference), args=args, train_dataset=dataset,
+                     processing_class=AutoTokenizer.from_pretrained(policy))
 
 
 def worker(name: str, work: Path, total_steps: int, seed: int) -> None:
-    import resource
-
     import torch
 
     torch.manual_seed(0)
     trainer, order = CONFIGS[name]
-    times, first_loss, memory = (run_trl if trainer == "trl" else run_ds_dpo)(work, order, total_steps, seed)
-    print("RESULT " + json.dumps({"times": times, "first_loss": first_loss,
-                                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
-                                  "step_mib": memory.peak - memory.start}), flush=True)
+    print_result(*(run_trl if trainer == "trl" else run_ds_dpo)(work, order, total_steps, seed))
 
 
 def run_config(name: str, work: Path, total_steps: int, seed: int) -> dict:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "1",
-           "LOCAL_WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "TOKENIZERS_PARALLELISM": "false"}
     log = work / "logs" / f"{name.replace(' ', '_').replace(',', '').replace('=', '')}.log"
-    log.parent.mkdir(exist_ok=True)
-    with open(log, "w") as f:  # to a file: a full pipe would stall the run
-        code = subprocess.run([sys.executable, __file__, "--worker", name, "--work", str(work), "--total_steps",
-                               str(total_steps), "--seed", str(seed)], env=env, stdout=f,
-                              stderr=subprocess.STDOUT).returncode
-    out = log.read_text()
-    results = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    if code != 0 or not results:
-        raise RuntimeError(f"{name} failed (exit {code}):\n{out[-5000:]}")
-    return json.loads(results[-1].removeprefix("RESULT "))
+    return run_one_process(name, __file__, ["--work", str(work), "--total_steps", str(total_steps), "--seed",
+                                            str(seed)], log)
 
 
 def report(results: dict[str, list[dict]], args, machine_line: str) -> str:
@@ -168,7 +147,8 @@ def report(results: dict[str, list[dict]], args, machine_line: str) -> str:
              f"{args.warmup} identical warm-up step); {args.repeats} rounds, median. ds_dpo: the default preset "
              "(ZeRO-3 engines for policy and reference). *Tokens*: token positions per step through the policy's "
              "forward (the reference's forward takes as many).\n",
-             "| configuration | pairs/s | vs TRL | vs written out | peak MiB | vs TRL | step MiB | tokens | step-1 loss |",
+             "| configuration | pairs/s | vs TRL | vs written out | peak MiB | vs TRL | step MiB | tokens "
+             "| step-1 loss |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, rate, peak, step, loss, tokens in rows:
         lines.append(f"| {name} | {rate:.2f} | {rate / trl[1]:.2f}x | {rate / written_out[1]:.2f}x | {peak:.0f} | "
@@ -180,15 +160,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path(os.environ.get(
         "DS_DPO_HH_DATA", REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz")))
-    parser.add_argument("--work", type=Path, default=REPO / "outputs" / "bench_ranked")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
+    run_arguments(parser, REPO / "outputs" / "bench_ranked", steps=4, repeats=2)
     parser.add_argument("--vocab_size", type=int, default=8192)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--worker")
-    parser.add_argument("--total_steps", type=int)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.work, args.total_steps, args.seed)
@@ -196,13 +170,8 @@ def main() -> None:
     total = args.warmup + args.steps
     if not (args.work / "ranked.jsonl").is_file():
         ranked_pairs(args.work, args.data, PROMPTS_PER_STEP * total, args.vocab_size, args.seed)
-    results = {name: [] for name in CONFIGS}
-    for round_ in range(args.repeats):
-        for name in CONFIGS:
-            results[name].append(run_config(name, args.work, total, args.seed))
-            run = results[name][-1]
-            print(f"round {round_ + 1}: {name}: {PAIRS_PER_STEP * args.steps / sum(run['times'][args.warmup:]):.3f} "
-                  f"pairs/s, peak {run['peak_mib']:.0f} MiB", flush=True)
+    results = round_robin(list(CONFIGS), lambda name: run_config(name, args.work, total, args.seed), args,
+                          PAIRS_PER_STEP)
     text = report(results, args, machine())
     print(text)
     if args.out:

@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from benchmark import PeakRSS, free_port, machine, recording_trainer, step_timer, timed_steps  # noqa: E402
+from benchmark import (PeakRSS, machine, print_result, round_robin, run_arguments, run_one_process,  # noqa: E402
+                       timed_steps, timed_trl)
 
 IMAGE = 224
 # ds_dpo without ZeRO, as TRL runs on one process: on a single rank ZeRO only adds fp32 copies
@@ -108,49 +106,29 @@ def run_trl(work: Path, pairs: int, total_steps: int) -> tuple[list[float], floa
     rows = [json.loads(line) for line in open(work / "pairs.jsonl")]
     dataset = Dataset.from_list([{**row, "images": [Image.open(p).convert("RGB") for p in row["images"]]}
                                  for row in rows])
-    losses, times = [], []
     args = DPOConfig(output_dir=str(work / "trl_run"), per_device_train_batch_size=pairs, max_length=None,
                      max_steps=total_steps, learning_rate=1e-6, bf16=False, use_cpu=True, report_to=[],
                      save_strategy="no", logging_steps=10**6, dataloader_num_workers=0,
                      gradient_checkpointing=False)
     model = work / "model"
-    trainer = recording_trainer(losses, tokenized=False)(
-        model=AutoModelForImageTextToText.from_pretrained(model),
-        ref_model=AutoModelForImageTextToText.from_pretrained(model), args=args, train_dataset=dataset,
-        processing_class=AutoProcessor.from_pretrained(model), callbacks=[step_timer(times)])
-    with PeakRSS() as memory:
-        trainer.train()
-    return times, losses[0], memory
+    return timed_trl(tokenized=False, model=AutoModelForImageTextToText.from_pretrained(model),
+                     ref_model=AutoModelForImageTextToText.from_pretrained(model), args=args, train_dataset=dataset,
+                     processing_class=AutoProcessor.from_pretrained(model))
 
 
 def worker(name: str, work: Path, pairs: int, total_steps: int) -> None:
-    import resource
-
     import torch
 
     torch.manual_seed(0)
     trainer, options = CONFIGS[name]
-    times, first_loss, memory = (run_trl(work, pairs, total_steps) if trainer == "trl"
-                                 else run_ds_dpo(work, options, pairs, total_steps))
-    print("RESULT " + json.dumps({"times": times, "first_loss": first_loss,
-                                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
-                                  "step_mib": memory.peak - memory.start}), flush=True)
+    print_result(*(run_trl(work, pairs, total_steps) if trainer == "trl"
+                   else run_ds_dpo(work, options, pairs, total_steps)))
 
 
 def run_config(name: str, work: Path, pairs: int, total_steps: int) -> dict:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "1",
-           "LOCAL_WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "TOKENIZERS_PARALLELISM": "false"}
     log = work / "logs" / f"{name.split(' (')[0].replace(' ', '_')}.log"
-    log.parent.mkdir(exist_ok=True)
-    with open(log, "w") as f:  # to a file: a full pipe would stall the run
-        code = subprocess.run([sys.executable, __file__, "--worker", name, "--work", str(work), "--pairs", str(pairs),
-                               "--total_steps", str(total_steps)], env=env, stdout=f,
-                              stderr=subprocess.STDOUT).returncode
-    out = log.read_text()
-    results = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    if code != 0 or not results:
-        raise RuntimeError(f"{name} failed (exit {code}):\n{out[-5000:]}")
-    return json.loads(results[-1].removeprefix("RESULT "))
+    return run_one_process(name, __file__, ["--work", str(work), "--pairs", str(pairs), "--total_steps",
+                                            str(total_steps)], log)
 
 
 def report(results: dict[str, list[dict]], args, machine_line: str) -> str:
@@ -180,15 +158,9 @@ def report(results: dict[str, list[dict]], args, machine_line: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=REPO / "outputs" / "bench_vlm")
+    run_arguments(parser, REPO / "outputs" / "bench_vlm", steps=3, repeats=2)
     parser.add_argument("--pairs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--worker")
-    parser.add_argument("--total_steps", type=int)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.work, args.pairs, args.total_steps)
@@ -196,13 +168,7 @@ def main() -> None:
     total = args.warmup + args.steps
     if not (args.work / "model" / "config.json").is_file():
         prepare(args.work, args.pairs * total, args.seed)
-    results = {name: [] for name in CONFIGS}
-    for round_ in range(args.repeats):
-        for name in CONFIGS:
-            results[name].append(run_config(name, args.work, args.pairs, total))
-            run = results[name][-1]
-            print(f"round {round_ + 1}: {name}: {args.pairs * args.steps / sum(run['times'][args.warmup:]):.3f} "
-                  f"pairs/s, peak {run['peak_mib']:.0f} MiB", flush=True)
+    results = round_robin(list(CONFIGS), lambda name: run_config(name, args.work, args.pairs, total), args, args.pairs)
     text = report(results, args, machine())
     print(text)
     if args.out:

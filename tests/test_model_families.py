@@ -281,8 +281,8 @@ def test_router_aux_loss_is_the_models_own_in_every_layout(family):
     for layout in ("padded", "packed", "shared"):
         for chunk in (0, 4):
             model.zero_grad()
-            out = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, layout), logps_chunk_size=chunk,
-                                       router_aux_loss=True)
+            out = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, layout),
+                                       logps_chunk_size=chunk, router_aux_loss=True)
             if layout == "shared":
                 assert torch.isfinite(out.aux_loss) and abs(out.aux_loss - expected) < 0.1 * expected
             else:

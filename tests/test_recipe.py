@@ -357,12 +357,13 @@ def test_ranked_rows_train_like_their_pairs_written_out(single_rank, builtin_fil
     """K = 4 ranked responses to each of 2 prompts, all pairs (12): one step of the default prefix-shared run, which
     computes each prompt once and each response once, takes the same loss and gradient as the 12 pairs written out as
     explicit rows in padded batches (every sequence computed in full for every pair); ZeRO-3 policy and reference."""
-    ranked = [{"prompt": f"count up from {n} :", "responses": ["".join(f" {n + k}" for k in range(1, 6)),
-                                                              f" {n + 1} {n + 2} {n + 4}", f" {n + 3} {n}", f" {n - 1}"]}
-              for n in (6, 48)]
+    ranked = [{"prompt": f"count up from {n} :",
+               "responses": ["".join(f" {n + k}" for k in range(1, 6)), f" {n + 1} {n + 2} {n + 4}", f" {n + 3} {n}",
+                             f" {n - 1}"]} for n in (6, 48)]
     written_out = [{"prompt": r["prompt"], "chosen": r["responses"][a], "rejected": r["responses"][b]}
                    for r in ranked for a in range(4) for b in range(a + 1, 4)]
-    runs = {"ranked": (ranked, ["--response_pairing", "all_pairs"]), "pairs": (written_out, ["--padding_free", "false"])}
+    runs = {"ranked": (ranked, ["--response_pairing", "all_pairs"]),
+            "pairs": (written_out, ["--padding_free", "false"])}
     first_step = {}
     for name, (rows, options) in runs.items():
         path = tmp_path / f"{name}.jsonl"
