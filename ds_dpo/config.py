@@ -32,7 +32,7 @@ import yaml
 
 from ds_dpo.formats import FORMATS, PAIRINGS
 from ds_dpo.losses import LossConfig
-from ds_dpo.sources import looks_local
+from ds_dpo.sources import looks_local, source_specs
 from ds_dpo.tokenization import TRUNCATION_MODES, LengthLimits
 
 REFERENCE_MODES = ("zero", "lora", "precomputed")
@@ -134,21 +134,23 @@ class ModelConfig:
 class DataConfig:
     """Where the pairs come from, how rows are read, and how long a tokenized pair may be (README "Data")."""
 
-    dataset: str | list[str] | None = None
+    dataset: str | list[str | dict] | None = None
     """Training pairs: a ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet``/``.csv`` file, a ``save_to_disk`` directory,
     a directory in the Hub's layout (``data/<split>-*.parquet``) or a Hub dataset name; a list mixes several (see
-    ``dataset_probs``)."""
+    ``dataset_probs``), each a name or ``{path, split, config}`` (its own split and configuration)."""
     dataset_config: str | None = None
     """The configuration (subset) of a Hub dataset or Hub-layout directory that has several (``name`` in
     ``datasets.load_dataset``); where the dataset declares none by that name, its subfolder (``data_dir``: HH-RLHF's
     ``harmless-base``)."""
     dataset_train_split: str = "train"
-    """The split ``dataset`` is read from, where a source has splits (UltraFeedback: ``train_prefs``)."""
+    """The split ``dataset`` is read from, where a source has splits (UltraFeedback: ``train_prefs``) and its entry
+    names none."""
     dataset_test_split: str = "test"
-    """The split ``eval_dataset`` is read from, where a source has splits (UltraFeedback: ``test_prefs``)."""
+    """The split ``eval_dataset`` is read from, where a source has splits (UltraFeedback: ``test_prefs``) and its
+    entry names none."""
     dataset_probs: list[float] | None = None
     """Sampling probabilities for a list of datasets (OpenRLHF-style blending); unset: concatenated."""
-    eval_dataset: str | list[str] | None = None
+    eval_dataset: str | list[str | dict] | None = None
     """Held-out pairs, any source above; evaluated every ``eval_steps`` and at the end."""
     eval_split_ratio: float = 0.0
     """Without ``eval_dataset``: hold this fraction of the training prompts out for evaluation (seeded; all pairs of a
@@ -203,8 +205,15 @@ class DataConfig:
         return {column: name for column, name in ours.items() if column != name}
 
     def problems(self) -> list[str]:
-        checks = [(not looks_local(spec) or Path(spec).expanduser().exists(), f"`{name}` {spec!r} does not exist")
-                  for name in ("dataset", "eval_dataset") for spec in as_list(getattr(self, name))]
+        checks = []
+        for name in ("dataset", "eval_dataset"):
+            try:
+                specs = source_specs(getattr(self, name))
+            except ValueError as e:
+                checks.append((False, f"`{name}`: {e}"))
+                continue
+            checks += [(not looks_local(s.path) or Path(s.path).expanduser().exists(),
+                        f"`{name}` {s.path!r} does not exist") for s in specs]
         checks += [
             (self.dataset_probs is None or (len(self.dataset_probs) == len(as_list(self.dataset))
                                             and all(p > 0 for p in self.dataset_probs)),
@@ -556,7 +565,8 @@ def _coerce(owner: type, name: str, value: Any) -> Any:
             inner = typing.get_args(option)[0]
             if inner is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
                 return [float(v) for v in value]
-            if all(type(v) is inner for v in value):
+            kinds = typing.get_args(inner) if isinstance(inner, types.UnionType) else (inner,)
+            if all(type(v) in kinds for v in value):
                 return value
         if origin in (str, int, bool, dict) and type(value) is origin:
             return value

@@ -23,9 +23,9 @@ from typing import Any
 import datasets
 from datasets.fingerprint import Hasher
 
-from ds_dpo.config import DataConfig, as_list
+from ds_dpo.config import DataConfig
 from ds_dpo.formats import RowError, detect, has_images, normalize, pair_weight, response_pairs
-from ds_dpo.sources import DataError, RowProblem, read_source
+from ds_dpo.sources import DataError, RowProblem, SourceSpec, read_source, source_specs
 from ds_dpo.tokenization import LengthLimits, encode_pair
 
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -186,15 +186,16 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
     return (pairs if len(kept) == len(tokenized) else pairs.select(kept)), report
 
 
-def _load_all(specs: list[str], probs: list[float] | None, cfg: DataConfig, seed: int, tokenizer,
+def _load_all(specs: list[SourceSpec], probs: list[float] | None, cfg: DataConfig, seed: int, tokenizer,
               report: DataReport, split: str, encoder_decoder: bool, processor) -> datasets.Dataset:
+    """Every source of ``specs`` (each of its own split and configuration, else ``split`` and the run's), mixed."""
     parts = []
     for spec in specs:
         part, source_report = prepare_source(
-            spec, tokenizer, cfg.length_limits, dataset_format=cfg.dataset_format,
+            spec.path, tokenizer, cfg.length_limits, dataset_format=cfg.dataset_format,
             delimiter=cfg.implicit_prompt_delimiter, keys=cfg.column_names, on_bad_rows=cfg.on_bad_rows,
-            cache_dir=cfg.dataset_cache_dir, num_proc=cfg.dataset_num_proc, split=split,
-            config_name=cfg.dataset_config, chat_template_kwargs=cfg.chat_template_kwargs,
+            cache_dir=cfg.dataset_cache_dir, num_proc=cfg.dataset_num_proc, split=spec.split or split,
+            config_name=spec.config or cfg.dataset_config, chat_template_kwargs=cfg.chat_template_kwargs,
             response_pairing=cfg.response_pairing, encoder_decoder=encoder_decoder, processor=processor)
         if parts:  # groups are row numbers within a source: keep sources' groups apart
             offset = max(parts[-1]["group"]) + 1
@@ -226,13 +227,13 @@ def load_preference_data(cfg: DataConfig, tokenizer, seed: int, encoder_decoder:
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; completions must be closed by one")
     report = DataReport()
-    train = _load_all(as_list(cfg.dataset), cfg.dataset_probs, cfg, seed, tokenizer, report, cfg.dataset_train_split,
+    train = _load_all(source_specs(cfg.dataset), cfg.dataset_probs, cfg, seed, tokenizer, report, cfg.dataset_train_split,
                       encoder_decoder, processor)
     if cfg.max_samples is not None:
         train = train.select(range(min(cfg.max_samples, len(train))))
     evals = None
     if cfg.eval_dataset:
-        evals = _load_all(as_list(cfg.eval_dataset), None, cfg, seed, tokenizer, report, cfg.dataset_test_split,
+        evals = _load_all(source_specs(cfg.eval_dataset), None, cfg, seed, tokenizer, report, cfg.dataset_test_split,
                           encoder_decoder, processor)
     elif cfg.eval_split_ratio > 0:
         train, evals = _split_groups(train, cfg.eval_split_ratio, seed)

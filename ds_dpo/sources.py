@@ -40,6 +40,33 @@ class Row:
     data: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class SourceSpec:
+    """One entry of ``dataset``/``eval_dataset``: where, and which split and configuration where it has several
+    (None: the run's ``dataset_train_split``/``dataset_test_split`` and ``dataset_config``)."""
+
+    path: str
+    split: str | None = None
+    config: str | None = None
+
+
+def source_specs(value: str | list[str | dict] | None) -> list[SourceSpec]:
+    """The sources of a ``dataset``/``eval_dataset`` value: a name, or a list of names and ``{path, split, config}``
+    mappings; ValueError names a malformed entry."""
+    specs = []
+    for i, entry in enumerate([] if value is None else [value] if isinstance(value, str) else value):
+        if isinstance(entry, str):
+            specs.append(SourceSpec(entry))
+            continue
+        unknown = set(entry) - {"path", "split", "config"}
+        if unknown or not isinstance(entry.get("path"), str) or not all(
+                isinstance(entry.get(k), (str, type(None))) for k in ("split", "config")):
+            raise ValueError(f"entry {i + 1} must be a name or {{path, split, config}} with string values, got "
+                             f"{entry!r}")
+        specs.append(SourceSpec(entry["path"], entry.get("split"), entry.get("config")))
+    return specs
+
+
 def looks_local(spec: str) -> bool:
     """A path (or meant as one) rather than a Hub dataset name."""
     return spec.endswith(FILE_SUFFIXES) or spec.startswith((".", "/", "~")) or Path(spec).exists()

@@ -1,11 +1,12 @@
 import gzip
 import json
+import re
 
 import pytest
 
 from conftest import REPO
 from ds_dpo import builtin, data
-from ds_dpo.config import make_config
+from ds_dpo.config import ConfigError, make_config
 from ds_dpo.data import DataError, load_preference_data
 from ds_dpo.layouts import collate_pairs
 
@@ -138,6 +139,27 @@ def test_a_hub_layout_ultrafeedback_folder_trains_on_one_split_and_evaluates_on_
                                        dataset_train_split="train_prefs", dataset_test_split="test_prefs"), tokenizer)
     assert (len(train), len(evals)) == (12, 3) and report.sources[0].format == "conversational"
     assert report.sources[0].bad_rows == {}
+
+
+def test_each_source_of_a_mixture_reads_its_own_split(tmp_path):
+    """``{path, split, config}`` entries: a Hub-layout folder's ``train_prefs`` mixed with a plain file (which has no
+    splits), evaluated on the folder's ``test_prefs``; malformed entries are named before anything is read."""
+    from test_sources import hub_layout
+
+    rows = lambda start, n: [{"prompt": f"count up from {i} :", "chosen": f" {i + 1}", "rejected": f" {i - 1}"}  # noqa: E731
+                             for i in range(start, start + n)]
+    folder = hub_layout(tmp_path / "hub", {"train_prefs": rows(10, 5), "test_prefs": rows(50, 2)})
+    extra = write(tmp_path / "extra.jsonl", rows(70, 3))
+    cfg = config(tmp_path, dataset=[{"path": str(folder), "split": "train_prefs"}, extra],
+                 eval_dataset=[{"path": str(folder), "split": "test_prefs"}])
+    cfg.validate()
+    train, evals, report = load(cfg, builtin.build_tokenizer())
+    assert (len(train), len(evals)) == (5 + 3, 2) and len(report.sources) == 3
+    for entry, problem in (({"split": "train"}, "entry 1 must be a name or {path, split, config}"),
+                           ({"path": str(folder), "splits": "x"}, "entry 1 must be"),
+                           ({"path": str(tmp_path / "missing.jsonl")}, "does not exist")):
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            config(tmp_path, dataset=[entry]).validate()
 
 
 def test_hh_rlhf_implicit_prompts(tmp_path, hh_data):
