@@ -3,9 +3,11 @@
     train, eval, report = load_preference_data(cfg.data, tokenizer, cfg.seed)
 
 Every row problem is found here, before any model is built: with ``on_bad_rows: error`` the run stops listing the
-first offenders (file, row, field, reason) and the total; with ``skip`` they are dropped and counted. Tokenization runs
-through ``datasets.map`` into a cache file named by a fingerprint of the checked rows, the tokenizer (chat template
-included) and the length settings, so a second run with the same inputs tokenizes nothing. The returned datasets
+first offenders (file, row, field, reason) and the total; with ``skip`` they are dropped and counted. A source streams
+through: its rows are read and checked one at a time and their canonical pairs written to an Arrow file (named by a
+hash of their content), so no Python list of the dataset exists. Tokenization runs through ``datasets.map`` into a
+cache file named by that hash, the tokenizer (chat template included) and the length settings, so a second run with
+the same inputs tokenizes nothing. The returned datasets
 hold ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``, ``weight`` (the row's, 1 by default),
 ``group`` (pairs made of one ranked row share it: they are held out together and batched together), ``index`` (the
 pair's position, which keys precomputed reference log-probs) and, for a vision-language model,
@@ -14,13 +16,20 @@ pair's position, which keys precomputed reference log-probs) and, for a vision-l
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets.arrow_writer import ArrowWriter
 from datasets.fingerprint import Hasher
 
 from ds_dpo.config import DataConfig
@@ -82,12 +91,12 @@ def cache_root(configured: str | os.PathLike | None) -> Path:
     return root
 
 
-def _percentiles(values: list[int]) -> dict[str, int]:
-    if not values:
+def _percentiles(values: np.ndarray) -> dict[str, int]:
+    if not len(values):
         return {}
-    ordered = sorted(values)
-    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": ordered[-1]}
+    ordered = np.sort(values)
+    at = lambda q: int(ordered[min(len(ordered) - 1, int(q * len(ordered)))])  # noqa: E731
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": int(ordered[-1])}
 
 
 def _bad_rows_error(problems: list[RowProblem]) -> DataError:
@@ -101,11 +110,11 @@ def _rename(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
     return {keys.get(k, k): v for k, v in data.items()} if keys else data
 
 
-def _cache_key(canonical: datasets.Dataset, tokenizer, limits: LengthLimits, encoder_decoder: bool,
-               processor) -> str:
+def _cache_key(content: str, tokenizer, limits: LengthLimits, encoder_decoder: bool, processor) -> str:
+    """The tokenization cache key: the canonical pairs' ``content`` hash and everything that turns them into ids."""
     vision = None if processor is None else (processor.chat_template, processor.to_json_string())
-    return Hasher.hash((CACHE_VERSION, canonical._fingerprint, Hasher.hash(tokenizer), tokenizer.chat_template,
-                        limits, encoder_decoder, vision))
+    return Hasher.hash((CACHE_VERSION, content, Hasher.hash(tokenizer), tokenizer.chat_template, limits,
+                        encoder_decoder, vision))
 
 
 def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format: str = "auto",
@@ -117,73 +126,121 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
     """Read, check, normalise and tokenize one source (its ``split`` where it has several; for an encoder-decoder
     model with ``encoder_decoder``, for a vision-language model with its ``processor``); returns its trainable
     pairs (``group``: the row they were made of) and its report."""
-    report = SourceReport(spec)
-    rows, problems = read_source(spec, split, config_name)
-    report.rows_read = len(rows) + len(problems)
-    if not rows and not problems:
-        raise DataError(f"{spec}: no rows")
-    fmt = dataset_format
-    vision, image_token = None, None
-    canonical, weights, groups = [], [], []
-    for row in rows:
-        data = row.data
-        if not isinstance(data, dict):
-            problems.append(RowProblem(spec, row.number, "", f"expected a JSON object, got {type(data).__name__}"))
-            continue
-        data = _rename(data, keys or {})
-        if fmt == "auto":
-            fmt = detect(data)
-        if vision is None:
-            vision = has_images(data)
-            if vision and processor is None:
-                raise DataError(f"{spec}: rows have images, but the model is not a vision-language model (it has no "
-                                "image processor)")
-            image_token = processor.image_token if vision else None
-        try:
-            weight = pair_weight(data)
-            pairs = (response_pairs(data, response_pairing, delimiter, chat_template_kwargs, image_token)
-                     if fmt == "ranked" else [normalize(data, fmt, delimiter, chat_template_kwargs, image_token)])
-        except RowError as e:
-            problems.append(RowProblem(spec, row.number, e.field, e.reason))
-            continue
-        report.unpaired_rows += not pairs
-        canonical += pairs
-        weights += [weight] * len(pairs)
-        groups += [row.number] * len(pairs)
+    report, problems = SourceReport(spec), []
+    fmt, vision, image_token = dataset_format, None, None
+
+    def canonical_pairs() -> Iterator[dict[str, Any]]:
+        """Every checked row's canonical pairs, one row at a time, with the row's weight and number (``group``)."""
+        nonlocal fmt, vision, image_token
+        for row in read_source(spec, split, config_name):
+            report.rows_read += 1
+            if isinstance(row, RowProblem):
+                problems.append(row)
+                continue
+            data = row.data
+            if not isinstance(data, dict):
+                problems.append(RowProblem(spec, row.number, "", f"expected a JSON object, got {type(data).__name__}"))
+                continue
+            data = _rename(data, keys or {})
+            if fmt == "auto":
+                fmt = detect(data)
+            if vision is None:
+                vision = has_images(data)
+                if vision and processor is None:
+                    raise DataError(f"{spec}: rows have images, but the model is not a vision-language model (it has "
+                                    "no image processor)")
+                image_token = processor.image_token if vision else None
+            try:
+                weight = pair_weight(data)
+                pairs = (response_pairs(data, response_pairing, delimiter, chat_template_kwargs, image_token)
+                         if fmt == "ranked" else [normalize(data, fmt, delimiter, chat_template_kwargs, image_token)])
+            except RowError as e:
+                problems.append(RowProblem(spec, row.number, e.field, e.reason))
+                continue
+            report.unpaired_rows += not pairs
+            for pair in pairs:
+                yield {**pair, "weight": weight, "group": row.number}
+
+    table, content = _write_arrow(canonical_pairs(), cache_root(cache_dir))
     report.format = fmt
+    if not report.rows_read:
+        raise DataError(f"{spec}: no rows")
     problems.sort(key=lambda p: p.number)
     if problems and on_bad_rows == "error":
         raise _bad_rows_error(problems)
     report.bad_rows = dict(Counter(p.reason for p in problems))
-    if not canonical:
+    if table is None:
         raise DataError(f"{spec}: no usable rows ({len(problems)} bad)")
 
-    table = datasets.Dataset.from_list(canonical)
-    key = _cache_key(table, tokenizer, limits, encoder_decoder, processor)
+    key = _cache_key(content, tokenizer, limits, encoder_decoder, processor)
     cache_file = cache_root(cache_dir) / f"tokenized-{key}.arrow"
     report.cache_hit = cache_file.exists()
     tokenized = table.map(encode_pair, fn_kwargs={"tokenizer": tokenizer, "limits": limits,
                                                   "encoder_decoder": encoder_decoder, "processor": processor},
-                          remove_columns=[c for c in table.column_names if c != "images"],
+                          remove_columns=[c for c in table.column_names if c not in ("images", "weight", "group")],
                           cache_file_name=str(cache_file), new_fingerprint=key,
                           num_proc=num_proc if num_proc and num_proc > 1 and not report.cache_hit else None,
                           desc=f"tokenizing {Path(spec).name}")
-    stats = tokenized.select_columns(["drop", "prompt_truncated", "completion_truncated", "prompt_length",
-                                      "chosen_length", "rejected_length"]).to_dict()
-    kept = [i for i, d in enumerate(stats["drop"]) if not d]
-    report.dropped = dict(Counter(d for d in stats["drop"] if d))
-    report.prompt_truncated = sum(stats["prompt_truncated"])
-    report.completion_truncated = sum(stats["completion_truncated"])
+    stats = tokenized.with_format("arrow")
+    drop = stats["drop"]
+    kept_mask = pc.equal(drop, "")
+    kept = np.flatnonzero(kept_mask.to_numpy(zero_copy_only=False))
+    report.dropped = {d["values"]: d["counts"] for d in pc.value_counts(pc.filter(drop, pc.invert(kept_mask))).to_pylist()}
+    report.prompt_truncated = int(pc.sum(stats["prompt_truncated"]).as_py() or 0)
+    report.completion_truncated = int(pc.sum(stats["completion_truncated"]).as_py() or 0)
     report.pairs = len(kept)
-    report.lengths = {part: _percentiles([stats[f"{part}_length"][i] for i in kept])
+    report.lengths = {part: _percentiles(pc.filter(stats[f"{part}_length"], kept_mask).to_numpy())
                       for part in ("prompt", "chosen", "rejected")}
-    if not kept:
+    if not len(kept):
         raise DataError(f"{spec}: every pair was dropped ({report.dropped})")
-    pairs = tokenized.select_columns(list(ID_COLUMNS) + (["images"] if vision else []))
-    pairs = pairs.add_column("weight", weights).add_column("group", groups)
+    pairs = tokenized.select_columns([*ID_COLUMNS, "weight", "group"] + (["images"] if vision else []))
     if processor is not None and not vision:  # a text source in a vision-language run: pairs without images
         pairs = pairs.add_column("images", [[]] * len(pairs), feature=datasets.Sequence(datasets.Value("binary")))
     return (pairs if len(kept) == len(tokenized) else pairs.select(kept)), report
+
+
+def _write_arrow(examples: Iterator[dict[str, Any]], directory: Path) -> tuple[datasets.Dataset | None, str]:
+    """``examples`` streamed into an Arrow file under ``directory`` (named by a hash of their content, which is also
+    returned) and memory-mapped: a source's pairs are never a Python list. None when there are none."""
+    digest, writer = hashlib.sha256(), None
+    partial = directory / f"canonical-{os.getpid()}-{uuid.uuid4().hex}.arrow.partial"
+    try:
+        for example in examples:
+            if writer is None:
+                writer = ArrowWriter(path=str(partial), features=_features(example))
+            writer.write(example)
+            digest.update(json.dumps(example, sort_keys=True, default=_bytes_digest).encode())
+        if writer is None:
+            return None, ""
+        writer.finalize()
+        writer.close()
+        final = directory / f"canonical-{digest.hexdigest()[:32]}.arrow"
+        os.replace(partial, final)  # atomic: ranks writing the same content at once each leave a whole file
+        return datasets.Dataset.from_file(str(final)), digest.hexdigest()
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _features(example: dict[str, Any]) -> datasets.Features:
+    """The Arrow schema of a source's canonical pairs, from its first: a value that is empty there (no images, an
+    image part's text) must still take what later rows carry, bytes and strings."""
+    def typed(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_null(t):
+            return pa.string()
+        if pa.types.is_list(t):
+            return pa.list_(typed(t.value_type))
+        if pa.types.is_struct(t):
+            return pa.struct([pa.field(f.name, typed(f.type)) for f in t])
+        return t
+
+    schema = pa.Table.from_pylist([example]).schema
+    schema = pa.schema([pa.field(f.name, pa.list_(pa.binary()) if f.name == "images" else typed(f.type))
+                        for f in schema])
+    return datasets.Features.from_arrow_schema(schema)
+
+
+def _bytes_digest(value: bytes) -> str:
+    return hashlib.sha256(value).hexdigest()
 
 
 def _load_all(specs: list[SourceSpec], probs: list[float] | None, cfg: DataConfig, seed: int, tokenizer,
@@ -198,8 +255,8 @@ def _load_all(specs: list[SourceSpec], probs: list[float] | None, cfg: DataConfi
             config_name=spec.config or cfg.dataset_config, chat_template_kwargs=cfg.chat_template_kwargs,
             response_pairing=cfg.response_pairing, encoder_decoder=encoder_decoder, processor=processor)
         if parts:  # groups are row numbers within a source: keep sources' groups apart
-            offset = max(parts[-1]["group"]) + 1
-            part = part.remove_columns("group").add_column("group", [g + offset for g in part["group"]])
+            offset = int(parts[-1].with_format("numpy")["group"][:].max()) + 1
+            part = part.remove_columns("group").add_column("group", part.with_format("numpy")["group"][:] + offset)
         parts.append(part)
         report.sources.append(source_report)
     if len(parts) == 1:
@@ -237,11 +294,20 @@ def load_preference_data(cfg: DataConfig, tokenizer, seed: int, encoder_decoder:
                           encoder_decoder, processor)
     elif cfg.eval_split_ratio > 0:
         train, evals = _split_groups(train, cfg.eval_split_ratio, seed)
-    train = train.add_column("index", list(range(len(train))))
+    train = train.add_column("index", np.arange(len(train)))
     if evals is not None:
-        evals = evals.add_column("index", list(range(len(evals))))
+        evals = evals.add_column("index", np.arange(len(evals)))
     report.train_pairs, report.eval_pairs = len(train), 0 if evals is None else len(evals)
     return train, evals, report
+
+
+def token_lengths(pairs: datasets.Dataset) -> dict[str, np.ndarray]:
+    """Each pair's prompt, chosen and rejected token counts, read from Arrow a batch at a time (the ids never become
+    Python lists)."""
+    parts = ("prompt", "chosen", "rejected")
+    batches = [[pc.list_value_length(batch[f"{part}_input_ids"]).to_numpy() for part in parts]
+               for batch in pairs.with_format("arrow").iter(batch_size=65536)]
+    return {part: np.concatenate([b[k] for b in batches]) for k, part in enumerate(parts)}
 
 
 def load_tokenized(spec: str, tokenizer, max_length: int | None = None, max_prompt_length: int | None = None,
@@ -249,4 +315,4 @@ def load_tokenized(spec: str, tokenizer, max_length: int | None = None, max_prom
     """One source's pairs, tokenized with default settings and an ``index`` column (for tools and tests)."""
     limits = LengthLimits(max_length, max_prompt_length, options.pop("max_completion_length", None))
     pairs, _ = prepare_source(str(spec), tokenizer, limits, **options)
-    return pairs.add_column("index", list(range(len(pairs))))
+    return pairs.add_column("index", np.arange(len(pairs)))

@@ -29,7 +29,7 @@ from ds_dpo.activation_memory import checkpoint_offload
 from ds_dpo.attention import is_block_attention
 from ds_dpo.checkpoint import Checkpointer, export_hf_model
 from ds_dpo.config import ConfigError, DPOConfig, dump_config
-from ds_dpo.data import load_preference_data
+from ds_dpo.data import load_preference_data, token_lengths
 from ds_dpo.distributed import any_rank, local_main_first, say
 from ds_dpo.ds_config import reference_deepspeed_config, resolve_deepspeed_config
 from ds_dpo.layouts import collate_pairs, forward_tokens, is_varlen
@@ -112,8 +112,8 @@ class DPORecipe:
         optim, budget = cfg.optim, cfg.batch.max_tokens_per_batch
         pair_tokens = None
         if budget:  # token-budget micro-batches: what each pair costs a forward in this layout
-            columns = (self.train_data[f"{part}_input_ids"] for part in ("prompt", "chosen", "rejected"))
-            pair_tokens = [forward_tokens(len(p), len(c), len(r), self.layout) for p, c, r in zip(*columns)]
+            lengths = token_lengths(self.train_data)
+            pair_tokens = forward_tokens(lengths["prompt"], lengths["chosen"], lengths["rejected"], self.layout).tolist()
         self.sampler = GlobalBatchSampler(
             len(self.train_data), optim.per_device_train_batch_size, optim.gradient_accumulation_steps,
             *self.data_parallel, cfg.seed, pair_tokens=pair_tokens, max_tokens_per_batch=budget,

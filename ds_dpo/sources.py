@@ -3,8 +3,10 @@
 A source is a local ``.jsonl``, ``.jsonl.gz``, ``.json``, ``.parquet`` or ``.csv`` file, a directory written by
 ``datasets.Dataset.save_to_disk``, a directory in the Hub's layout (``data/<split>-*.parquet``, as ``huggingface-cli
 download`` leaves a dataset), or a Hugging Face Hub dataset name. The last three can hold several splits (and a Hub
-dataset several configurations): ``read_source`` reads the one asked for. It returns ``Row`` records whose ``number``
-is what a user finds in their file: the 1-based line for JSONL, the 1-based record otherwise.
+dataset several configurations): ``read_source`` reads the one asked for. It yields ``Row`` records whose ``number``
+is what a user finds in their file (the 1-based line for JSONL, the 1-based record otherwise), one at a time: JSONL
+is read line by line and the other sources are Arrow tables that ``datasets`` memory-maps, so reading a source does
+not hold it in memory (a ``.json`` list is the exception: it is parsed whole).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
 
@@ -72,21 +74,21 @@ def looks_local(spec: str) -> bool:
     return spec.endswith(FILE_SUFFIXES) or spec.startswith((".", "/", "~")) or Path(spec).exists()
 
 
-def read_source(spec: str, split: str = "train", config_name: str | None = None
-                ) -> tuple[list[Row], list[RowProblem]]:
-    """All rows of a source (of its ``split`` and configuration ``config_name`` where it has several), and the rows
-    that could not even be parsed (malformed JSON, non-UTF-8 bytes)."""
+def read_source(spec: str, split: str = "train", config_name: str | None = None) -> Iterator[Row | RowProblem]:
+    """Every row of a source (of its ``split`` and configuration ``config_name`` where it has several), in order; a
+    row that cannot even be parsed (malformed JSON, non-UTF-8 bytes) comes as a ``RowProblem``. Where the source is
+    missing or unreadable as a whole, ``DataError`` is raised before the first row."""
     path = Path(spec).expanduser()
     if looks_local(spec):
         if not path.exists():
             raise DataError(f"{spec}: no such file or directory")
         if path.is_dir():
             if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-                return _numbered(_load_from_disk(path, split)), []
+                return _numbered(_load_from_disk(path, split))
             if not any(f.name.endswith(FILE_SUFFIXES + (".arrow",)) for f in path.rglob("*")):
                 raise DataError(f"{spec}: a directory without data: neither files written by datasets' save_to_disk "
                                 "nor data files (the Hub's layout: data/<split>-*.parquet)")
-            return _numbered(_load_hub(spec, split, config_name)), []
+            return _numbered(_load_hub(spec, split, config_name))
         name = path.name
         if name.endswith((".jsonl", ".jsonl.gz")):
             return _read_jsonl(path, spec)
@@ -95,36 +97,34 @@ def read_source(spec: str, split: str = "train", config_name: str | None = None
         import datasets
 
         loader = datasets.Dataset.from_parquet if name.endswith(".parquet") else datasets.Dataset.from_csv
-        return _numbered(loader(str(path))), []
-    return _numbered(_load_hub(spec, split, config_name)), []
+        return _numbered(loader(str(path)))
+    return _numbered(_load_hub(spec, split, config_name))
 
 
-def _open_bytes(path: Path) -> bytes:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        return f.read()
+def _open(path: Path):
+    return (gzip.open if path.name.endswith(".gz") else open)(path, "rb")
 
 
-def _read_jsonl(path: Path, spec: str) -> tuple[list[Row], list[RowProblem]]:
-    rows, problems = [], []
-    for number, raw in enumerate(_open_bytes(path).splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            problems.append(RowProblem(spec, number, "", f"not UTF-8 text (byte {e.start})"))
-            continue
-        if not line.strip():
-            continue
-        try:
-            rows.append(Row(number, json.loads(line)))
-        except json.JSONDecodeError as e:
-            problems.append(RowProblem(spec, number, "", f"malformed JSON ({e.msg}, column {e.colno})"))
-    return rows, problems
+def _read_jsonl(path: Path, spec: str) -> Iterator[Row | RowProblem]:
+    with _open(path) as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RowProblem(spec, number, "", f"not UTF-8 text (byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield Row(number, json.loads(line))
+            except json.JSONDecodeError as e:
+                yield RowProblem(spec, number, "", f"malformed JSON ({e.msg}, column {e.colno})")
 
 
-def _read_json_list(path: Path, spec: str) -> tuple[list[Row], list[RowProblem]]:
+def _read_json_list(path: Path, spec: str) -> Iterator[Row]:
     try:
-        records = json.loads(_open_bytes(path).decode("utf-8"))
+        with _open(path) as f:
+            records = json.loads(f.read().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise DataError(f"{spec}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -133,11 +133,12 @@ def _read_json_list(path: Path, spec: str) -> tuple[list[Row], list[RowProblem]]
         records = records["data"]
     if not isinstance(records, list):
         raise DataError(f"{spec}: expected a JSON list of rows (or use .jsonl, one row per line)")
-    return [Row(i, r) for i, r in enumerate(records, start=1)], []
+    return (Row(i, r) for i, r in enumerate(records, start=1))
 
 
-def _numbered(dataset) -> list[Row]:
-    return [Row(i, r) for i, r in enumerate(dataset.to_list(), start=1)]
+def _numbered(dataset) -> Iterator[Row]:
+    """The rows of a memory-mapped ``datasets.Dataset``, decoded one at a time."""
+    return (Row(i, r) for i, r in enumerate(dataset, start=1))
 
 
 def _load_from_disk(path: Path, split: str):

@@ -231,3 +231,26 @@ def test_sources_keep_their_groups_apart_when_mixed(tmp_path):
     b = write(tmp_path / "b.jsonl", [GOOD] * 4)
     train, _, _ = load(config(tmp_path, dataset=[a, b], response_pairing="best_vs_rest"), builtin.build_tokenizer())
     assert len(train) == 6 + 4 and len(set(train["group"])) == 3 + 4
+
+
+def test_a_source_streams_through_arrow_and_its_python_memory_does_not_grow_with_it(tmp_path):
+    """Rows are read one at a time and their pairs written to a memory-mapped Arrow file: the Python heap's peak while
+    preparing 4000 rows is about that of 1000 (a list of rows or pairs would make it ~4x: seen 3.8 -> 12.8 MiB for
+    2000 -> 8000 such rows before, 2.1 -> 1.9 MiB after); lengths come from Arrow too."""
+    import tracemalloc
+
+    from ds_dpo.data import prepare_source, token_lengths
+    from ds_dpo.tokenization import LengthLimits
+
+    tokenizer, peaks = builtin.build_tokenizer(), {}
+    for n in (1000, 4000):
+        path = write(tmp_path / f"rows{n}.jsonl", [{**GOOD, "prompt": f"count up from {i % 90} :", "note": "x" * 400}
+                                                    for i in range(n)])
+        tracemalloc.start()
+        pairs, report = prepare_source(path, tokenizer, LengthLimits(64, 32, None), cache_dir=tmp_path / "cache")
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(pairs) == report.pairs == n
+    assert peaks[4000] < 1.5 * peaks[1000], peaks
+    lengths = token_lengths(pairs)
+    assert lengths["prompt"].tolist() == [len(ids) for ids in pairs["prompt_input_ids"]]

@@ -4,10 +4,16 @@ import json
 import datasets
 import pytest
 
-from ds_dpo.sources import DataError, looks_local, read_source
+from ds_dpo.sources import DataError, RowProblem, looks_local, read_source
 
 ROWS = [{"prompt": "count up from 3 :", "chosen": " 4 5", "rejected": " 2 1"},
         {"prompt": "count down from 9 :", "chosen": " 8 7", "rejected": " 10 11"}]
+
+
+def read(*args):
+    """``read_source``'s rows and problems, apart."""
+    items = list(read_source(*args))
+    return [i for i in items if not isinstance(i, RowProblem)], [i for i in items if isinstance(i, RowProblem)]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv", "/"])
@@ -27,7 +33,7 @@ def test_every_local_source_reads_the_same_rows(tmp_path, suffix):
     else:
         path = tmp_path / "saved"
         datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(path))
-    rows, problems = read_source(str(path))
+    rows, problems = read(str(path))
     assert problems == [] and [r.data for r in rows] == ROWS and [r.number for r in rows] == [1, 2]
 
 
@@ -35,17 +41,17 @@ def test_jsonl_problems_keep_line_numbers(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n\n{broken\n" + b'{"prompt": "caf\xe9"}\n'
                      + json.dumps(ROWS[1]).encode() + b"\n")
-    rows, problems = read_source(str(path))
+    rows, problems = read(str(path))
     assert [r.number for r in rows] == [1, 5]
     assert [(p.number, p.reason.split(" (")[0]) for p in problems] == [(3, "malformed JSON"), (4, "not UTF-8 text")]
 
 
 def test_missing_paths_and_bad_directories(tmp_path):
     with pytest.raises(DataError, match="no such file or directory"):
-        read_source(str(tmp_path / "absent.jsonl"))
+        read(str(tmp_path / "absent.jsonl"))
     (tmp_path / "plain").mkdir()
     with pytest.raises(DataError, match="a directory without data: neither files written by datasets' save_to_disk"):
-        read_source(str(tmp_path / "plain"))
+        read(str(tmp_path / "plain"))
 
 
 def hub_layout(root, splits: dict[str, list[dict]]):
@@ -58,15 +64,15 @@ def hub_layout(root, splits: dict[str, list[dict]]):
 
 def test_splits_of_a_hub_layout_folder_and_a_saved_dataset_dict(tmp_path):
     folder = hub_layout(tmp_path / "ultrafeedback", {"train_prefs": ROWS, "test_prefs": ROWS[:1]})
-    assert [r.data for r in read_source(str(folder), "train_prefs")[0]] == ROWS
-    assert [r.data for r in read_source(str(folder), "test_prefs")[0]] == ROWS[:1]
+    assert [r.data for r in read(str(folder), "train_prefs")[0]] == ROWS
+    assert [r.data for r in read(str(folder), "test_prefs")[0]] == ROWS[:1]
     with pytest.raises(DataError, match="no split `train`.*dataset_train_split"):
-        read_source(str(folder))
+        read(str(folder))
     saved = tmp_path / "saved"
     datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(saved))
-    assert len(read_source(str(saved), "train_prefs")[0]) == 2
+    assert len(read(str(saved), "train_prefs")[0]) == 2
     with pytest.raises(DataError, match=r"no split `test` \(splits: train_prefs\)"):
-        read_source(str(saved), "test")
+        read(str(saved), "test")
 
 
 def test_hub_name_offline_says_so(monkeypatch):
@@ -77,7 +83,7 @@ def test_hub_name_offline_says_so(monkeypatch):
     assert not looks_local("someone/some-preference-set")
     with pytest.raises(DataError, match="someone/some-preference-set: not a local file, and loading it from the "
                                         "Hugging Face Hub failed"):
-        read_source("someone/some-preference-set")
+        read("someone/some-preference-set")
 
 
 def test_a_subset_that_is_a_subfolder_as_hh_rlhf_has_them(tmp_path):
@@ -87,6 +93,6 @@ def test_a_subset_that_is_a_subfolder_as_hh_rlhf_has_them(tmp_path):
         (tmp_path / "hh" / subset).mkdir(parents=True)
         for split in ("train", "test"):
             datasets.Dataset.from_list(rows).to_json(str(tmp_path / "hh" / subset / f"{split}.jsonl"))
-    assert [r.data for r in read_source(str(tmp_path / "hh"), "train", "harmless-base")[0]] == ROWS[:1]
-    assert len(read_source(str(tmp_path / "hh"), "test", "helpful-base")[0]) == 2
-    assert len(read_source(str(tmp_path / "hh"), "train")[0]) == 3  # no subset: all of them
+    assert [r.data for r in read(str(tmp_path / "hh"), "train", "harmless-base")[0]] == ROWS[:1]
+    assert len(read(str(tmp_path / "hh"), "test", "helpful-base")[0]) == 2
+    assert len(read(str(tmp_path / "hh"), "train")[0]) == 3  # no subset: all of them
