@@ -181,22 +181,29 @@ def prepare_source(spec: str, tokenizer, limits: LengthLimits, *, dataset_format
                           cache_file_name=str(cache_file), new_fingerprint=key,
                           num_proc=num_proc if num_proc and num_proc > 1 and not report.cache_hit else None,
                           desc=f"tokenizing {Path(spec).name}")
-    stats = tokenized.with_format("arrow")
-    drop = stats["drop"]
-    kept_mask = pc.equal(drop, "")
-    kept = np.flatnonzero(kept_mask.to_numpy(zero_copy_only=False))
-    report.dropped = {d["values"]: d["counts"] for d in pc.value_counts(pc.filter(drop, pc.invert(kept_mask))).to_pylist()}
-    report.prompt_truncated = int(pc.sum(stats["prompt_truncated"]).as_py() or 0)
-    report.completion_truncated = int(pc.sum(stats["completion_truncated"]).as_py() or 0)
-    report.pairs = len(kept)
-    report.lengths = {part: _percentiles(pc.filter(stats[f"{part}_length"], kept_mask).to_numpy())
-                      for part in ("prompt", "chosen", "rejected")}
+    kept = _tally(tokenized, report)
     if not len(kept):
         raise DataError(f"{spec}: every pair was dropped ({report.dropped})")
     pairs = tokenized.select_columns([*ID_COLUMNS, "weight", "group"] + (["images"] if vision else []))
     if processor is not None and not vision:  # a text source in a vision-language run: pairs without images
         pairs = pairs.add_column("images", [[]] * len(pairs), feature=datasets.Sequence(datasets.Value("binary")))
     return (pairs if len(kept) == len(tokenized) else pairs.select(kept)), report
+
+
+def _tally(tokenized: datasets.Dataset, report: SourceReport) -> np.ndarray:
+    """The indices of the pairs tokenization kept; drops, truncations and lengths counted into ``report`` from the
+    Arrow columns."""
+    stats = tokenized.with_format("arrow")
+    kept = pc.equal(stats["drop"], "")
+    dropped = pc.value_counts(pc.filter(stats["drop"], pc.invert(kept))).to_pylist()
+    report.dropped = {d["values"]: d["counts"] for d in dropped}
+    report.prompt_truncated = int(pc.sum(stats["prompt_truncated"]).as_py() or 0)
+    report.completion_truncated = int(pc.sum(stats["completion_truncated"]).as_py() or 0)
+    report.lengths = {part: _percentiles(pc.filter(stats[f"{part}_length"], kept).to_numpy())
+                      for part in ("prompt", "chosen", "rejected")}
+    indices = np.flatnonzero(kept.to_numpy(zero_copy_only=False))
+    report.pairs = len(indices)
+    return indices
 
 
 def _write_arrow(examples: Iterator[dict[str, Any]], directory: Path) -> tuple[datasets.Dataset | None, str]:
