@@ -164,7 +164,8 @@ def _whole_row_inputs(input_ids: torch.Tensor, config, dtype: torch.dtype) -> di
     attn = config._attn_implementation
     if is_block_attention(attn):
         additive = None if attn.endswith("sdpa") else dtype
-        inputs["ds_dpo_blocks"] = Blocks([(0, width)], torch.zeros_like(positions), positions, additive)
+        zeros = torch.zeros_like(positions)
+        inputs["ds_dpo_blocks"] = Blocks([(0, width)], zeros, zeros, positions, additive)
         stand_in = stand_in_mask(width, input_ids.device)
         inputs["attention_mask"] = ({"full_attention": stand_in, "sliding_attention": stand_in}
                                     if sliding_window(config)[1] else stand_in)

@@ -1,6 +1,8 @@
 import torch
 from transformers import Gemma3TextConfig, MistralConfig
 
+from ds_dpo import attention
+
 from ds_dpo.layouts import batch_layout, collate_pairs, model_inputs, packed_attention_mask
 
 ROWS = [{"index": 7, "prompt_input_ids": [1, 2, 3], "chosen_input_ids": [4, 5], "rejected_input_ids": [6, 7, 8]},
@@ -108,12 +110,17 @@ def test_sliding_window_masks_follow_positions_and_layer_types():
     assert (per_type["attention_mask"]["sliding_attention"][0, 0] == window).all()
 
 
-def test_block_attention_inputs_hold_no_row_wide_mask():
+def test_block_attention_inputs_hold_no_row_wide_mask(monkeypatch):
     shared = collate_pairs(ROWS, [1.0, 1.0], 0, "shared")
     inputs = model_inputs(shared, config("ds_dpo_blocks_sdpa"), torch.float32)
     stand_in, blocks = inputs["attention_mask"], inputs["ds_dpo_blocks"]
     assert stand_in.shape == (1, 1, 11, 11) and stand_in.untyped_storage().nbytes() == 1  # stride 0: one element
-    assert blocks.bounds == [(0, 8), (8, 11)]  # one block per pair: prompt | chosen | rejected
     full = packed_attention_mask(shared["segment"], shared["branch"], "sdpa", torch.float32)[0, 0]
-    for (s, e), mask in zip(blocks.bounds, blocks.masks(None)):
-        assert (mask[0, 0] == full[s:e, s:e]).all() and not full[s:e, e:].any()
+    assert blocks.bounds == [(0, 11)] and blocks.causal_runs() == [None]  # short blocks: one group, its mask
+    assert (blocks.mask(0, None)[0, 0] == full).all()
+    monkeypatch.setattr(attention, "GROUP_TOKENS", 0)
+    blocks = model_inputs(shared, config("ds_dpo_blocks_sdpa"), torch.float32)["ds_dpo_blocks"]
+    assert blocks.bounds == [(0, 8), (8, 11)]  # one block per pair: prompt | chosen | rejected
+    assert blocks.causal_runs() == [(3, [5, 3]), (0, [2, 1])]  # prompt + chosen, then rejected over the prompt
+    for i, (s, e) in enumerate(blocks.bounds):
+        assert (blocks.mask(i, None)[0, 0] == full[s:e, s:e]).all() and not full[s:e, e:].any()

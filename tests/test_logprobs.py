@@ -57,9 +57,13 @@ def forward_and_grad(model, layout, chunk, ld_alpha=None):
 @pytest.mark.parametrize("arch, attn", [(arch, attn) for arch in ARCHITECTURES for attn in ("sdpa", "eager",
                                                                                                "ds_dpo_blocks_sdpa")]
                          + [("llama", "ds_dpo_blocks_eager")])
-def test_every_layout_and_chunking_equals_the_plain_padded_path(arch, attn):
+@pytest.mark.parametrize("group_tokens", [attention.GROUP_TOKENS, 0])
+def test_every_layout_and_chunking_equals_the_plain_padded_path(arch, attn, group_tokens, monkeypatch):
     """Log-probs and every parameter's gradient; packed rows through the dense mask (sdpa, eager) and through the
-    per-block kernels."""
+    per-block kernels, their short blocks in groups or (``group_tokens`` 0) one at a time, as long blocks run."""
+    if group_tokens != attention.GROUP_TOKENS and not attn.startswith("ds_dpo_blocks"):
+        pytest.skip("groups exist only in block attention")
+    monkeypatch.setattr(attention, "GROUP_TOKENS", group_tokens)
     torch.manual_seed(0)
     model = enable_token_scoring(AutoModelForCausalLM.from_config(ARCHITECTURES[arch], attn_implementation=attn))
     model.eval()  # dropout off (GPT-2 has some); gradients still flow
@@ -144,8 +148,11 @@ def test_chunking_bounds_the_logits_and_keeps_the_plain_forward(builtin_files, m
         builtin_files["model_name_or_path"]).state_dict().keys()  # checkpoints keep the model's own keys
 
 
+@pytest.mark.parametrize("group_tokens", [0, 64, 512])
 @pytest.mark.parametrize("num_pairs", [1, 32])
-def test_block_attention_with_one_pair_and_with_many(num_pairs):
+def test_block_attention_with_one_pair_and_with_many(num_pairs, group_tokens, monkeypatch):
+    """Blocks alone (``GROUP_TOKENS`` 0), in groups of a few, and all in one group."""
+    monkeypatch.setattr(attention, "GROUP_TOKENS", group_tokens)
     torch.manual_seed(0)
     model = enable_token_scoring(AutoModelForCausalLM.from_config(
         ARCHITECTURES["llama"], attn_implementation="ds_dpo_blocks_sdpa")).eval()

@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig, LlamaForCausalLM
 
-from ds_dpo import layouts
+from ds_dpo import attention as ds_dpo_attention, layouts
 from ds_dpo.layouts import LAYOUTS, collate_pairs
 from ds_dpo.logprobs import (OutputHead, concatenated_forward, enable_token_scoring, router_aux_loss,
                              scoring_mismatch)
@@ -65,12 +65,15 @@ def close(got, expected, what):
                                    msg=lambda m: f"{what} {side}: {m}")
 
 
-@pytest.mark.parametrize("attention", ["dense mask", "blocks"])
+@pytest.mark.parametrize("attention", ["dense mask", "blocks", "blocks, one at a time"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_layout_scores_like_the_models_own_forward(family, attention):
+def test_every_layout_scores_like_the_models_own_forward(family, attention, monkeypatch):
     """With ``blocks`` the model is loaded with the attention a packed run gets (ds_dpo's block attention where the
-    class supports it); ``dense mask`` forces the row-wide 4D mask."""
-    model, support = tiny_model(family, layout="shared" if attention == "blocks" else "padded")
+    class supports it; the test rows are short, so their blocks run in groups), ``one at a time`` as a row of long
+    blocks runs (no groups); ``dense mask`` forces the row-wide 4D mask."""
+    if attention.endswith("one at a time"):
+        monkeypatch.setattr(ds_dpo_attention, "GROUP_TOKENS", 0)
+    model, support = tiny_model(family, layout="padded" if attention == "dense mask" else "shared")
     with torch.no_grad():
         plain = concatenated_forward(model, collate_pairs(PAIRS, [1.0] * len(PAIRS), 0, "padded"), logps_chunk_size=0)
         # the oracle itself: the model's own forward on one unpadded sequence at a time
