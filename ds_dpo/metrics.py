@@ -5,9 +5,9 @@ evaluation metrics carry an ``eval_`` prefix. Each log goes to the rank-0 progre
 destinations: ``output_dir/metrics.jsonl`` (one JSON object per log, with ``step``, TRL's names); TensorBoard, laid
 out as the HF Trainer writes it (so TRL users' dashboards match): one folder per run (``logging_dir/<run_name>``),
 tags ``train/<name>`` and ``eval/<name>``, a custom-scalars layout that puts the train and eval curves of each metric
-on one chart, and at each log histograms of the window's per-pair margins and rewards (all ranks' pairs; a resumed
-run's first window has only the pairs after the resume); Weights & Biases, with the same tags and histograms, as
-HF's integration logs them.
+on one chart, and at each log histograms of the window's per-pair margins and rewards, tagged
+``train/rewards/margins_histogram`` etc. (all ranks' pairs; a resumed run's first window has only the pairs after the
+resume); Weights & Biases, with the same tags and histograms, as HF's integration logs them.
 """
 
 from __future__ import annotations
@@ -126,6 +126,13 @@ def tensorboard_tag(name: str) -> str:
     return f"eval/{name.removeprefix('eval_')}" if name.startswith("eval_") else f"train/{name}"
 
 
+def histogram_tag(name: str) -> str:
+    """The tag of a metric's per-pair histogram: ``rewards/margins`` -> ``train/rewards/margins_histogram``. Not the
+    scalar's tag: TensorBoard keeps one kind of data per tag (the first it reads), so a histogram under the scalar's
+    tag empties the scalar chart and is not shown itself, and in a wandb row it would replace the scalar."""
+    return f"{tensorboard_tag(name)}_histogram"
+
+
 # train and eval on one chart, for every metric evaluation also reports
 _PAIRED_LAYOUT = {"train vs eval": {name: ["Multiline", [tensorboard_tag(name), tensorboard_tag(f"eval_{name}")]]
                                     for name in _PAIR_KEYS + ("logits/chosen", "logits/rejected")}}
@@ -142,7 +149,7 @@ class _TensorBoard:
         for name, value in metrics.items():
             self.writer.add_scalar(tensorboard_tag(name), value, step)
         for name, values in distributions.items():
-            self.writer.add_histogram(tensorboard_tag(name), values, step)
+            self.writer.add_histogram(histogram_tag(name), values, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -180,7 +187,7 @@ class _Wandb:
 
     def log(self, step: int, metrics: dict[str, float], distributions: dict[str, torch.Tensor]) -> None:
         record = {tensorboard_tag(name): value for name, value in metrics.items()}
-        record.update({tensorboard_tag(name): self.histogram(values.double().cpu().numpy())
+        record.update({histogram_tag(name): self.histogram(values.double().cpu().numpy())
                        for name, values in distributions.items()})
         self.run.log({**record, "train/global_step": step})
 

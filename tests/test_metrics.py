@@ -5,10 +5,12 @@ import struct
 import time
 
 import torch
+from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+from tensorboard.util import tensor_util
 
-from ds_dpo.metrics import MetricsLogger, tensorboard_tag
+from ds_dpo.metrics import MetricsLogger, histogram_tag, tensorboard_tag
 
 
 def logged(loss, margin, prefix=""):
@@ -18,6 +20,7 @@ def logged(loss, margin, prefix=""):
 def test_tags_follow_the_hf_trainer():
     assert tensorboard_tag("loss") == "train/loss" and tensorboard_tag("rewards/margins") == "train/rewards/margins"
     assert tensorboard_tag("eval_rewards/margins") == "eval/rewards/margins"
+    assert histogram_tag("eval_rewards/margins") == "eval/rewards/margins_histogram"
 
 
 def test_each_run_is_its_own_folder_with_train_and_eval_on_one_chart(tmp_path):
@@ -36,8 +39,17 @@ def test_each_run_is_its_own_folder_with_train_and_eval_on_one_chart(tmp_path):
     events = EventAccumulator(str(board / "beta0.5")).Reload()
     assert {"train/loss", "train/rewards/margins", "eval/loss", "eval/rewards/margins"} <= set(events.Tags()["scalars"])
     assert [(e.step, e.value) for e in events.Scalars("train/rewards/margins")] == [(1, 2.0), (2, 4.0)]
-    histogram = events.Histograms("eval/rewards/margins")[0].histogram_value
+    histogram = events.Histograms("eval/rewards/margins_histogram")[0].histogram_value
     assert (histogram.num, histogram.min, histogram.max) == (3, -2.0, 2.0)
+    # As TensorBoard itself reads the run (one kind of data per tag): the margin scalars and the histogram both show
+    board_events = plugin_event_accumulator.EventAccumulator(str(board / "beta0.5"))
+    board_events.Reload()
+    assert {"train/rewards/margins", "eval/rewards/margins"} <= set(board_events.PluginTagToContent("scalars"))
+    assert set(board_events.PluginTagToContent("histograms")) == {"eval/rewards/margins_histogram"}
+    assert [(e.step, tensor_util.make_ndarray(e.tensor_proto).item())
+            for e in board_events.Tensors("eval/rewards/margins")] == [(2, 2.0)]
+    buckets = tensor_util.make_ndarray(board_events.Tensors("eval/rewards/margins_histogram")[0].tensor_proto)
+    assert buckets[:, 2].sum() == 3  # [left, right, count] rows
     layout = layout_pb2.Layout()
     layout.ParseFromString(events.Tensors(metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
@@ -97,7 +109,8 @@ def test_wandb_offline_run_has_the_hf_tags_and_a_resumed_run_continues_it(tmp_pa
     config, rows = wandb_records(first)
     assert config["beta"] == 0.1
     assert rows[0]["train/loss"] == 0.69 and rows[0]["train/global_step"] == 1
-    assert rows[1]["eval/loss"] == 0.65 and rows[1]["eval/rewards/margins/_type"] == "histogram"
+    assert rows[1]["eval/loss"] == 0.65 and rows[1]["eval/rewards/margins"] == 0.5  # the histogram keeps its own key
+    assert rows[1]["eval/rewards/margins_histogram/_type"] == "histogram"
 
     time.sleep(1.1)  # wandb names an offline run folder by the second it starts (a real resume is a new process)
     resumed = MetricsLogger(out, rank=0, total_steps=2, initial=1, report_to=("wandb",))
