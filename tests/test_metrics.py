@@ -86,12 +86,25 @@ def wandb_records(run_dir) -> tuple[dict, list[dict]]:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(pending)
         pending = b""
-        if record.WhichOneof("record_type") == "run":
-            config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+        # the config comes with the run record, or (when wandb is slower to start) as a config record of its own
+        if record.WhichOneof("record_type") in ("run", "config"):
+            updates = record.run.config.update if record.HasField("run") else record.config.update
+            config.update({item.key: json.loads(item.value_json) for item in updates})
         if record.WhichOneof("record_type") == "history":
             history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                             for item in record.history.item})
     return config, history
+
+
+def written_records(run_dir, rows: int, timeout: float = 30.0) -> tuple[dict, list[dict]]:
+    """``wandb_records`` once ``rows`` history rows are in the file: wandb's service process writes the file, and
+    may still be writing it when ``finish`` has returned (seen on a loaded machine: the file without its rows)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        config, history = wandb_records(run_dir)
+        if len(history) >= rows or time.monotonic() > deadline:
+            return config, history
+        time.sleep(0.2)
 
 
 def test_wandb_offline_run_has_the_hf_tags_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
@@ -106,7 +119,7 @@ def test_wandb_offline_run_has_the_hf_tags_and_a_resumed_run_continues_it(tmp_pa
     assert not (out / "metrics.jsonl").exists() and not (out / "runs").exists()  # only what report_to names
     run_id = (out / "wandb_run_id").read_text()
     first = next((out / "wandb").glob(f"offline-run-*-{run_id}"))
-    config, rows = wandb_records(first)
+    config, rows = written_records(first, rows=2)
     assert config["beta"] == 0.1
     assert rows[0]["train/loss"] == 0.69 and rows[0]["train/global_step"] == 1
     assert rows[1]["eval/loss"] == 0.65 and rows[1]["eval/rewards/margins"] == 0.5  # the histogram keeps its own key
@@ -117,5 +130,7 @@ def test_wandb_offline_run_has_the_hf_tags_and_a_resumed_run_continues_it(tmp_pa
     resumed.log(2, logged(0.6, 1.0))
     resumed.close()
     assert (out / "wandb_run_id").read_text() == run_id
-    second = [d for d in (out / "wandb").glob(f"offline-run-*-{run_id}") if d != first]
-    assert wandb_records(second[0])[1][0]["train/global_step"] == 2
+    runs = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2, [str(d.name) for d in (out / "wandb").iterdir()]
+    second = next(d for d in runs if d != first)
+    assert written_records(second, rows=1)[1][0]["train/global_step"] == 2
