@@ -4,6 +4,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -36,10 +38,40 @@ def run_job(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess
     return subprocess.CompletedProcess(cmd, job.returncode, out, err)
 
 
-def launch(*args: str, nprocs: int = 2, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``deepspeed --num_gpus N launch/train.py ARGS`` (real engines, CPU ranks on a CPU machine)."""
-    cmd = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port()), "launch/train.py", *args]
-    proc = run_job(cmd)
+def launch(*args: str, nprocs: int = 2, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run launch/train.py ARGS on ``nprocs`` ranks as ``deepspeed --num_gpus N`` does (real engines, CPU ranks on a
+    CPU machine), but without the launcher: its own start costs ~10 s per launch and these tests are not about it
+    (those that are run ``deepspeed`` themselves). Each rank gets the environment the launcher would give it; the
+    result combines their outputs as the launcher's does. If a rank fails, the others, which cannot finish without
+    it, are killed and the result has its exit status; past ``timeout`` seconds all are killed and the test fails."""
+    train, port = [sys.executable, "-u", "launch/train.py"], str(free_port())
+    cmd = [*train, *args]
+    # LOCAL_SIZE is DeepSpeed's (its CPU accelerator and shm all-reduce read it); torchrun's LOCAL_WORLD_SIZE is set
+    # too so that the 1-rank one `single_rank` may have left in this process's environment does not reach the ranks
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(nprocs),
+           "LOCAL_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs), "CROSS_RANK": "0", "CROSS_SIZE": "1"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        ranks = []
+        for rank in range(nprocs):  # all in rank 0's process group: one killpg also reaches what they started
+            ranks.append(subprocess.Popen([*train, f"--local_rank={rank}", *args], cwd=REPO, stdout=out, stderr=err,
+                                          env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                          process_group=ranks[0].pid if ranks else 0))
+        deadline = time.monotonic() + timeout
+        while None in (codes := [r.poll() for r in ranks]) and not any(codes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        returncode = next((code for code in codes if code), 0)
+        if None in codes:  # a rank failed, or the time is up
+            os.killpg(ranks[0].pid, signal.SIGKILL)
+            for r in ranks:
+                r.wait()
+            for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):  # killed ranks cannot unlink
+                buffer.unlink(missing_ok=True)
+            if not returncode:
+                out.seek(0), err.seek(0)
+                raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s, killed:\n"
+                                     f"{out.read()[-6000:]}\n{err.read()[-6000:]}")
+        out.seek(0), err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, returncode, out.read(), err.read())
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc

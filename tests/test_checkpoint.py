@@ -62,6 +62,7 @@ def test_sigterm_saves_and_the_resumed_run_is_the_same_run(builtin_files, tmp_pa
               "--reference", "precomputed", "--dataset_cache_dir", str(tmp_path / "cache")]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     launch(*common, "--output_dir", str(whole))
+    # the real launcher: it is what preemption signals, and it must pass SIGTERM on to every rank
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py", *common,
            "--output_dir", str(cut)]
     job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -111,6 +112,7 @@ def test_sigkill_while_saving_every_step_resumes_from_latest(tmp_path):
     common = ["--max_steps", "16", "--logging_steps", "1", "--save_steps", "1", "--save_total_limit", "2",
               "--eval_steps", "1000", "--output_dir", str(out)]
     port = free_port()
+    # the real launcher: the whole job, killed as a scheduler kills one
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "launch/train.py", *common]
     job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)

@@ -1,4 +1,5 @@
-"""End-to-end runs of launch/train.py under the real ``deepspeed`` launcher on CPU ranks (gloo)."""
+"""End-to-end runs of launch/train.py on CPU ranks (gloo): the README's demo and the two-node hostfile run under the
+real ``deepspeed`` launcher, the rest as its ranks started directly (``conftest.launch``)."""
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
