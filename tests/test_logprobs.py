@@ -54,15 +54,13 @@ def forward_and_grad(model, layout, chunk, ld_alpha=None):
     return out, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("arch, attn", [(arch, attn) for arch in ARCHITECTURES for attn in ("sdpa", "eager",
-                                                                                               "ds_dpo_blocks_sdpa")]
-                         + [("llama", "ds_dpo_blocks_eager")])
-@pytest.mark.parametrize("group_tokens", [attention.GROUP_TOKENS, 0])
+@pytest.mark.parametrize("arch, attn, group_tokens", [
+    (arch, attn, group) for arch in ARCHITECTURES for attn in ("sdpa", "eager", "ds_dpo_blocks_sdpa")
+    for group in ((attention.GROUP_TOKENS, 0) if attn.startswith("ds_dpo_blocks") else (attention.GROUP_TOKENS,))]
+    + [("llama", "ds_dpo_blocks_eager", attention.GROUP_TOKENS), ("llama", "ds_dpo_blocks_eager", 0)])
 def test_every_layout_and_chunking_equals_the_plain_padded_path(arch, attn, group_tokens, monkeypatch):
     """Log-probs and every parameter's gradient; packed rows through the dense mask (sdpa, eager) and through the
     per-block kernels, their short blocks in groups or (``group_tokens`` 0) one at a time, as long blocks run."""
-    if group_tokens != attention.GROUP_TOKENS and not attn.startswith("ds_dpo_blocks"):
-        pytest.skip("groups exist only in block attention")
     monkeypatch.setattr(attention, "GROUP_TOKENS", group_tokens)
     torch.manual_seed(0)
     model = enable_token_scoring(AutoModelForCausalLM.from_config(ARCHITECTURES[arch], attn_implementation=attn))
