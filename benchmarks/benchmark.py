@@ -488,6 +488,14 @@ def round_robin(names: list[str], run, args, pairs_per_step: int) -> dict[str, l
     return results
 
 
+def write_report(text: str, out: Path | None) -> None:
+    """The finished table: printed, and written to ``out`` when given."""
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=os.environ.get(
@@ -511,10 +519,7 @@ def main() -> None:
     pairs = prepare(args.data, args.work, total * PAIRS_PER_STEP, args.vocab_size, args.seed, args.model)
     results = round_robin(args.only or list(CONFIGS),
                           lambda name: run_config(name, args.work, args.model, total, args.nproc), args, PAIRS_PER_STEP)
-    table = report(results, pairs, args, machine())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    print(table)
+    write_report(report(results, pairs, args, machine()), args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from benchmark import (MAX_LENGTH, MAX_PROMPT_LENGTH, PeakRSS, machine, model_dirs, prepare,  # noqa: E402
-                       print_result, round_robin, run_arguments, run_one_process, timed_steps, timed_trl)
+                       print_result, round_robin, run_arguments, run_one_process, timed_steps, timed_trl,
+                       write_report)
 
 K = 4
 PAIRS_PER_PROMPT = K * (K - 1) // 2
@@ -172,10 +173,7 @@ def main() -> None:
         ranked_pairs(args.work, args.data, PROMPTS_PER_STEP * total, args.vocab_size, args.seed)
     results = round_robin(list(CONFIGS), lambda name: run_config(name, args.work, total, args.seed), args,
                           PAIRS_PER_STEP)
-    text = report(results, args, machine())
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_report(report(results, args, machine()), args.out)
 
 
 if __name__ == "__main__":

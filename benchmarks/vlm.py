@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from benchmark import (PeakRSS, machine, print_result, round_robin, run_arguments, run_one_process,  # noqa: E402
-                       timed_steps, timed_trl)
+                       timed_steps, timed_trl, write_report)
 
 IMAGE = 224
 # ds_dpo without ZeRO, as TRL runs on one process: on a single rank ZeRO only adds fp32 copies
@@ -169,10 +169,7 @@ def main() -> None:
     if not (args.work / "model" / "config.json").is_file():
         prepare(args.work, args.pairs * total, args.seed)
     results = round_robin(list(CONFIGS), lambda name: run_config(name, args.work, args.pairs, total), args, args.pairs)
-    text = report(results, args, machine())
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_report(report(results, args, machine()), args.out)
 
 
 if __name__ == "__main__":
