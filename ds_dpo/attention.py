@@ -99,7 +99,8 @@ class Blocks:
         with one response (a packed sequence, a padded row) is one causal run. None for a group of several blocks
         (it takes its mask)."""
         if self._runs is None:
-            self._runs = [None if i in self.several else _response_runs(self.branch[s:e].tolist())
+            branch = self.branch.tolist()  # one copy to the host for the whole row, not one per group
+            self._runs = [None if i in self.several else _response_runs(branch[s:e])
                           for i, (s, e) in enumerate(self.bounds)]
         return self._runs
 
