@@ -45,8 +45,15 @@ sys.path.insert(0, str(REPO))
 PAIRS_PER_STEP = 8
 MAX_LENGTH = 1024
 MAX_PROMPT_LENGTH = 512
-MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=4, max_position_embeddings=MAX_LENGTH, tie_word_embeddings=False)
+MODEL = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=MAX_LENGTH,
+    tie_word_embeddings=False,
+)
 
 # name -> (trainer, options); ds_dpo options are DPOConfig fields
 CONFIGS = {
@@ -64,6 +71,7 @@ CONFIGS = {
 
 # --- shared inputs ----------------------------------------------------------------------------------------------------
 
+
 def model_dirs(work: Path, model: Path | None) -> tuple[Path, Path]:
     """Policy and reference checkpoints: the pretrained ``model`` for both, else the random pair ``prepare`` wrote."""
     return (model, model) if model else (work / "policy", work / "reference")
@@ -77,26 +85,37 @@ def prepare(data: Path, work: Path, num_pairs: int, vocab_size: int, seed: int, 
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from ds_dpo import builtin
     from ds_dpo.config import make_config
-    from ds_dpo.data import load_preference_data
-    from ds_dpo.tokenization import load_tokenizer
+    from ds_dpo.data import builtin
+    from ds_dpo.data.pipeline import load_preference_data
+    from ds_dpo.data.tokenization import load_tokenizer
 
     if model:
         tokenizer = load_tokenizer(str(model))
     else:
         rows = [json.loads(line) for line in gzip.open(data, "rt")]
         tokenizer = builtin.train_bpe_tokenizer((r[k] for r in rows for k in ("chosen", "rejected")), vocab_size)
-        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **MODEL,
+        )
         for name, model_seed in (("policy", seed), ("reference", seed + 1)):
             torch.manual_seed(model_seed)
             AutoModelForCausalLM.from_config(config).save_pretrained(work / name)
             tokenizer.save_pretrained(work / name)
-    cfg = make_config({"model_name_or_path": str(model_dirs(work, model)[0]), "dataset": str(data),
-                       "on_bad_rows": "skip",
-                       "max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT_LENGTH,
-                       "dataset_cache_dir": str(work / "cache")})
+    cfg = make_config(
+        {
+            "model_name_or_path": str(model_dirs(work, model)[0]),
+            "dataset": str(data),
+            "on_bad_rows": "skip",
+            "max_length": MAX_LENGTH,
+            "max_prompt_length": MAX_PROMPT_LENGTH,
+            "dataset_cache_dir": str(work / "cache"),
+        }
+    )
     train, _, _ = load_preference_data(cfg.data, tokenizer, cfg.seed)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:num_pairs].tolist()
     fields = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -117,18 +136,24 @@ def token_positions(pairs: list[dict], layout: str) -> int:
 
 
 def efficiency(pairs: list[dict], trainer: str, options: dict) -> float:
-    layout = ("padded" if trainer == "trl" or options.get("padding_free") is False else
-              "packed" if options.get("prefix_sharing") is False else "shared")
+    layout = (
+        "padded"
+        if trainer == "trl" or options.get("padding_free") is False
+        else "packed"
+        if options.get("prefix_sharing") is False
+        else "shared"
+    )
     precomputed = options.get("precompute_ref_log_probs") or options.get("reference") == "precomputed"
     distinct = computed = 0
     for s in range(0, len(pairs), PAIRS_PER_STEP):
-        step = pairs[s:s + PAIRS_PER_STEP]
+        step = pairs[s : s + PAIRS_PER_STEP]
         distinct += token_positions(step, "shared")
         computed += token_positions(step, layout) * (1 if precomputed else 2)
     return distinct / computed
 
 
 # --- one configuration in its own process -----------------------------------------------------------------------------
+
 
 class PeakRSS:
     """Samples this process's resident set size every 2 ms in a thread while in the ``with`` block: ``start`` and
@@ -159,10 +184,11 @@ class PeakRSS:
         self._thread.join()
 
 
-def run_ds_dpo(work: Path, model: Path | None, options: dict, total_steps: int, phases: dict
-               ) -> tuple[list[float], float, PeakRSS]:
-    from ds_dpo import engines
+def run_ds_dpo(
+    work: Path, model: Path | None, options: dict, total_steps: int, phases: dict
+) -> tuple[list[float], float, PeakRSS]:
     from ds_dpo.config import make_config
+    from ds_dpo.models import engines
 
     build_engine = engines.build_engine
 
@@ -175,12 +201,23 @@ def run_ds_dpo(work: Path, model: Path | None, options: dict, total_steps: int, 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     per_rank = PAIRS_PER_STEP // world
     policy, reference = model_dirs(work, model)
-    cfg = make_config({
-        "model_name_or_path": str(policy), "ref_model_name_or_path": str(reference),
-        "dataset": str(work / "pairs.jsonl"), "dataset_format": "tokenized", "max_length": MAX_LENGTH,
-        "max_prompt_length": MAX_PROMPT_LENGTH, "per_device_train_batch_size": per_rank,
-        "max_steps": total_steps, "save_steps": 0, "learning_rate": 1e-6, "output_dir": str(work / "ds_dpo_run"),
-        "dataset_cache_dir": str(work / "cache"), **options})
+    cfg = make_config(
+        {
+            "model_name_or_path": str(policy),
+            "ref_model_name_or_path": str(reference),
+            "dataset": str(work / "pairs.jsonl"),
+            "dataset_format": "tokenized",
+            "max_length": MAX_LENGTH,
+            "max_prompt_length": MAX_PROMPT_LENGTH,
+            "per_device_train_batch_size": per_rank,
+            "max_steps": total_steps,
+            "save_steps": 0,
+            "learning_rate": 1e-6,
+            "output_dir": str(work / "ds_dpo_run"),
+            "dataset_cache_dir": str(work / "cache"),
+            **options,
+        }
+    )
     firsts = [s * PAIRS_PER_STEP + rank * per_rank for s in range(total_steps)]  # TRL's order: rank r takes the
     return timed_steps(cfg, [list(range(f, f + per_rank)) for f in firsts], PAIRS_PER_STEP)  # step's r-th slice
 
@@ -190,8 +227,8 @@ def timed_steps(cfg, steps: list[list[int]], global_pairs: int) -> tuple[list[fl
     micro-batch, of a global batch of ``global_pairs``): each step's time, the first step's loss, the memory."""
     import torch
 
-    from ds_dpo.recipe import DPORecipe
-    from ds_dpo.sampler import StepPlan
+    from ds_dpo.data.sampler import StepPlan
+    from ds_dpo.training.recipe import DPORecipe
 
     cfg.validate()
     recipe = DPORecipe(cfg)
@@ -255,28 +292,47 @@ def step_timer(times: list[float]):
     return StepTimer()
 
 
-def run_trl(work: Path, model: Path | None, options: dict, total_steps: int, phases: dict
-            ) -> tuple[list[float], float, PeakRSS]:
+def run_trl(
+    work: Path, model: Path | None, options: dict, total_steps: int, phases: dict
+) -> tuple[list[float], float, PeakRSS]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig
 
     pairs = [json.loads(line) for line in open(work / "pairs.jsonl")]
-    dataset = Dataset.from_list([{"prompt_ids": p["prompt_input_ids"], "chosen_ids": p["chosen_input_ids"],
-                                  "rejected_ids": p["rejected_input_ids"]} for p in pairs])
-    args = DPOConfig(output_dir=str(work / "trl_run"),
-                     per_device_train_batch_size=PAIRS_PER_STEP // int(os.environ["WORLD_SIZE"]),
-                     max_length=MAX_LENGTH, max_steps=total_steps, learning_rate=1e-6, bf16=False, use_cpu=True,
-                     report_to=[], save_strategy="no", logging_steps=10**6, dataloader_num_workers=0,
-                     **options)
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt_ids": p["prompt_input_ids"],
+                "chosen_ids": p["chosen_input_ids"],
+                "rejected_ids": p["rejected_input_ids"],
+            }
+            for p in pairs
+        ]
+    )
+    args = DPOConfig(
+        output_dir=str(work / "trl_run"),
+        per_device_train_batch_size=PAIRS_PER_STEP // int(os.environ["WORLD_SIZE"]),
+        max_length=MAX_LENGTH,
+        max_steps=total_steps,
+        learning_rate=1e-6,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**6,
+        dataloader_num_workers=0,
+        **options,
+    )
     policy, reference = model_dirs(work, model)
     tokenizer = AutoTokenizer.from_pretrained(policy)
     policy_model = AutoModelForCausalLM.from_pretrained(policy)
     phases["policy loaded"] = PeakRSS.current()
     reference_model = AutoModelForCausalLM.from_pretrained(reference)
     phases["reference loaded"] = PeakRSS.current()
-    return timed_trl(model=policy_model, ref_model=reference_model, args=args, train_dataset=dataset,
-                     processing_class=tokenizer)
+    return timed_trl(
+        model=policy_model, ref_model=reference_model, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
 
 
 def worker(name: str, work: Path, model: Path | None, total_steps: int) -> None:
@@ -285,8 +341,7 @@ def worker(name: str, work: Path, model: Path | None, total_steps: int) -> None:
     phases = {"python + torch": PeakRSS.current()}
     torch.manual_seed(0)
     trainer, options = CONFIGS[name]
-    times, first_loss, memory = (run_trl if trainer == "trl" else run_ds_dpo)(work, model, options, total_steps,
-                                                                              phases)
+    times, first_loss, memory = (run_trl if trainer == "trl" else run_ds_dpo)(work, model, options, total_steps, phases)
     phases |= {"before the steps": memory.start, "steps (peak)": memory.peak}
     print_result(times, first_loss, memory, phases=phases)
 
@@ -297,8 +352,19 @@ def print_result(times: list[float], first_loss: float, memory: PeakRSS, **extra
     import resource
 
     lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
-    print("RESULT " + json.dumps({"times": times, "first_loss": first_loss, "peak_mib": lifetime_peak,
-                                  "step_mib": memory.peak - memory.start, **extra}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "times": times,
+                "first_loss": first_loss,
+                "peak_mib": lifetime_peak,
+                "step_mib": memory.peak - memory.start,
+                **extra,
+            }
+        ),
+        flush=True,
+    )
 
 
 def read_result(name: str, returncode: int, log: Path) -> dict:
@@ -313,16 +379,26 @@ def read_result(name: str, returncode: int, log: Path) -> dict:
 def run_one_process(name: str, script: str, args: list[str], log: Path) -> dict:
     """``python script --worker name ARGS`` as a 1-rank run (torchrun's variables), output to ``log`` (a full pipe
     would stall the run); its ``RESULT``."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "1",
-           "LOCAL_WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     log.parent.mkdir(exist_ok=True)
     with open(log, "w") as f:
-        code = subprocess.run([sys.executable, script, "--worker", name, *args], env=env, stdout=f,
-                              stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(
+            [sys.executable, script, "--worker", name, *args], env=env, stdout=f, stderr=subprocess.STDOUT
+        ).returncode
     return read_result(name, code, log)
 
 
 # --- the comparison ---------------------------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -333,123 +409,189 @@ def free_port() -> int:
 def run_config(name: str, work: Path, model: Path | None, total_steps: int, nproc: int) -> dict:
     """One run on ``nproc`` processes, launched the way torchrun would (both trainers read the same variables);
     returns rank 0's step times, the mean of the ranks' first losses and the largest per-process memory."""
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc), "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))}
-    cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), "--total_steps", str(total_steps),
-           *(["--model", str(model)] if model else [])]
+    base = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc)),
+    }
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--work",
+        str(work),
+        "--total_steps",
+        str(total_steps),
+        *(["--model", str(model)] if model else []),
+    ]
     logs = [work / "logs" / f"{name.replace(' ', '_').replace('/', '_')}.rank{r}.log" for r in range(nproc)]
     logs[0].parent.mkdir(exist_ok=True)
     procs = []
     for r, log in enumerate(logs):  # output to files: a full pipe would stall one rank and the others with it
         with open(log, "w") as f:
-            procs.append(subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=f,
-                                          stderr=subprocess.STDOUT, text=True))
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
     ranks = []
     for r, (proc, log) in enumerate(zip(procs, logs)):
         ranks.append(read_result(f"{name} rank {r}", proc.wait(), log))
-    return {"times": ranks[0]["times"], "first_loss": statistics.mean(r["first_loss"] for r in ranks),
-            "peak_mib": max(r["peak_mib"] for r in ranks), "step_mib": max(r["step_mib"] for r in ranks),
-            "phases": max((r["phases"] for r in ranks), key=lambda p: p["steps (peak)"])}
+    return {
+        "times": ranks[0]["times"],
+        "first_loss": statistics.mean(r["first_loss"] for r in ranks),
+        "peak_mib": max(r["peak_mib"] for r in ranks),
+        "step_mib": max(r["step_mib"] for r in ranks),
+        "phases": max((r["phases"] for r in ranks), key=lambda p: p["steps (peak)"]),
+    }
+
+
+def commit() -> str:
+    """The ds_dpo commit the numbers came from (marked when the checkout had uncommitted changes)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def machine() -> str:
-    """The CPU, cores, RAM, accelerator and library versions the numbers came from."""
+    """The CPU, cores, RAM, accelerator and library versions the numbers came from, and the ds_dpo commit."""
     import deepspeed
     import torch
     import transformers
     import trl
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     memory = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")) / 2**20
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     gpu = f"GPU: {', '.join(gpus)} (the runs here use the CPU)" if gpus else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {gpu}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
-            f"trl {trl.__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
+        f"trl {trl.__version__}; ds_dpo commit {commit()}"
+    )
 
 
 def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line: str) -> str:
     base = "TRL DPOTrainer (default)"
     rows, summary = [], {}
     for name, runs in results.items():
-        rates = [PAIRS_PER_STEP * args.steps / sum(r["times"][args.warmup:]) for r in runs]
-        summary[name] = {"pairs_s": statistics.median(rates), "peak": statistics.median(r["peak_mib"] for r in runs),
-                         "step": statistics.median(r["step_mib"] for r in runs), "loss": runs[0]["first_loss"],
-                         "eff": efficiency(pairs, *CONFIGS[name])}
+        rates = [PAIRS_PER_STEP * args.steps / sum(r["times"][args.warmup :]) for r in runs]
+        summary[name] = {
+            "pairs_s": statistics.median(rates),
+            "peak": statistics.median(r["peak_mib"] for r in runs),
+            "step": statistics.median(r["step_mib"] for r in runs),
+            "loss": runs[0]["first_loss"],
+            "eff": efficiency(pairs, *CONFIGS[name]),
+        }
     trl = summary[base]
     for name, s in summary.items():
-        rows.append(f"| {name} | {s['pairs_s']:.2f} | {s['pairs_s'] / trl['pairs_s']:.2f}x | {s['peak']:.0f} | "
-                    f"{s['peak'] / trl['peak']:.2f}x | {s['step']:.0f} | {s['step'] / trl['step']:.2f}x | "
-                    f"{s['eff']:.1%} | {s['loss']:.7f} | {s['loss'] - trl['loss']:+.1e} |")
+        rows.append(
+            f"| {name} | {s['pairs_s']:.2f} | {s['pairs_s'] / trl['pairs_s']:.2f}x | {s['peak']:.0f} | "
+            f"{s['peak'] / trl['peak']:.2f}x | {s['step']:.0f} | {s['step'] / trl['step']:.2f}x | "
+            f"{s['eff']:.1%} | {s['loss']:.7f} | {s['loss'] - trl['loss']:+.1e} |"
+        )
     best = max((n for n in summary if CONFIGS[n][0] == "ds_dpo"), key=lambda n: summary[n]["pairs_s"])
     b, trl_pre = summary[best], summary.get("TRL DPOTrainer, precompute_ref_log_probs")
-    headline = (f"Best ds_dpo setting, {best}: {b['pairs_s'] / trl['pairs_s']:.1f}x the pairs/s of TRL's default, "
-                f"at {b['peak'] / trl['peak']:.2f}x its peak memory and {b['step'] / trl['step']:.2f}x its step "
-                "memory" + (f"; {b['pairs_s'] / trl_pre['pairs_s']:.1f}x the pairs/s of TRL with "
-                            "`precompute_ref_log_probs`." if trl_pre else "."))
+    headline = (
+        f"Best ds_dpo setting, {best}: {b['pairs_s'] / trl['pairs_s']:.1f}x the pairs/s of TRL's default, "
+        f"at {b['peak'] / trl['peak']:.2f}x its peak memory and {b['step'] / trl['step']:.2f}x its step "
+        "memory"
+        + (
+            f"; {b['pairs_s'] / trl_pre['pairs_s']:.1f}x the pairs/s of TRL with `precompute_ref_log_probs`."
+            if trl_pre
+            else "."
+        )
+    )
     lengths = [(len(p["prompt_input_ids"]), len(p["chosen_input_ids"]), len(p["rejected_input_ids"])) for p in pairs]
     median = [statistics.median(x) for x in zip(*lengths)]
     command = shlex.join(["python", "benchmarks/benchmark.py", *sys.argv[1:]])
     if args.model:
         model_config = json.loads((args.model / "config.json").read_text())
-        model = (f"pretrained `{args.model.name}` ({model_config['model_type']}, {model_config['num_hidden_layers']} "
-                 f"layers x {model_config['hidden_size']}, {model_config['vocab_size']}-token vocabulary) as policy "
-                 "and reference, its own tokenizer and chat template")
+        model = (
+            f"pretrained `{args.model.name}` ({model_config['model_type']}, {model_config['num_hidden_layers']} "
+            f"layers x {model_config['hidden_size']}, {model_config['vocab_size']}-token vocabulary) as policy "
+            "and reference, its own tokenizer and chat template"
+        )
         data = f"`{args.data.name}` ({args.data.parent.name}), rendered with the model's chat template"
         loss_note = "policy and reference are the same checkpoint, so it is log 2"
     else:
-        model = (f"random-init Llama {MODEL['num_hidden_layers']} layers x {MODEL['hidden_size']} (intermediate "
-                 f"{MODEL['intermediate_size']}, untied {args.vocab_size}-token embeddings), policy and a different "
-                 "random-init reference")
+        model = (
+            f"random-init Llama {MODEL['num_hidden_layers']} layers x {MODEL['hidden_size']} (intermediate "
+            f"{MODEL['intermediate_size']}, untied {args.vocab_size}-token embeddings), policy and a different "
+            "random-init reference"
+        )
         data = f"HH-RLHF harmless-base test with a {args.vocab_size}-token byte-level BPE trained on it"
         loss_note = "policy and reference differ, so it is not log 2"
-    processes = ("one CPU process" if args.nproc == 1 else
-                 f"{args.nproc} CPU processes ({PAIRS_PER_STEP // args.nproc} pairs each per step; TRL as DDP over "
-                 "gloo, see the module docstring for why not DeepSpeed)")
-    return "\n".join([
-        "# Benchmark: ds_dpo vs TRL 1.16 DPOTrainer",
-        "",
-        f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
-        "",
-        f"- Machine: {machine_line}.",
-        f"- Data: {data}, tokenized and truncated by ds_dpo (`max_length` {MAX_LENGTH}, `max_prompt_length` "
-        f"{MAX_PROMPT_LENGTH}); {len(pairs)} pairs in one seeded order (median prompt {median[0]:.0f}, chosen "
-        f"{median[1]:.0f}, rejected {median[2]:.0f} tokens).",
-        f"- Model: {model}; fp32; AdamW; {processes}.",
-        f"- Step: {PAIRS_PER_STEP} pairs; {args.warmup} warm-up steps, then {args.steps} timed steps per run; "
-        f"{args.repeats} rounds, all configurations interleaved; each run in fresh processes. ds_dpo: "
-        "DeepSpeed ZeRO-3 engine (the default preset) around policy and reference.",
-        "- pairs/s: median over rounds. Peak MiB: the process's peak resident set size over its whole life (imports, "
-        "model setup, reference precomputation, steps), the largest over the processes. Step MiB: how far the "
-        "resident set size rose during the steps above what it was before the first one (activations, logits, "
-        "gradients, optimizer state); medians over rounds.",
-        "- Efficiency: distinct real tokens / token positions run through a model per step (policy forward, plus "
-        "reference forward unless precomputed).",
-        f"- Step-1 loss: sigmoid DPO, beta 0.1, the first step's pairs; {loss_note}.",
-        "",
-        "| configuration | pairs/s | vs TRL | peak MiB | vs TRL | step MiB | vs TRL | efficiency | step-1 loss "
-        "| vs TRL |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-        headline,
-        "",
-        *memory_breakdown(results),
-    ])
+    processes = (
+        "one CPU process"
+        if args.nproc == 1
+        else f"{args.nproc} CPU processes ({PAIRS_PER_STEP // args.nproc} pairs each per step; TRL as DDP over "
+        "gloo, see the module docstring for why not DeepSpeed)"
+    )
+    return "\n".join(
+        [
+            "# Benchmark: ds_dpo vs TRL 1.16 DPOTrainer",
+            "",
+            f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
+            "",
+            f"- Machine: {machine_line}.",
+            f"- Data: {data}, tokenized and truncated by ds_dpo (`max_length` {MAX_LENGTH}, `max_prompt_length` "
+            f"{MAX_PROMPT_LENGTH}); {len(pairs)} pairs in one seeded order (median prompt {median[0]:.0f}, chosen "
+            f"{median[1]:.0f}, rejected {median[2]:.0f} tokens).",
+            f"- Model: {model}; fp32; AdamW; {processes}.",
+            f"- Step: {PAIRS_PER_STEP} pairs; {args.warmup} warm-up steps, then {args.steps} timed steps per run; "
+            f"{args.repeats} rounds, all configurations interleaved; each run in fresh processes. ds_dpo: "
+            "DeepSpeed ZeRO-3 engine (the default preset) around policy and reference.",
+            "- pairs/s: median over rounds. Peak MiB: the process's peak resident set size over its whole life (imports, "
+            "model setup, reference precomputation, steps), the largest over the processes. Step MiB: how far the "
+            "resident set size rose during the steps above what it was before the first one (activations, logits, "
+            "gradients, optimizer state); medians over rounds.",
+            "- Efficiency: distinct real tokens / token positions run through a model per step (policy forward, plus "
+            "reference forward unless precomputed).",
+            f"- Step-1 loss: sigmoid DPO, beta 0.1, the first step's pairs; {loss_note}.",
+            "",
+            "| configuration | pairs/s | vs TRL | peak MiB | vs TRL | step MiB | vs TRL | efficiency | step-1 loss "
+            "| vs TRL |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            headline,
+            "",
+            *memory_breakdown(results),
+        ]
+    )
 
 
 def memory_breakdown(results: dict[str, list[dict]]) -> list[str]:
     """Where each run's resident memory goes, from the first round: the rise over each phase of the process with
     the highest step peak (MiB)."""
-    lines = ["## Where the memory goes", "",
-             "Resident set size at each point of the first round's run (MiB, the process with the highest peak), and "
-             "what each phase added. ds_dpo: the reference engine (built first) and the policy engine (ZeRO-3 "
-             "partitions, DeepSpeed's gradient and communication buffers), then the steps (activations, logits, "
-             "gradients, the optimizer states that DeepSpeed and torch create at the first step). TRL: the two models "
-             "as loaded, then `train()` (accelerate's preparation, optimizer, steps).", "",
-             "| configuration | phases (RSS after, +added) | peak during steps |", "|---|---|---|"]
+    lines = [
+        "## Where the memory goes",
+        "",
+        "Resident set size at each point of the first round's run (MiB, the process with the highest peak), and "
+        "what each phase added. ds_dpo: the reference engine (built first) and the policy engine (ZeRO-3 "
+        "partitions, DeepSpeed's gradient and communication buffers), then the steps (activations, logits, "
+        "gradients, the optimizer states that DeepSpeed and torch create at the first step). TRL: the two models "
+        "as loaded, then `train()` (accelerate's preparation, optimizer, steps).",
+        "",
+        "| configuration | phases (RSS after, +added) | peak during steps |",
+        "|---|---|---|",
+    ]
     for name, runs in results.items():
         phases = runs[0]["phases"]
         previous, cells = 0.0, []
@@ -458,8 +600,10 @@ def memory_breakdown(results: dict[str, list[dict]]) -> list[str]:
                 continue
             cells.append(f"{phase} {rss:.0f} (+{rss - previous:.0f})")
             previous = rss
-        lines.append(f"| {name} | {'; '.join(cells)} | {phases['steps (peak)']:.0f} "
-                     f"(+{phases['steps (peak)'] - phases['before the steps']:.0f}) |")
+        lines.append(
+            f"| {name} | {'; '.join(cells)} | {phases['steps (peak)']:.0f} "
+            f"(+{phases['steps (peak)'] - phases['before the steps']:.0f}) |"
+        )
     return lines + [""]
 
 
@@ -482,9 +626,12 @@ def round_robin(names: list[str], run, args, pairs_per_step: int) -> dict[str, l
         for name in names:
             result = run(name)
             results[name].append(result)
-            rate = pairs_per_step * args.steps / sum(result["times"][args.warmup:])
-            print(f"round {round_ + 1}/{args.repeats} {name}: {rate:.2f} pairs/s, peak {result['peak_mib']:.0f} MiB, "
-                  f"step-1 loss {result['first_loss']:.7f}", flush=True)
+            rate = pairs_per_step * args.steps / sum(result["times"][args.warmup :])
+            print(
+                f"round {round_ + 1}/{args.repeats} {name}: {rate:.2f} pairs/s, peak {result['peak_mib']:.0f} MiB, "
+                f"step-1 loss {result['first_loss']:.7f}",
+                flush=True,
+            )
     return results
 
 
@@ -498,27 +645,38 @@ def write_report(text: str, out: Path | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=os.environ.get(
-        "DS_DPO_HH_DATA", REPO.parent / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"),
-                        help="HH-RLHF pairs (.jsonl.gz); default $DS_DPO_HH_DATA, else ../shared/data/...")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=os.environ.get("DS_DPO_HH_DATA", REPO.parent / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"),
+        help="HH-RLHF pairs (.jsonl.gz); default $DS_DPO_HH_DATA, else ../shared/data/...",
+    )
     run_arguments(parser, REPO / "outputs" / "benchmark", steps=4, repeats=3)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--vocab_size", type=int, default=8192)
-    parser.add_argument("--model", type=Path, help="a pretrained causal LM directory, used as policy and reference "
-                        "with its tokenizer (default: random-init Llama pair and a BPE trained on the data)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="a pretrained causal LM directory, used as policy and reference "
+        "with its tokenizer (default: random-init Llama pair and a BPE trained on the data)",
+    )
     parser.add_argument("--nproc", type=int, default=1, choices=(1, 2, 4, 8), help="processes (ranks) per run")
     parser.add_argument("--only", nargs="*", help="run only these configurations (names as in the table)")
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.work, args.model, args.total_steps)
     if not Path(args.data).is_file():
-        parser.error(f"no data at {args.data}: pass --data or set DS_DPO_HH_DATA (README \"Tests\" says how to get it)")
+        parser.error(f'no data at {args.data}: pass --data or set DS_DPO_HH_DATA (README "Tests" says how to get it)')
 
     total = args.warmup + args.steps
     args.work.mkdir(parents=True, exist_ok=True)
     pairs = prepare(args.data, args.work, total * PAIRS_PER_STEP, args.vocab_size, args.seed, args.model)
-    results = round_robin(args.only or list(CONFIGS),
-                          lambda name: run_config(name, args.work, args.model, total, args.nproc), args, PAIRS_PER_STEP)
+    results = round_robin(
+        args.only or list(CONFIGS),
+        lambda name: run_config(name, args.work, args.model, total, args.nproc),
+        args,
+        PAIRS_PER_STEP,
+    )
     write_report(report(results, pairs, args, machine()), args.out)
 
 

@@ -27,19 +27,40 @@ from benchmark import free_port, machine
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
-BASE = {"per_device_train_batch_size": 4, "max_steps": 2, "save_steps": 0, "learning_rate": 1e-6,
-        "scoring_self_check": False, "logging_steps": 1}
+SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
+BASE = {
+    "per_device_train_batch_size": 4,
+    "max_steps": 2,
+    "save_steps": 0,
+    "learning_rate": 1e-6,
+    "scoring_self_check": False,
+    "logging_steps": 1,
+}
 # name: (processes, prompt tokens, completion tokens, keys)
 RUNS = {
     "ZeRO-3, shared rows": (1, 256, 128, {}),
     "ZeRO-3, padded rows": (1, 256, 128, {"padding_free": False}),
     "ZeRO-2, shared rows": (1, 256, 128, {"deepspeed": "ds_configs/zero2.json"}),
-    "ZeRO-3, checkpointing, 2 x (1024 + 2 x 512)": (1, 1024, 512, {"gradient_checkpointing": True,
-                                                                     "per_device_train_batch_size": 2}),
-    "ZeRO-3 + offload, checkpointing": (1, 256, 128, {"deepspeed": "ds_configs/zero3_offload.json",
-                                                      "gradient_checkpointing": True}),
+    "ZeRO-3, checkpointing, 2 x (1024 + 2 x 512)": (
+        1,
+        1024,
+        512,
+        {"gradient_checkpointing": True, "per_device_train_batch_size": 2},
+    ),
+    "ZeRO-3 + offload, checkpointing": (
+        1,
+        256,
+        128,
+        {"deepspeed": "ds_configs/zero3_offload.json", "gradient_checkpointing": True},
+    ),
     "LoRA, reference = adapters off": (1, 256, 128, {"use_peft": True, "reference": "lora"}),
     "ZeRO-3, 2 ranks": (2, 256, 128, {}),
 }
@@ -49,14 +70,19 @@ def prepare(work: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from ds_dpo import builtin
-    from ds_dpo.tokenization import load_tokenizer
+    from ds_dpo.data import builtin
+    from ds_dpo.data.tokenization import load_tokenizer
 
     if (work / "policy" / "config.json").exists():
         return
     tokenizer = load_tokenizer(builtin.materialize(work / "builtin", seed=0)["model_name_or_path"])
-    config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, max_position_embeddings=4096, **SHAPE)
+    config = LlamaConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=4096,
+        **SHAPE,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(work / "policy")
     tokenizer.save_pretrained(work / "policy")
@@ -66,13 +92,25 @@ def keys(work: Path, name: str) -> dict:
     _, prompt, completion, extra = RUNS[name]
     data = work / f"pairs-{prompt}-{completion}.jsonl"
     if not data.exists():
-        rows = [{"prompt_input_ids": [5 + (i + j) % 200 for j in range(prompt)],
-                 "chosen_input_ids": [7 + (i * j) % 300 for j in range(completion)],
-                 "rejected_input_ids": [9 + (i + 2 * j) % 250 for j in range(completion)]} for i in range(16)]
+        rows = [
+            {
+                "prompt_input_ids": [5 + (i + j) % 200 for j in range(prompt)],
+                "chosen_input_ids": [7 + (i * j) % 300 for j in range(completion)],
+                "rejected_input_ids": [9 + (i + 2 * j) % 250 for j in range(completion)],
+            }
+            for i in range(16)
+        ]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {**BASE, "model_name_or_path": str(work / "policy"), "dataset": str(data), "dataset_format": "tokenized",
-            "max_length": prompt + completion + 1, "output_dir": str(work / "runs" / name.replace(" ", "_")),
-            "dataset_cache_dir": str(work / "cache"), **extra}
+    return {
+        **BASE,
+        "model_name_or_path": str(work / "policy"),
+        "dataset": str(data),
+        "dataset_format": "tokenized",
+        "max_length": prompt + completion + 1,
+        "output_dir": str(work / "runs" / name.replace(" ", "_")),
+        "dataset_cache_dir": str(work / "cache"),
+        **extra,
+    }
 
 
 def rss_mib() -> float:
@@ -86,12 +124,12 @@ def worker(work: Path, name: str) -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     from ds_dpo.config import make_config
-    from ds_dpo.engines import init_distributed
-    from ds_dpo.recipe import DPORecipe
+    from ds_dpo.distributed import init_distributed
+    from ds_dpo.training.recipe import DPORecipe
 
     cfg = make_config(keys(work, name))
     cfg.validate()
-    init_distributed()
+    init_distributed(cfg.parallel.ddp_timeout)
     before = rss_mib()
     recipe = DPORecipe(cfg)
     recipe.setup()
@@ -106,8 +144,8 @@ def estimated_mib(work: Path, name: str) -> tuple[float, dict]:
     from transformers import AutoConfig
 
     from ds_dpo.config import make_config
-    from ds_dpo.ds_config import resolve_deepspeed_config
     from ds_dpo.estimate import ModelShape, estimate, setup_of, workload
+    from ds_dpo.models.ds_config import resolve_deepspeed_config
 
     nproc, prompt, completion, _ = RUNS[name]
     cfg = make_config(keys(work, name))
@@ -119,21 +157,32 @@ def estimated_mib(work: Path, name: str) -> tuple[float, dict]:
 
 def measure(work: Path, name: str) -> float:
     nproc = RUNS[name][0]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
-           "LOCAL_WORLD_SIZE": str(nproc), "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc)),
-           # glibc keeps freed heap memory resident (measured: 7.6 GiB resident after a step whose live tensors are
-           # ~3 GiB); with every allocation over 64 KiB its own mapping, freed tensors leave the resident set and its
-           # peak follows the live tensors, as a GPU allocator's peak does
-           "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc)),
+        # glibc keeps freed heap memory resident (measured: 7.6 GiB resident after a step whose live tensors are
+        # ~3 GiB); with every allocation over 64 KiB its own mapping, freed tensors leave the resident set and its
+        # peak follows the live tensors, as a GPU allocator's peak does
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+    }
     logs = [work / "logs" / f"{name.replace(' ', '_')}.rank{r}.log" for r in range(nproc)]
     logs[0].parent.mkdir(exist_ok=True)
     procs = []
     for r, log in enumerate(logs):  # to files: a rank blocked on a full pipe would hang the others in a collective
         with open(log, "w") as f:
-            procs.append(subprocess.Popen([sys.executable, __file__, "--worker", name, "--work", str(work)],
-                                          env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=f,
-                                          stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--worker", name, "--work", str(work)],
+                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     results = []
     for proc, log in zip(procs, logs):
         proc.wait()
@@ -167,22 +216,34 @@ def main() -> None:
             cache.write_text(json.dumps(measured_mib, indent=1))
         measured = measured_mib[name]
         errors.append(estimate / measured - 1)
-        rows.append(f"| {name} | {estimate / 1024:.2f} | {measured / 1024:.2f} | {errors[-1]:+.0%} | "
-                    + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items()) + " |")
+        rows.append(
+            f"| {name} | {estimate / 1024:.2f} | {measured / 1024:.2f} | {errors[-1]:+.0%} | "
+            + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
+            + " |"
+        )
         print(rows[-1], flush=True)
-    table = "\n".join([
-        "# launch/estimate.py against measured runs", "",
-        f"Produced by `python benchmarks/estimate_check.py` on {time.strftime('%Y-%m-%d')}; do not edit by hand.", "",
-        f"- Machine: {machine()}.",
-        "- Model: random-init Llama of SmolLM2-135M's shape (30 x 576, 49k vocabulary, tied embeddings), fp32; a "
-        "ZeRO-3 reference engine unless said; synthetic pairs: 4 per micro-batch of 256 prompt + 2 x 128 "
-        "completion tokens unless said; 2 optimizer steps of the real recipe in fresh processes.",
-        "- Measured (glibc's `MALLOC_MMAP_THRESHOLD_=65536`, so freed tensors leave the resident set): the largest process's peak resident memory minus its resident memory just before the recipe's "
-        "setup (Python, torch, DeepSpeed, transformers' model code, datasets and peft imported, process group up). Estimated: `ds_dpo.estimate` for the same "
-        "keys with the CPU's attention kernels, offloaded states added (same memory on a CPU machine).", "",
-        "| run | estimated GiB | measured GiB | error | estimate by part (GiB) |", "|---|---|---|---|---|",
-        *rows, "",
-        f"Mean absolute error {sum(map(abs, errors)) / len(errors):.0%}, largest {max(errors, key=abs):+.0%}.", ""])
+    table = "\n".join(
+        [
+            "# launch/estimate.py against measured runs",
+            "",
+            f"Produced by `python benchmarks/estimate_check.py` on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
+            "",
+            f"- Machine: {machine()}.",
+            "- Model: random-init Llama of SmolLM2-135M's shape (30 x 576, 49k vocabulary, tied embeddings), fp32; a "
+            "ZeRO-3 reference engine unless said; synthetic pairs: 4 per micro-batch of 256 prompt + 2 x 128 "
+            "completion tokens unless said; 2 optimizer steps of the real recipe in fresh processes.",
+            "- Measured (glibc's `MALLOC_MMAP_THRESHOLD_=65536`, so freed tensors leave the resident set): the largest process's peak resident memory minus its resident memory just before the recipe's "
+            "setup (Python, torch, DeepSpeed, transformers' model code, datasets and peft imported, process group up). Estimated: `ds_dpo.estimate` for the same "
+            "keys with the CPU's attention kernels, offloaded states added (same memory on a CPU machine).",
+            "",
+            "| run | estimated GiB | measured GiB | error | estimate by part (GiB) |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Mean absolute error {sum(map(abs, errors)) / len(errors):.0%}, largest {max(errors, key=abs):+.0%}.",
+            "",
+        ]
+    )
     args.out.write_text(table)
     print(table)
 

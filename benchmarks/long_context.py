@@ -32,8 +32,15 @@ from benchmark import free_port, machine
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+MODEL = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+)
 RUNS = {"ds_dpo, sp=1": ("ds_dpo", 1), "ds_dpo, sp=2": ("ds_dpo", 2), "TRL DPOTrainer": ("trl", 1)}
 
 
@@ -42,12 +49,17 @@ def prepare(work: Path, lengths: list[int]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from ds_dpo import builtin
-    from ds_dpo.tokenization import load_tokenizer
+    from ds_dpo.data import builtin
+    from ds_dpo.data.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(builtin.materialize(work / "builtin", seed=0)["model_name_or_path"])
-    config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max(lengths), **MODEL)
+    config = LlamaConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=max(lengths),
+        **MODEL,
+    )
     for name, seed in (("policy", 0), ("reference", 1)):
         torch.manual_seed(seed)
         AutoModelForCausalLM.from_config(config).save_pretrained(work / name)
@@ -55,8 +67,11 @@ def prepare(work: Path, lengths: list[int]) -> None:
     g = torch.Generator().manual_seed(0)
     for length in lengths:
         ids = lambda n: torch.randint(3, MODEL["vocab_size"], (n,), generator=g).tolist()  # noqa: E731
-        pair = {"prompt_input_ids": ids(length // 2), "chosen_input_ids": ids(length // 4),
-                "rejected_input_ids": ids(length - length // 2 - length // 4)}
+        pair = {
+            "prompt_input_ids": ids(length // 2),
+            "chosen_input_ids": ids(length // 4),
+            "rejected_input_ids": ids(length - length // 2 - length // 4),
+        }
         (work / f"pair-{length}.jsonl").write_text(json.dumps(pair) + "\n")
 
 
@@ -64,15 +79,27 @@ def run_ds_dpo(work: Path, length: int, sp: int) -> list[float]:
     import torch
 
     from ds_dpo.config import make_config
-    from ds_dpo.recipe import DPORecipe
-    from ds_dpo.sampler import StepPlan
+    from ds_dpo.data.sampler import StepPlan
+    from ds_dpo.training.recipe import DPORecipe
 
-    cfg = make_config({
-        "model_name_or_path": str(work / "policy"), "ref_model_name_or_path": str(work / "reference"),
-        "dataset": str(work / f"pair-{length}.jsonl"), "dataset_format": "tokenized", "max_length": length + 1,
-        "per_device_train_batch_size": 1, "max_steps": 2, "save_steps": 0, "learning_rate": 1e-6,
-        "gradient_checkpointing": True, "sequence_parallel_size": sp, "scoring_self_check": False,
-        "output_dir": str(work / f"ds_dpo-{length}-{sp}"), "dataset_cache_dir": str(work / "cache")})
+    cfg = make_config(
+        {
+            "model_name_or_path": str(work / "policy"),
+            "ref_model_name_or_path": str(work / "reference"),
+            "dataset": str(work / f"pair-{length}.jsonl"),
+            "dataset_format": "tokenized",
+            "max_length": length + 1,
+            "per_device_train_batch_size": 1,
+            "max_steps": 2,
+            "save_steps": 0,
+            "learning_rate": 1e-6,
+            "gradient_checkpointing": True,
+            "sequence_parallel_size": sp,
+            "scoring_self_check": False,
+            "output_dir": str(work / f"ds_dpo-{length}-{sp}"),
+            "dataset_cache_dir": str(work / "cache"),
+        }
+    )
     cfg.validate()
     recipe = DPORecipe(cfg)
     recipe.setup()
@@ -87,24 +114,46 @@ def run_ds_dpo(work: Path, length: int, sp: int) -> list[float]:
 
 
 def run_trl(work: Path, length: int, sp: int) -> list[float]:
+    from benchmark import recording_trainer, step_timer  # the script's folder is on the path
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig
 
-    from benchmark import recording_trainer, step_timer  # the script's folder is on the path
-
     pair = json.loads((work / f"pair-{length}.jsonl").read_text())
-    dataset = Dataset.from_list([{"prompt_ids": pair["prompt_input_ids"], "chosen_ids": pair["chosen_input_ids"],
-                                  "rejected_ids": pair["rejected_input_ids"]}] * 2)
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt_ids": pair["prompt_input_ids"],
+                "chosen_ids": pair["chosen_input_ids"],
+                "rejected_ids": pair["rejected_input_ids"],
+            }
+        ]
+        * 2
+    )
     times = []
 
-    args = DPOConfig(output_dir=str(work / f"trl-{length}"), per_device_train_batch_size=1, max_length=length + 1,
-                     max_steps=2, learning_rate=1e-6, bf16=False, use_cpu=True, report_to=[], save_strategy="no",
-                     logging_steps=10**6, dataloader_num_workers=0, gradient_checkpointing=True)
+    args = DPOConfig(
+        output_dir=str(work / f"trl-{length}"),
+        per_device_train_batch_size=1,
+        max_length=length + 1,
+        max_steps=2,
+        learning_rate=1e-6,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**6,
+        dataloader_num_workers=0,
+        gradient_checkpointing=True,
+    )
     trainer = recording_trainer([])(
         model=AutoModelForCausalLM.from_pretrained(work / "policy"),
-        ref_model=AutoModelForCausalLM.from_pretrained(work / "reference"), args=args, train_dataset=dataset,
-        processing_class=AutoTokenizer.from_pretrained(work / "policy"), callbacks=[step_timer(times)])
+        ref_model=AutoModelForCausalLM.from_pretrained(work / "reference"),
+        args=args,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(work / "policy"),
+        callbacks=[step_timer(times)],
+    )
     trainer.train()
     return times
 
@@ -120,18 +169,43 @@ def worker(trainer: str, work: Path, length: int, sp: int, limit_gb: float) -> N
 def run(name: str, work: Path, length: int, limit_gb: float, timeout: int) -> dict:
     """One run in fresh processes launched as torchrun would; ``{"oom": True}`` when it could not fit."""
     trainer, nproc = RUNS[name]
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc), "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))}
-    cmd = [sys.executable, __file__, "--worker", trainer, "--work", str(work), "--length", str(length),
-           "--sp", str(nproc), "--limit_gb", str(limit_gb)]
+    base = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc)),
+    }
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        trainer,
+        "--work",
+        str(work),
+        "--length",
+        str(length),
+        "--sp",
+        str(nproc),
+        "--limit_gb",
+        str(limit_gb),
+    ]
     logs = [work / "logs" / f"{trainer}-{length}-{nproc}.rank{r}.log" for r in range(nproc)]
     logs[0].parent.mkdir(exist_ok=True)
     procs = []
     for r, log in enumerate(logs):
         with open(log, "w") as f:
-            procs.append(subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=f,
-                                          stderr=subprocess.STDOUT, text=True))
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
     deadline, results = time.time() + timeout, []
     for proc, log in zip(procs, logs):
         try:
@@ -162,8 +236,11 @@ def report(results: dict, args, machine_line: str, command: str | None = None) -
             return f"over {args.timeout} s"
         return f"{r['step_s']:.1f} s, {r['peak_mib'] / 1024:.2f} GiB"
 
-    rows = [f"| {length} | " + " | ".join(cell(results[name].get(length)) for name in RUNS) + " |"
-            for length in args.lengths]
+    rows = [
+        f"| {length} | " + " | ".join(cell(results[name].get(length)) for name in RUNS) + " |"
+        for length in args.lengths
+    ]
+
     def longest(name: str, budget_mib: float) -> str:
         fit = [n for n in args.lengths if (results[name].get(n) or {}).get("peak_mib", float("inf")) <= budget_mib]
         return str(max(fit)) if fit else "none"
@@ -171,28 +248,36 @@ def report(results: dict, args, machine_line: str, command: str | None = None) -
     budgets = [b for b in (3, 4, 6, 8) if b < args.limit_gb] + [args.limit_gb]
     fits = [f"| {b:g} GiB | " + " | ".join(longest(name, b * 1024) for name in RUNS) + " |" for b in budgets]
     command = command or f"`{shlex.join(['python', 'benchmarks/long_context.py', *sys.argv[1:]])}`"
-    return "\n".join([
-        "# Long pairs: ds_dpo with and without sequence parallelism vs TRL 1.16", "",
-        f"Produced by {command} on {time.strftime('%Y-%m-%d')}; do not edit by hand.", "",
-        f"- Machine: {machine_line}.",
-        f"- Model: random-init Llama {MODEL['num_hidden_layers']} layers x {MODEL['hidden_size']} ({MODEL['num_attention_heads']} "
-        f"heads, {MODEL['vocab_size']}-token vocabulary), a different random-init reference; fp32, AdamW, gradient "
-        "checkpointing in both trainers.",
-        "- One synthetic pair per step: prompt half of its tokens, chosen and rejected a quarter each; 1 warm-up step "
-        "and 1 timed step, fresh processes per run.",
-        f"- Budget: each process's address space capped at {args.limit_gb:g} GiB (a run that cannot fit fails its "
-        "allocation). Cells: the timed step's seconds and the peak resident set size of the largest process over its "
-        "whole life (imports and model setup included). ds_dpo sp=2: two processes share the pair, each holding half "
-        "of the row (Ulysses all-to-all around the attention); sp=1 and TRL: one process.",
-        "",
-        "| pair tokens | " + " | ".join(RUNS) + " |",
-        "|---|" + "---|" * len(RUNS),
-        *rows, "",
-        f"Longest pair (of those run) whose largest process stayed within a memory budget (from the measured peaks; "
-        f"{args.limit_gb:g} GiB is the enforced cap):", "",
-        "| budget per process | " + " | ".join(RUNS) + " |",
-        "|---|" + "---|" * len(RUNS),
-        *fits, ""])
+    return "\n".join(
+        [
+            "# Long pairs: ds_dpo with and without sequence parallelism vs TRL 1.16",
+            "",
+            f"Produced by {command} on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
+            "",
+            f"- Machine: {machine_line}.",
+            f"- Model: random-init Llama {MODEL['num_hidden_layers']} layers x {MODEL['hidden_size']} ({MODEL['num_attention_heads']} "
+            f"heads, {MODEL['vocab_size']}-token vocabulary), a different random-init reference; fp32, AdamW, gradient "
+            "checkpointing in both trainers.",
+            "- One synthetic pair per step: prompt half of its tokens, chosen and rejected a quarter each; 1 warm-up step "
+            "and 1 timed step, fresh processes per run.",
+            f"- Budget: each process's address space capped at {args.limit_gb:g} GiB (a run that cannot fit fails its "
+            "allocation). Cells: the timed step's seconds and the peak resident set size of the largest process over its "
+            "whole life (imports and model setup included). ds_dpo sp=2: two processes share the pair, each holding half "
+            "of the row (Ulysses all-to-all around the attention); sp=1 and TRL: one process.",
+            "",
+            "| pair tokens | " + " | ".join(RUNS) + " |",
+            "|---|" + "---|" * len(RUNS),
+            *rows,
+            "",
+            f"Longest pair (of those run) whose largest process stayed within a memory budget (from the measured peaks; "
+            f"{args.limit_gb:g} GiB is the enforced cap):",
+            "",
+            "| budget per process | " + " | ".join(RUNS) + " |",
+            "|---|" + "---|" * len(RUNS),
+            *fits,
+            "",
+        ]
+    )
 
 
 def main() -> None:

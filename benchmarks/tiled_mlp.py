@@ -1,5 +1,5 @@
 """What ``tiled_mlp_shards`` buys: peak memory and time of one decoder layer's training step on a long row, its MLP
-whole vs in slices (DeepSpeed's ``TiledMLP`` as ds_dpo installs it, ``ds_dpo.activation_memory``).
+whole vs in slices (DeepSpeed's ``TiledMLP`` as ds_dpo installs it, ``ds_dpo.models.activation_memory``).
 
     .venv/bin/python benchmarks/tiled_mlp.py --out docs/tiled_mlp.md
 
@@ -28,15 +28,21 @@ from benchmark import machine
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-LAYER = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
-             num_hidden_layers=1, vocab_size=1024)
+LAYER = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_hidden_layers=1,
+    vocab_size=1024,
+)
 
 
 def worker(tokens: int, shards: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ds_dpo.activation_memory import tile_mlps
+    from ds_dpo.models.activation_memory import tile_mlps
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=tokens, **LAYER))
@@ -56,8 +62,9 @@ def worker(tokens: int, shards: int) -> None:
 
 
 def run(tokens: int, shards: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", str(tokens), str(shards)], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", str(tokens), str(shards)], capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
 
 
@@ -73,21 +80,32 @@ def main() -> None:
     for tokens in args.tokens:
         shards = -(-tokens // LAYER["hidden_size"])  # the rule the README gives: tokens / hidden size
         whole, tiled = run(tokens, 1), run(tokens, shards)
-        rows.append(f"| {tokens} | {whole['step_s']:.1f} s, {whole['peak_mib'] / 1024:.2f} GiB | {shards} | "
-                    f"{tiled['step_s']:.1f} s, {tiled['peak_mib'] / 1024:.2f} GiB | "
-                    f"{(whole['peak_mib'] - tiled['peak_mib']) / 1024:.2f} GiB |")
+        rows.append(
+            f"| {tokens} | {whole['step_s']:.1f} s, {whole['peak_mib'] / 1024:.2f} GiB | {shards} | "
+            f"{tiled['step_s']:.1f} s, {tiled['peak_mib'] / 1024:.2f} GiB | "
+            f"{(whole['peak_mib'] - tiled['peak_mib']) / 1024:.2f} GiB |"
+        )
         print(rows[-1], flush=True)
     command = shlex.join(["python", "benchmarks/tiled_mlp.py", *sys.argv[1:]])
-    table = "\n".join([
-        "# Tiled MLP: one decoder layer's training step, MLP whole vs in slices", "",
-        f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}; do not edit by hand.", "",
-        f"- Machine: {machine()}.",
-        f"- One random-init Llama decoder layer: hidden {LAYER['hidden_size']}, MLP {LAYER['intermediate_size']}, "
-        f"{LAYER['num_attention_heads']} query / {LAYER['num_key_value_heads']} key-value heads (Llama-3.2-1B's "
-        "widths); gradient checkpointing; fp32; forward + backward of one row; fresh process per cell.",
-        "- Cells: the second step's seconds and the process's peak resident set size (imports and weights "
-        "included).", "",
-        "| tokens | MLP whole | slices | MLP in slices | saved |", "|---|---|---|---|---|", *rows, ""])
+    table = "\n".join(
+        [
+            "# Tiled MLP: one decoder layer's training step, MLP whole vs in slices",
+            "",
+            f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
+            "",
+            f"- Machine: {machine()}.",
+            f"- One random-init Llama decoder layer: hidden {LAYER['hidden_size']}, MLP {LAYER['intermediate_size']}, "
+            f"{LAYER['num_attention_heads']} query / {LAYER['num_key_value_heads']} key-value heads (Llama-3.2-1B's "
+            "widths); gradient checkpointing; fp32; forward + backward of one row; fresh process per cell.",
+            "- Cells: the second step's seconds and the process's peak resident set size (imports and weights "
+            "included).",
+            "",
+            "| tokens | MLP whole | slices | MLP in slices | saved |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
     args.out.write_text(table)
     print(table)
 

@@ -26,8 +26,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from benchmark import (PeakRSS, machine, print_result, round_robin, run_arguments, run_one_process,  # noqa: E402
-                       timed_steps, timed_trl, write_report)
+from benchmark import (  # noqa: E402
+    PeakRSS,
+    machine,
+    print_result,
+    round_robin,
+    run_arguments,
+    run_one_process,
+    timed_steps,
+    timed_trl,
+    write_report,
+)
 
 IMAGE = 224
 # ds_dpo without ZeRO, as TRL runs on one process: on a single rank ZeRO only adds fp32 copies
@@ -46,32 +55,59 @@ def prepare(work: Path, num_pairs: int, seed: int) -> None:
     import numpy as np
     import torch
     from PIL import Image
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from ds_dpo import builtin
+    from ds_dpo.data import builtin
 
     tokenizer = builtin.build_tokenizer()
     tokenizer.add_tokens(["user", "assistant"])
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} :{% for part in m['content'] %}"
-                "{% if part['type'] == 'image' %} <image>{% else %} {{ part['text'] }}{% endif %}{% endfor %}"
-                " {{ eos_token }} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}")
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }} :{% for part in m['content'] %}"
+        "{% if part['type'] == 'image' %} <image>{% else %} {{ part['text'] }}{% endif %}{% endfor %}"
+        " {{ eos_token }} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+    )
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": IMAGE},
-                                              crop_size={"height": IMAGE, "width": IMAGE}),
-        tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=template)
-    vision = CLIPVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
-                              image_size=IMAGE, patch_size=16, projection_dim=384)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=(IMAGE // 16) ** 2,
-                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-                         vision_feature_select_strategy="default")
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}
+        ),
+        tokenizer=tokenizer,
+        patch_size=16,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=template,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        image_size=IMAGE,
+        patch_size=16,
+        projection_dim=384,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_seq_length=(IMAGE // 16) ** 2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(config).save_pretrained(work / "model")
     processor.save_pretrained(work / "model")
@@ -82,18 +118,35 @@ def prepare(work: Path, num_pairs: int, seed: int) -> None:
             pair = builtin.make_pair(rng)
             path = work / "images" / f"{i}.png"
             Image.fromarray(pixels.integers(0, 255, (IMAGE, IMAGE, 3), dtype=np.uint8)).save(path)
-            f.write(json.dumps({"images": [str(path)], "prompt": [{"role": "user", "content": pair["prompt"]}],
-                                "chosen": [{"role": "assistant", "content": pair["chosen"]}],
-                                "rejected": [{"role": "assistant", "content": pair["rejected"]}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "images": [str(path)],
+                        "prompt": [{"role": "user", "content": pair["prompt"]}],
+                        "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+                        "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+                    }
+                )
+                + "\n"
+            )
 
 
 def run_ds_dpo(work: Path, options: dict, pairs: int, total_steps: int) -> tuple[list[float], float, PeakRSS]:
     from ds_dpo.config import make_config
 
-    cfg = make_config({"model_name_or_path": str(work / "model"), "dataset": str(work / "pairs.jsonl"),
-                       "per_device_train_batch_size": pairs, "max_steps": total_steps, "save_steps": 0,
-                       "learning_rate": 1e-6, "output_dir": str(work / "ds_dpo_run"),
-                       "dataset_cache_dir": str(work / "cache"), **options})
+    cfg = make_config(
+        {
+            "model_name_or_path": str(work / "model"),
+            "dataset": str(work / "pairs.jsonl"),
+            "per_device_train_batch_size": pairs,
+            "max_steps": total_steps,
+            "save_steps": 0,
+            "learning_rate": 1e-6,
+            "output_dir": str(work / "ds_dpo_run"),
+            "dataset_cache_dir": str(work / "cache"),
+            **options,
+        }
+    )
     return timed_steps(cfg, [list(range(s * pairs, (s + 1) * pairs)) for s in range(total_steps)], pairs)
 
 
@@ -104,16 +157,32 @@ def run_trl(work: Path, pairs: int, total_steps: int) -> tuple[list[float], floa
     from trl import DPOConfig
 
     rows = [json.loads(line) for line in open(work / "pairs.jsonl")]
-    dataset = Dataset.from_list([{**row, "images": [Image.open(p).convert("RGB") for p in row["images"]]}
-                                 for row in rows])
-    args = DPOConfig(output_dir=str(work / "trl_run"), per_device_train_batch_size=pairs, max_length=None,
-                     max_steps=total_steps, learning_rate=1e-6, bf16=False, use_cpu=True, report_to=[],
-                     save_strategy="no", logging_steps=10**6, dataloader_num_workers=0,
-                     gradient_checkpointing=False)
+    dataset = Dataset.from_list(
+        [{**row, "images": [Image.open(p).convert("RGB") for p in row["images"]]} for row in rows]
+    )
+    args = DPOConfig(
+        output_dir=str(work / "trl_run"),
+        per_device_train_batch_size=pairs,
+        max_length=None,
+        max_steps=total_steps,
+        learning_rate=1e-6,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**6,
+        dataloader_num_workers=0,
+        gradient_checkpointing=False,
+    )
     model = work / "model"
-    return timed_trl(tokenized=False, model=AutoModelForImageTextToText.from_pretrained(model),
-                     ref_model=AutoModelForImageTextToText.from_pretrained(model), args=args, train_dataset=dataset,
-                     processing_class=AutoProcessor.from_pretrained(model))
+    return timed_trl(
+        tokenized=False,
+        model=AutoModelForImageTextToText.from_pretrained(model),
+        ref_model=AutoModelForImageTextToText.from_pretrained(model),
+        args=args,
+        train_dataset=dataset,
+        processing_class=AutoProcessor.from_pretrained(model),
+    )
 
 
 def worker(name: str, work: Path, pairs: int, total_steps: int) -> None:
@@ -121,38 +190,45 @@ def worker(name: str, work: Path, pairs: int, total_steps: int) -> None:
 
     torch.manual_seed(0)
     trainer, options = CONFIGS[name]
-    print_result(*(run_trl(work, pairs, total_steps) if trainer == "trl"
-                   else run_ds_dpo(work, options, pairs, total_steps)))
+    print_result(
+        *(run_trl(work, pairs, total_steps) if trainer == "trl" else run_ds_dpo(work, options, pairs, total_steps))
+    )
 
 
 def run_config(name: str, work: Path, pairs: int, total_steps: int) -> dict:
     log = work / "logs" / f"{name.split(' (')[0].replace(' ', '_')}.log"
-    return run_one_process(name, __file__, ["--work", str(work), "--pairs", str(pairs), "--total_steps",
-                                            str(total_steps)], log)
+    return run_one_process(
+        name, __file__, ["--work", str(work), "--pairs", str(pairs), "--total_steps", str(total_steps)], log
+    )
 
 
 def report(results: dict[str, list[dict]], args, machine_line: str) -> str:
     base = next(iter(CONFIGS))
     rows = []
     for name, runs in results.items():
-        rate = statistics.median(args.pairs * args.steps / sum(r["times"][args.warmup:]) for r in runs)
+        rate = statistics.median(args.pairs * args.steps / sum(r["times"][args.warmup :]) for r in runs)
         peak = max(r["peak_mib"] for r in runs)
         step = max(r["step_mib"] for r in runs)
         rows.append((name, rate, peak, step, runs[0]["first_loss"]))
     trl_rate, trl_peak = rows[0][1], rows[0][2]
-    lines = [f"# Vision-language DPO: each image once per pair vs twice\n",
-             f"`benchmarks/vlm.py --pairs {args.pairs} --steps {args.steps} --warmup {args.warmup} --repeats "
-             f"{args.repeats}`. Machine: {machine_line}.\n",
-             "Random-init LLaVA (CLIP ViT-S/16 at 224 px: 196 image tokens per image; 4-layer Llama-style language "
-             "model, width 512), one image per pair, the built-in counting pairs as TRL conversational rows "
-             "(prompts ~12 text tokens, completions ~6); policy and reference from the same weights, fp32, 1 "
-             f"process, {args.pairs} pairs per step; ds_dpo without ZeRO (`ds_configs/ddp.json`), as TRL runs on "
-             f"one process. Baseline: {base}.\n",
-             "| configuration | pairs/s | vs TRL | peak memory (MiB) | vs TRL | memory rise in the steps (MiB) | "
-             "step-1 loss |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Vision-language DPO: each image once per pair vs twice\n",
+        f"`benchmarks/vlm.py --pairs {args.pairs} --steps {args.steps} --warmup {args.warmup} --repeats "
+        f"{args.repeats}`. Machine: {machine_line}.\n",
+        "Random-init LLaVA (CLIP ViT-S/16 at 224 px: 196 image tokens per image; 4-layer Llama-style language "
+        "model, width 512), one image per pair, the built-in counting pairs as TRL conversational rows "
+        "(prompts ~12 text tokens, completions ~6); policy and reference from the same weights, fp32, 1 "
+        f"process, {args.pairs} pairs per step; ds_dpo without ZeRO (`ds_configs/ddp.json`), as TRL runs on "
+        f"one process. Baseline: {base}.\n",
+        "| configuration | pairs/s | vs TRL | peak memory (MiB) | vs TRL | memory rise in the steps (MiB) | "
+        "step-1 loss |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, rate, peak, step, loss in rows:
-        lines.append(f"| {name} | {rate:.3f} | {rate / trl_rate:.2f}x | {peak:.0f} | {peak / trl_peak:.2f}x | "
-                     f"{step:.0f} | {loss:.6f} |")
+        lines.append(
+            f"| {name} | {rate:.3f} | {rate / trl_rate:.2f}x | {peak:.0f} | {peak / trl_peak:.2f}x | "
+            f"{step:.0f} | {loss:.6f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

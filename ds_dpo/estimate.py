@@ -19,7 +19,7 @@ layer. Per device, for a ZeRO stage, offload and gradient checkpointing:
 
 Not counted: the CUDA context and allocator fragmentation (keep a reserve: ``reserve_gb``), mixture-of-experts
 routing imbalance (experts are counted as dense weights; their activations as ``num_experts_per_tok`` MLPs).
-``benchmarks/estimate_check.py`` compares these numbers with measured runs (README "Will it fit?").
+``benchmarks/estimate_check.py`` compares these numbers with measured runs (docs/deepspeed.md, "Will it fit?").
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ds_dpo.config import ConfigError, DPOConfig
+from ds_dpo.forward.layouts import Layout
 
 GiB = 2**30
 
@@ -49,7 +50,7 @@ class ModelShape:
     vocab: int
 
     @classmethod
-    def of(cls, config) -> "ModelShape":
+    def of(cls, config) -> ModelShape:
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
@@ -65,8 +66,16 @@ class ModelShape:
         if experts_per_token:
             expert = getattr(text, "moe_intermediate_size", None) or width
             width = experts_per_token * expert + (getattr(text, "shared_expert_intermediate_size", 0) or 0)
-        return cls(params, largest, text.num_hidden_layers, text.hidden_size, width, heads, kv_heads * head_dim,
-                   text.vocab_size)
+        return cls(
+            params,
+            largest,
+            text.num_hidden_layers,
+            text.hidden_size,
+            width,
+            heads,
+            kv_heads * head_dim,
+            text.vocab_size,
+        )
 
 
 @dataclass(frozen=True)
@@ -80,15 +89,22 @@ class Setup:
 
     def describe(self) -> str:
         offload = ("params+optimizer" if self.offload_params else "optimizer") if self.offload_optimizer else "none"
-        return (f"ZeRO-{self.zero_stage}, offload {offload}, "
-                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}")
+        return (
+            f"ZeRO-{self.zero_stage}, offload {offload}, checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+        )
 
 
 # fastest first: the first of these that fits is the verdict
-CANDIDATES = [Setup(1), Setup(2), Setup(3), Setup(1, gradient_checkpointing=True),
-              Setup(2, gradient_checkpointing=True), Setup(3, gradient_checkpointing=True),
-              Setup(3, offload_optimizer=True, gradient_checkpointing=True),
-              Setup(3, offload_optimizer=True, offload_params=True, gradient_checkpointing=True)]
+CANDIDATES = [
+    Setup(1),
+    Setup(2),
+    Setup(3),
+    Setup(1, gradient_checkpointing=True),
+    Setup(2, gradient_checkpointing=True),
+    Setup(3, gradient_checkpointing=True),
+    Setup(3, offload_optimizer=True, gradient_checkpointing=True),
+    Setup(3, offload_optimizer=True, offload_params=True, gradient_checkpointing=True),
+]
 
 
 @dataclass(frozen=True)
@@ -103,7 +119,7 @@ class Workload:
     reference: str
     """``zero``, ``lora``, ``precomputed`` or ``none``."""
     ref_offload: bool
-    layout: str
+    layout: Layout
     pairs: int
     prompt_tokens: int
     completion_tokens: int
@@ -117,7 +133,7 @@ class Workload:
     def row_tokens(self) -> int:
         """Tokens of one micro-batch on one rank."""
         p, c = self.prompt_tokens, self.completion_tokens
-        per_pair = {"padded": 2 * (p + c), "packed": 2 * (p + c), "shared": p + 2 * c}[self.layout]
+        per_pair = self.layout.forward_tokens(p, c, c)
         total = self.pairs * per_pair
         if self.max_tokens_per_batch:
             total = min(total, max(self.max_tokens_per_batch, per_pair))
@@ -139,19 +155,27 @@ class Estimate:
 def model_states(shape: ModelShape, setup: Setup, work: Workload) -> tuple[float, float]:
     """The policy's weights, gradients and optimizer states per device, and per node in CPU memory (offload):
     DeepSpeed's own estimators for bf16 full fine-tuning under ZeRO-1/2/3, ``own_model_states`` otherwise."""
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     if not (work.bf16 and work.trainable_params is None and setup.zero_stage in (1, 2, 3)):
         return own_model_states(shape, setup, work)
     nodes = max(1, work.world // work.gpus_per_node)
     if setup.zero_stage == 3:
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            shape.params, shape.largest_layer_params, work.gpus_per_node, nodes, setup.offload_optimizer,
-            setup.offload_params, zero_init=True, additional_buffer_factor=1.0)
+            shape.params,
+            shape.largest_layer_params,
+            work.gpus_per_node,
+            nodes,
+            setup.offload_optimizer,
+            setup.offload_params,
+            zero_init=True,
+            additional_buffer_factor=1.0,
+        )
     else:
-        cpu, gpu = estimate_zero2_model_states_mem_needs(shape.params, work.gpus_per_node, nodes,
-                                                         setup.offload_optimizer, additional_buffer_factor=1.0)
+        cpu, gpu = estimate_zero2_model_states_mem_needs(
+            shape.params, work.gpus_per_node, nodes, setup.offload_optimizer, additional_buffer_factor=1.0
+        )
     return gpu, float(cpu) if setup.offload_optimizer else 0.0
 
 
@@ -166,8 +190,11 @@ def own_model_states(shape: ModelShape, setup: Setup, work: Workload) -> tuple[f
     world, nodes = work.world, max(1, work.world // work.gpus_per_node)
     if setup.zero_stage == 3:
         states = (16 if work.bf16 else 12) * trainable
-        device = (0 if setup.offload_params else weight * shape.params / world) \
-            + 2 * weight * shape.largest_layer_params + (0 if setup.offload_optimizer else states / world)
+        device = (
+            (0 if setup.offload_params else weight * shape.params / world)
+            + 2 * weight * shape.largest_layer_params
+            + (0 if setup.offload_optimizer else states / world)
+        )
     else:
         states = (18 if work.bf16 else 16) * trainable
         device = weight * shape.params + (0 if setup.offload_optimizer else states / (world if setup.zero_stage else 1))
@@ -180,11 +207,17 @@ def estimate(shape: ModelShape, setup: Setup, work: Workload) -> Estimate:
     states, cpu = model_states(shape, setup, work)
     parts = {"model states": states}
     if work.reference == "zero":
-        parts["reference"] = (0 if work.ref_offload else weight * shape.params / work.world) \
-            + 2 * weight * shape.largest_layer_params
+        parts["reference"] = (
+            0 if work.ref_offload else weight * shape.params / work.world
+        ) + 2 * weight * shape.largest_layer_params
     h, bucket = shape.hidden, shape.hidden**2  # DeepSpeed's "auto" bucket sizes are about hidden^2 elements
-    parts["buffers"] = (weight * 2 * bucket if setup.zero_stage == 3
-                        else weight * (bucket + 5e7) if setup.zero_stage in (1, 2) else weight * bucket)
+    parts["buffers"] = (
+        weight * 2 * bucket
+        if setup.zero_stage == 3
+        else weight * (bucket + 5e7)
+        if setup.zero_stage in (1, 2)
+        else weight * bucket
+    )
 
     t = work.row_tokens()
     # What autograd keeps of one decoder layer, per token: 8 h + 2 kv + 4 i values (counted with saved-tensor hooks
@@ -212,12 +245,18 @@ def estimate(shape: ModelShape, setup: Setup, work: Workload) -> Estimate:
 
 def table(estimates: list[Estimate], budget_gb: float) -> str:
     parts = list(estimates[0].parts)
-    lines = ["| setup | " + " | ".join(parts) + " | total per device | CPU per node | fits |",
-             "|---|" + "---|" * (len(parts) + 3)]
+    lines = [
+        "| setup | " + " | ".join(parts) + " | total per device | CPU per node | fits |",
+        "|---|" + "---|" * (len(parts) + 3),
+    ]
     for e in estimates:
-        lines.append(f"| {e.setup.describe()} | " + " | ".join(f"{e.parts[p] / GiB:.2f}" for p in parts)
-                     + f" | {e.total / GiB:.2f} GiB | {e.cpu_bytes_per_node / GiB:.1f} GiB | "
-                     + ("yes" if e.total <= budget_gb * GiB else "no") + " |")
+        lines.append(
+            f"| {e.setup.describe()} | "
+            + " | ".join(f"{e.parts[p] / GiB:.2f}" for p in parts)
+            + f" | {e.total / GiB:.2f} GiB | {e.cpu_bytes_per_node / GiB:.1f} GiB | "
+            + ("yes" if e.total <= budget_gb * GiB else "no")
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -226,18 +265,25 @@ def lora_params(cfg: DPOConfig, config) -> int:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ds_dpo.engines import lora_config
+    from ds_dpo.models.engines import lora_config
 
     with torch.device("meta"):
         model = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(cfg.model))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def workload(cfg: DPOConfig, config, world: int, gpus_per_node: int, prompt_tokens: int | None = None,
-             completion_tokens: int | None = None, device: str = "cuda") -> Workload:
+def workload(
+    cfg: DPOConfig,
+    config,
+    world: int,
+    gpus_per_node: int,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    device: str = "cuda",
+) -> Workload:
     """The run's micro-batch as the estimator sees it; pair lengths default to the longest the length keys allow
     (prompt ``max_prompt_length`` or half of ``max_length``, each completion the rest)."""
-    from ds_dpo.model_support import model_support
+    from ds_dpo.models.support import model_support
 
     data, batch = cfg.data, cfg.batch
     longest = data.max_length or 2048
@@ -245,23 +291,42 @@ def workload(cfg: DPOConfig, config, world: int, gpus_per_node: int, prompt_toke
     completion = completion_tokens or min(data.max_completion_length or longest, longest - prompt)
     support = model_support(config, cfg.model.attn_implementation, device)
     if support.encoder_decoder:
-        raise ConfigError(f"{support.class_name} is an encoder-decoder model; the estimator counts decoder-only "
-                          "models' activations and does not estimate it")
+        raise ConfigError(
+            f"{support.class_name} is an encoder-decoder model; the estimator counts decoder-only "
+            "models' activations and does not estimate it"
+        )
     layout, _ = support.layout(batch.padding_free, batch.prefix_sharing)
-    reference = "none" if not cfg.loss.needs_reference else (
-        "precomputed" if cfg.ref.precompute_ref_log_probs else cfg.ref.reference)
+    reference = (
+        "none"
+        if not cfg.loss.needs_reference
+        else ("precomputed" if cfg.ref.precompute_ref_log_probs else cfg.ref.reference)
+    )
     return Workload(
-        world=world, gpus_per_node=gpus_per_node, bf16=cfg.model.bf16,
-        trainable_params=lora_params(cfg, config) if cfg.model.use_peft else None, reference=reference,
-        ref_offload=cfg.ref.ref_offload, layout=layout, pairs=cfg.optim.per_device_train_batch_size,
-        prompt_tokens=prompt, completion_tokens=completion, max_tokens_per_batch=batch.max_tokens_per_batch,
-        logps_chunk_size=batch.logps_chunk_size, sequence_parallel=cfg.parallel.sequence_parallel_size,
-        tiled_mlp_shards=cfg.model.tiled_mlp_shards, attention=support.attn_implementation)
+        world=world,
+        gpus_per_node=gpus_per_node,
+        bf16=cfg.model.bf16,
+        trainable_params=lora_params(cfg, config) if cfg.model.use_peft else None,
+        reference=reference,
+        ref_offload=cfg.ref.ref_offload,
+        layout=layout,
+        pairs=cfg.optim.per_device_train_batch_size,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        max_tokens_per_batch=batch.max_tokens_per_batch,
+        logps_chunk_size=batch.logps_chunk_size,
+        sequence_parallel=cfg.parallel.sequence_parallel_size,
+        tiled_mlp_shards=cfg.model.tiled_mlp_shards,
+        attention=support.attn_implementation,
+    )
 
 
 def setup_of(cfg: DPOConfig, ds_config: dict) -> Setup:
     """The run's own setup, from its DeepSpeed config and keys."""
     zero = ds_config.get("zero_optimization", {})
     offloaded = lambda key: (zero.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
-    return Setup(int(zero.get("stage", 0)), offloaded("offload_optimizer"), offloaded("offload_param"),
-                 cfg.model.gradient_checkpointing)
+    return Setup(
+        int(zero.get("stage", 0)),
+        offloaded("offload_optimizer"),
+        offloaded("offload_param"),
+        cfg.model.gradient_checkpointing,
+    )

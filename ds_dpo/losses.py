@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+F_DIVERGENCES: tuple[str, ...] = get_args(FDivergence)
 
 
 @dataclass
@@ -47,7 +49,7 @@ class LossConfig:
     """Temperature of the implicit reward ``beta * log(pi / pi_ref)`` (IPO's tau, ORPO's lambda)."""
     label_smoothing: float = 0.0
     """Label-noise probability in [0, 0.5): cDPO for sigmoid, Robust DPO, EXO's epsilon, AOT, SimPO/CPO."""
-    f_divergence_type: str = "reverse_kl"
+    f_divergence_type: FDivergence = "reverse_kl"
     """f-DPO divergence: ``reverse_kl``, ``forward_kl``, ``js_divergence``, ``alpha_divergence``."""
     f_alpha_divergence_coef: float = 0.5
     """alpha of ``alpha_divergence``."""
@@ -63,7 +65,7 @@ class LossConfig:
     """WPO: weight each pair by the policy's length-normalised probability of both completions."""
     ld_alpha: float | None = None
     """LD-DPO: weight of completion tokens past the shorter completion of a pair, for policy and reference alike
-    (applied where sequence log-probs are summed, ``ds_dpo.logprobs``)."""
+    (applied where sequence log-probs are summed, ``ds_dpo.forward.logprobs``)."""
 
     @property
     def loss_types(self) -> list[str]:
@@ -72,8 +74,7 @@ class LossConfig:
     @property
     def needs_reference(self) -> bool:
         """Whether any configured loss reads reference log-probs (else no reference is built or run)."""
-        return not self.reference_free and any(_REGISTRY[n].needs_reference for n in self.loss_types
-                                               if n in _REGISTRY)
+        return not self.reference_free and any(_REGISTRY[n].needs_reference for n in self.loss_types if n in _REGISTRY)
 
     def problems(self) -> list[str]:
         """Every invalid option or combination of options, as messages naming the keys."""
@@ -85,20 +86,30 @@ class LossConfig:
             return [f"unknown `loss_type` {n!r}; known: {sorted(_REGISTRY)}" for n in unknown]
         no_f_divergence = [n for n in names if not _REGISTRY[n].f_divergence]
         checks = [
-            (self.loss_weights is None or len(self.loss_weights) == len(names),
-             f"loss_weights has {len(self.loss_weights or [])} entries but loss_type has {len(names)}: {names}"),
+            (
+                self.loss_weights is None or len(self.loss_weights) == len(names),
+                f"loss_weights has {len(self.loss_weights or [])} entries but loss_type has {len(names)}: {names}",
+            ),
             (self.beta > 0, f"`beta` must be > 0 (got {self.beta})"),
             (0.0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}"),
-            ("exo_pair" not in names or self.label_smoothing > 0,
-             "exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)"),
+            (
+                "exo_pair" not in names or self.label_smoothing > 0,
+                "exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)",
+            ),
             ("discopop" not in names or self.discopop_tau > 0, f"discopop_tau must be > 0, got {self.discopop_tau}"),
-            (self.f_divergence_type in F_DIVERGENCES,
-             f"f_divergence_type must be one of {F_DIVERGENCES}, got {self.f_divergence_type!r}"),
-            (self.f_divergence_type == "reverse_kl" or not no_f_divergence,
-             f"f_divergence_type={self.f_divergence_type!r} is not defined for {no_f_divergence}; it applies to "
-             f"{sorted(n for n, s in _REGISTRY.items() if s.f_divergence)}"),
-            (not self.use_weighting or not {"aot", "aot_unpaired"} & set(names),
-             "use_weighting (WPO) cannot be combined with aot/aot_unpaired: they sort the pairs"),
+            (
+                self.f_divergence_type in F_DIVERGENCES,
+                f"f_divergence_type must be one of {F_DIVERGENCES}, got {self.f_divergence_type!r}",
+            ),
+            (
+                self.f_divergence_type == "reverse_kl" or not no_f_divergence,
+                f"f_divergence_type={self.f_divergence_type!r} is not defined for {no_f_divergence}; it applies to "
+                f"{sorted(n for n, s in _REGISTRY.items() if s.f_divergence)}",
+            ),
+            (
+                not self.use_weighting or not {"aot", "aot_unpaired"} & set(names),
+                "use_weighting (WPO) cannot be combined with aot/aot_unpaired: they sort the pairs",
+            ),
             (self.ld_alpha is None or 0.0 <= self.ld_alpha <= 1.0, "`ld_alpha` must be in [0, 1] or unset"),
         ]
         return [message for ok, message in checks if not ok]
@@ -185,8 +196,9 @@ class LossSpec:
 _REGISTRY: dict[str, LossSpec] = {}
 
 
-def register(name: str, needs_reference: bool = True, needs_lengths: bool = False,
-             f_divergence: bool = False) -> Callable[[LossFn], LossFn]:
+def register(
+    name: str, needs_reference: bool = True, needs_lengths: bool = False, f_divergence: bool = False
+) -> Callable[[LossFn], LossFn]:
     def add(fn: LossFn) -> LossFn:
         if name in _REGISTRY:
             raise ValueError(f"loss type {name!r} is already registered")
@@ -197,6 +209,7 @@ def register(name: str, needs_reference: bool = True, needs_lengths: bool = Fals
 
 
 # --- reference-based losses (TRL 1.16 DPOTrainer semantics) -----------------------------------------------------------
+
 
 @register("sigmoid", f_divergence=True)
 def sigmoid(x: LossInputs, o: LossConfig) -> torch.Tensor:
@@ -229,8 +242,9 @@ def exo_pair(x: LossInputs, o: LossConfig) -> torch.Tensor:
     ``q = (sigmoid(beta h), sigmoid(-beta h))`` and ``p = (1 - eps, eps)``; needs eps > 0 (paper: 1e-3)."""
     z = o.beta * x.delta_scores(o)
     eps = torch.tensor(o.label_smoothing, dtype=z.dtype, device=z.device)
-    return (torch.sigmoid(z) * (F.logsigmoid(z) - torch.log1p(-eps))
-            + torch.sigmoid(-z) * (F.logsigmoid(-z) - torch.log(eps)))
+    return torch.sigmoid(z) * (F.logsigmoid(z) - torch.log1p(-eps)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - torch.log(eps)
+    )
 
 
 @register("nca_pair")
@@ -321,6 +335,7 @@ def ipo_sum(x: LossInputs, o: LossConfig) -> torch.Tensor:
 
 # --- losses without a reference model ---------------------------------------------------------------------------------
 
+
 @register("sft", needs_reference=False, needs_lengths=True, f_divergence=True)
 def sft(x: LossInputs, o: LossConfig) -> torch.Tensor:
     """Supervised NLL of the chosen completions: ``sum(-log pi(y_w)) / sum(|y_w|)`` over the batch, as TRL's ``sft``
@@ -376,30 +391,34 @@ class PreferenceLossOutput:
 def preference_loss(inputs: LossInputs, config: LossConfig) -> PreferenceLossOutput:
     """One registered preference loss, or a weighted mixture of several (MPO-style; RPO = ``["sigmoid", "sft"]``),
     for B pairs. With ``use_weighting`` (WPO, Zhou et al. 2024, https://arxiv.org/abs/2406.11827, Eq. 2) each pair's
-    loss is scaled by ``exp(chosen_wpo_logps) * exp(rejected_wpo_logps)`` (detached). Raises ValueError on invalid
-    options or missing inputs."""
-    problems = config.problems()
-    if problems:
-        raise ValueError("; ".join(problems))
+    loss is scaled by ``exp(chosen_wpo_logps) * exp(rejected_wpo_logps)`` (detached). ``config`` is taken as valid
+    (``config.problems()`` empty: a run validates it once at startup); raises ValueError on missing inputs."""
     names = config.loss_types
     weights = list(config.loss_weights) if config.loss_weights is not None else [1.0] * len(names)
     specs = [_REGISTRY[n] for n in names]
     x = inputs
     without_reference = x.ref_chosen_logps is None or x.ref_rejected_logps is None
     if config.needs_reference and without_reference:
-        raise ValueError(f"{names} need reference log-probs: pass ref_chosen_logps/ref_rejected_logps "
-                         "(or set reference_free)")
+        raise ValueError(
+            f"{names} need reference log-probs: pass ref_chosen_logps/ref_rejected_logps (or set reference_free)"
+        )
     if any(s.needs_lengths for s in specs) and (x.chosen_lengths is None or x.rejected_lengths is None):
-        raise ValueError(f"{[n for n, s in zip(names, specs) if s.needs_lengths]} need chosen_lengths and "
-                         "rejected_lengths (completion token counts)")
+        raise ValueError(
+            f"{[n for n, s in zip(names, specs) if s.needs_lengths]} need chosen_lengths and "
+            "rejected_lengths (completion token counts)"
+        )
     if config.use_weighting and (x.chosen_wpo_logps is None or x.rejected_wpo_logps is None):
         raise ValueError("use_weighting needs chosen_wpo_logps and rejected_wpo_logps")
     dtype = x.chosen_logps.dtype
-    x = dataclasses.replace(x, chosen_lengths=None if x.chosen_lengths is None else x.chosen_lengths.to(dtype),
-                            rejected_lengths=None if x.rejected_lengths is None else x.rejected_lengths.to(dtype))
+    x = dataclasses.replace(
+        x,
+        chosen_lengths=None if x.chosen_lengths is None else x.chosen_lengths.to(dtype),
+        rejected_lengths=None if x.rejected_lengths is None else x.rejected_lengths.to(dtype),
+    )
     if config.reference_free or without_reference:
-        x = dataclasses.replace(x, ref_chosen_logps=torch.zeros_like(x.chosen_logps),
-                                ref_rejected_logps=torch.zeros_like(x.rejected_logps))
+        x = dataclasses.replace(
+            x, ref_chosen_logps=torch.zeros_like(x.chosen_logps), ref_rejected_logps=torch.zeros_like(x.rejected_logps)
+        )
     pair_weight = None
     if config.use_weighting:
         pair_weight = (torch.exp(x.chosen_wpo_logps) * torch.exp(x.rejected_wpo_logps)).detach().to(dtype)

@@ -1,5 +1,5 @@
 """Will it fit? Memory per GPU of a run on N GPUs of M GiB, for each ZeRO stage / offload / checkpointing setup,
-before anything is downloaded but the model's config (README "Will it fit?").
+before anything is downloaded but the model's config (docs/deepspeed.md, "Will it fit?").
 
     python launch/estimate.py --config run.yaml --num_gpus 8 --gpu_memory_gb 80
     python launch/estimate.py --model_name_or_path Qwen/Qwen2.5-7B --dataset x --num_gpus 2 --gpu_memory_gb 24 \\
@@ -23,8 +23,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--num_gpus", type=int, default=8, help="GPUs per node")
     parser.add_argument("--num_nodes", type=int, default=1)
     parser.add_argument("--gpu_memory_gb", type=float, default=80.0)
-    parser.add_argument("--reserve_gb", type=float, default=4.0,
-                        help="kept free for the CUDA context, allocator fragmentation and what is not modelled")
+    parser.add_argument(
+        "--reserve_gb",
+        type=float,
+        default=4.0,
+        help="kept free for the CUDA context, allocator fragmentation and what is not modelled",
+    )
     parser.add_argument("--prompt_tokens", type=int, help="typical prompt length (default: the longest allowed)")
     parser.add_argument("--completion_tokens", type=int, help="typical completion length (default: the longest)")
     args, rest = parser.parse_known_args(argv)
@@ -36,7 +40,7 @@ def main(argv: list[str]) -> int:
         return 2
     from transformers import AutoConfig
 
-    from ds_dpo import builtin
+    from ds_dpo.data import builtin
     from ds_dpo.estimate import CANDIDATES, ModelShape, estimate, setup_of, table, workload
 
     if cfg.builtin:
@@ -53,22 +57,31 @@ def main(argv: list[str]) -> int:
     own = setup_of(cfg, cfg.parallel.deepspeed_json())
     by_setup = {s: estimate(shape, s, work) for s in dict.fromkeys([own, *CANDIDATES])}  # the configured one first
     estimates = list(by_setup.values())
-    print(f"{cfg.model.model_name_or_path}: {shape.params / 1e9:.2f} B parameters"
-          + (f" ({work.trainable_params / 1e6:.1f} M trainable, LoRA)" if work.trainable_params else "")
-          + f"; {world} GPUs of {args.gpu_memory_gb:g} GiB ({budget:g} GiB after the reserve); micro-batch of "
-          f"{work.pairs} pairs, prompt {work.prompt_tokens} + 2 x {work.completion_tokens} tokens, "
-          f"{work.layout} rows: {work.row_tokens()} tokens per rank; reference: {work.reference}\n")
+    print(
+        f"{cfg.model.model_name_or_path}: {shape.params / 1e9:.2f} B parameters"
+        + (f" ({work.trainable_params / 1e6:.1f} M trainable, LoRA)" if work.trainable_params else "")
+        + f"; {world} GPUs of {args.gpu_memory_gb:g} GiB ({budget:g} GiB after the reserve); micro-batch of "
+        f"{work.pairs} pairs, prompt {work.prompt_tokens} + 2 x {work.completion_tokens} tokens, "
+        f"{work.layout} rows: {work.row_tokens()} tokens per rank; reference: {work.reference}\n"
+    )
     print("GiB per GPU (first row: the configured setup)\n")
     print(table(estimates, budget))
     fits = [by_setup[s] for s in CANDIDATES if by_setup[s].total <= budget * 2**30]
     print()
     if fits:
-        print(f"verdict: fits with {fits[0].setup.describe()} (~{fits[0].total / 2**30:.1f} GiB per GPU)"
-              + ("" if fits[0].setup == own or by_setup[own].total > budget * 2**30
-                 else "; the configured setup fits too"))
+        print(
+            f"verdict: fits with {fits[0].setup.describe()} (~{fits[0].total / 2**30:.1f} GiB per GPU)"
+            + (
+                ""
+                if fits[0].setup == own or by_setup[own].total > budget * 2**30
+                else "; the configured setup fits too"
+            )
+        )
         return 0
-    print("verdict: no setup fits: add GPUs, shorten rows (max_length, per_device_train_batch_size), use LoRA, "
-          "tiled_mlp_shards or sequence_parallel_size")
+    print(
+        "verdict: no setup fits: add GPUs, shorten rows (max_length, per_device_train_batch_size), use LoRA, "
+        "tiled_mlp_shards or sequence_parallel_size"
+    )
     return 1
 
 

@@ -1,7 +1,7 @@
 """Convert a ds_dpo checkpoint into a Hugging Face model directory, on CPU, without a GPU or a launcher.
 
-    python launch/export.py OUTPUT_DIR/checkpoints/step-500 exported/            # full model or LoRA adapter
-    python launch/export.py OUTPUT_DIR/checkpoints/step-500 exported/ --merge    # LoRA: also exported/merged
+python launch/export.py OUTPUT_DIR/checkpoints/step-500 exported/            # full model or LoRA adapter
+python launch/export.py OUTPUT_DIR/checkpoints/step-500 exported/ --merge    # LoRA: also exported/merged
 """
 
 import argparse
@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from ds_dpo.checkpoint import export_checkpoint  # noqa: E402
+from ds_dpo.training.export import export_checkpoint  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -40,7 +40,7 @@ import torch
 import transformers
 from deepspeed.accelerator import get_accelerator
 
-from ds_dpo.engines import clear_stale_build_locks
+from ds_dpo.distributed import clear_stale_build_locks
 
 clear_stale_build_locks()  # a lock left by a killed build would make this (and every run) wait forever
 accelerator = get_accelerator()

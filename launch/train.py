@@ -4,7 +4,7 @@
     deepspeed --num_gpus 8 launch/train.py --config run.yaml --beta 0.2     # your model and data
     deepspeed --hostfile hosts launch/train.py --config run.yaml            # several nodes
 
-Any config key can be given as ``--key value`` (README "Configuration keys"); they override the YAML.
+Any config key can be given as ``--key value`` (docs/configuration.md); they override the YAML.
 Exit status: 0 finished or preempted (checkpoint saved), 1 stopped on non-finite steps, 2 bad config or data.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from ds_dpo.config import ConfigError, load_config  # noqa: E402
-from ds_dpo.data import DataError  # noqa: E402
+from ds_dpo.data.pipeline import DataError  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from ds_dpo.recipe import DPORecipe
+    from ds_dpo.training.recipe import DPORecipe
 
     recipe, completed = DPORecipe(cfg), False
     try:
@@ -50,11 +50,15 @@ def main(argv: list[str]) -> int:
     if recipe.rank != 0:
         return 0
     if result.status == "preempted":
-        print(f"ds_dpo: stopped by a signal at step {result.step}; checkpoint saved under {cfg.output_dir}/"
-              "checkpoints. Resume with the same command plus --resume_from_checkpoint auto")
+        print(
+            f"ds_dpo: stopped by a signal at step {result.step}; checkpoint saved under {cfg.output_dir}/"
+            "checkpoints. Resume with the same command plus --resume_from_checkpoint auto"
+        )
     elif result.eval_metrics:
-        print(f"held-out reward accuracy: {result.eval_metrics['eval_rewards/accuracies']:.4f} "
-              f"(eval loss {result.eval_metrics['eval_loss']:.4f}); model saved to {cfg.output_dir}")
+        print(
+            f"held-out reward accuracy: {result.eval_metrics['eval_rewards/accuracies']:.4f} "
+            f"(eval loss {result.eval_metrics['eval_loss']:.4f}); model saved to {cfg.output_dir}"
+        )
     return 0
 
 

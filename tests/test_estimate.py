@@ -1,28 +1,57 @@
 """The memory estimator (``ds_dpo.estimate``, ``launch/estimate.py``): its accounting against DeepSpeed's own
 estimators and hand counts; the command line. How close it comes to measured runs is benchmarks/estimate_check.py's
-job (README "Will it fit?")."""
+job (docs/deepspeed.md, "Will it fit?")."""
 
 import importlib.util
 
 import pytest
-import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, T5Config
 
-from conftest import REPO
 from ds_dpo.config import make_config
-from ds_dpo.engines import lora_config
-from ds_dpo.estimate import (CANDIDATES, ModelShape, Setup, Workload, estimate, lora_params, model_states,
-                             own_model_states)
+from ds_dpo.estimate import (
+    CANDIDATES,
+    ModelShape,
+    Setup,
+    Workload,
+    estimate,
+    lora_params,
+    model_states,
+    own_model_states,
+)
+from ds_dpo.forward.layouts import PACKED, PADDED, SHARED
+from ds_dpo.models.engines import lora_config
+from helpers.runs import REPO
 
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    tie_word_embeddings=False,
+)
 
 
 def work(**changes):
-    values = dict(world=8, gpus_per_node=8, bf16=True, trainable_params=None, reference="zero", ref_offload=False,
-                  layout="shared", pairs=4, prompt_tokens=1024, completion_tokens=512, max_tokens_per_batch=None,
-                  logps_chunk_size=1024, sequence_parallel=1, tiled_mlp_shards=1, attention="sdpa")
+    values = dict(
+        world=8,
+        gpus_per_node=8,
+        bf16=True,
+        trainable_params=None,
+        reference="zero",
+        ref_offload=False,
+        layout=SHARED,
+        pairs=4,
+        prompt_tokens=1024,
+        completion_tokens=512,
+        max_tokens_per_batch=None,
+        logps_chunk_size=1024,
+        sequence_parallel=1,
+        tiled_mlp_shards=1,
+        attention="sdpa",
+    )
     return Workload(**{**values, **changes})
 
 
@@ -42,29 +71,39 @@ def test_own_accounting_is_deepspeeds_for_bf16_full_fine_tuning(setup, world):
 
 
 def test_fp32_and_lora_states_by_hand():
-    shape = ModelShape(params=1000, largest_layer_params=100, layers=2, hidden=8, intermediate=16, heads=2,
-                       kv_width=8, vocab=50)
+    shape = ModelShape(
+        params=1000, largest_layer_params=100, layers=2, hidden=8, intermediate=16, heads=2, kv_width=8, vocab=50
+    )
     zero3 = Setup(3)
     # fp32 ZeRO-3 on 4 ranks: (4 weight + 4 grad + 8 Adam) / 4 per parameter + 2 x 4 bytes of the largest layer
     assert model_states(shape, zero3, work(world=4, bf16=False))[0] == 16 * 1000 / 4 + 8 * 100
     # LoRA with 10 trainable: the base's weights, the adapters' states
-    assert model_states(shape, zero3, work(world=4, bf16=False, trainable_params=10))[0] == \
-        4 * 1000 / 4 + 8 * 100 + 12 * 10 / 4
+    assert (
+        model_states(shape, zero3, work(world=4, bf16=False, trainable_params=10))[0]
+        == 4 * 1000 / 4 + 8 * 100 + 12 * 10 / 4
+    )
     # ZeRO-2 in bf16 keeps every 16-bit weight and 18 bytes of states per parameter, partitioned
     assert model_states(shape, Setup(2), work(world=4, trainable_params=10))[0] == 2 * 1000 + 18 * 10 / 4
 
 
 def test_rows_by_layout_and_sequence_parallel():
-    assert work(layout="shared").row_tokens() == 4 * (1024 + 2 * 512)
-    assert work(layout="packed").row_tokens() == work(layout="padded").row_tokens() == 4 * 2 * (1024 + 512)
+    assert work(layout=SHARED).row_tokens() == 4 * (1024 + 2 * 512)
+    assert work(layout=PACKED).row_tokens() == work(layout=PADDED).row_tokens() == 4 * 2 * (1024 + 512)
     assert work(sequence_parallel=4).row_tokens() == 4 * 2048 // 4
     assert work(max_tokens_per_batch=3000).row_tokens() == 3000
 
 
 def test_checkpointing_tiling_and_offload_each_lower_the_estimate():
     shape = ModelShape.of(LlamaConfig(**LLAMA_8B))
-    totals = [estimate(shape, s, work()).total for s in (Setup(3), Setup(3, gradient_checkpointing=True),
-                                                         Setup(3, True, False, True), Setup(3, True, True, True))]
+    totals = [
+        estimate(shape, s, work()).total
+        for s in (
+            Setup(3),
+            Setup(3, gradient_checkpointing=True),
+            Setup(3, True, False, True),
+            Setup(3, True, True, True),
+        )
+    ]
     assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
     plain = estimate(shape, Setup(3, gradient_checkpointing=True), work()).parts["activations"]
     tiled = estimate(shape, Setup(3, gradient_checkpointing=True), work(tiled_mlp_shards=4)).parts["activations"]
@@ -73,8 +112,14 @@ def test_checkpointing_tiling_and_offload_each_lower_the_estimate():
 
 
 def test_lora_count_is_peft_s():
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     cfg = make_config({"use_peft": True, "lora_r": 4})
     model = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(cfg.model))
     assert lora_params(cfg, config) == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
@@ -91,8 +136,19 @@ def test_command_line_gives_a_table_and_a_verdict(tmp_path, capsys):
     (tmp_path / "pairs.jsonl").write_text("")
 
     def run(*args, model="llama-8b"):
-        code = cli.main(["--model_name_or_path", str(tmp_path / model), "--dataset", str(tmp_path / "pairs.jsonl"),
-                         "--bf16", "true", "--max_length", "2048", *args])
+        code = cli.main(
+            [
+                "--model_name_or_path",
+                str(tmp_path / model),
+                "--dataset",
+                str(tmp_path / "pairs.jsonl"),
+                "--bf16",
+                "true",
+                "--max_length",
+                "2048",
+                *args,
+            ]
+        )
         return code, *capsys.readouterr()
 
     code, out, err = run("--num_gpus", "8", "--gpu_memory_gb", "80")

@@ -1,23 +1,24 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from ds_dpo.logprobs import completion_logps, wpo_logps
-import dataclasses
-
+from ds_dpo.forward.logprobs import completion_logps, wpo_logps
 from ds_dpo.losses import LOSS_TYPES, LossConfig, LossInputs, preference_loss
-from trl_oracle import build_trainer, trl_loss
-
+from helpers.trl_oracle import build_trainer, trl_loss
 
 _OPTIONS = {f.name for f in dataclasses.fields(LossConfig)}
 
 
 def loss(*tensors, **kwargs):
-    """``preference_loss`` on positional [B] tensors (LossInputs' order) and keyword options or inputs."""
-    options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
+    """``preference_loss`` on positional [B] tensors (LossInputs' order) and keyword options or inputs, the options
+    validated first as a run validates them (ValueError listing the problems)."""
+    options = LossConfig(**{k: v for k, v in kwargs.items() if k in _OPTIONS})
     inputs = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
-    return preference_loss(LossInputs(*tensors, **inputs), LossConfig(**options))
+    if options.problems():
+        raise ValueError("; ".join(options.problems()))
+    return preference_loss(LossInputs(*tensors, **inputs), options)
 
 
 def needs_reference(loss_type, reference_free=False):
@@ -82,8 +83,23 @@ def test_registry_and_errors():
 
 # --- parity with TRL 1.16 ---------------------------------------------------------------------------------------------
 
-TRL_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-             "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+TRL_TYPES = [
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
 F_DIV_TYPES = ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"]
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5}
 
@@ -97,10 +113,13 @@ def random_case(dtype=torch.float64, pairs=6, length=14, seed=0):
     for i in range(n):
         p = int(torch.randint(1, 5, (1,), generator=g))
         c = int(torch.randint(1, length - p + 1, (1,), generator=g))
-        completion_mask[i, p:p + c] = True
-        attention_mask[i, :p + c] = 1
-    inputs = {"input_ids": torch.zeros(n, length, dtype=torch.long), "attention_mask": attention_mask,
-              "completion_mask": completion_mask}
+        completion_mask[i, p : p + c] = True
+        attention_mask[i, : p + c] = 1
+    inputs = {
+        "input_ids": torch.zeros(n, length, dtype=torch.long),
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+    }
     policy = -3 * torch.rand(n, length - 1, generator=g, dtype=torch.float64)
     ref = policy + 0.8 * torch.randn(n, length - 1, generator=g, dtype=torch.float64)
     log_sum_sq = -torch.rand(n, length - 1, generator=g, dtype=torch.float64)
@@ -119,8 +138,15 @@ def ds_dpo_loss(inputs, policy, ref, log_sum_sq, ld_alpha=None, use_weighting=Fa
     logps = completion_logps(tokens[mask], sequence, rank, pairs, lengths, ld_alpha)
     ref_logps = completion_logps(ref[mask], sequence, rank, pairs, lengths, ld_alpha)
     wpo = wpo_logps(tokens[mask], log_sum_sq[mask], sequence, n).chunk(2) if use_weighting else (None, None)
-    out = loss(*logps.chunk(2), *ref_logps.chunk(2), *lengths.chunk(2), use_weighting=use_weighting,
-                          chosen_wpo_logps=wpo[0], rejected_wpo_logps=wpo[1], **options)
+    out = loss(
+        *logps.chunk(2),
+        *ref_logps.chunk(2),
+        *lengths.chunk(2),
+        use_weighting=use_weighting,
+        chosen_wpo_logps=wpo[0],
+        rejected_wpo_logps=wpo[1],
+        **options,
+    )
     (grad,) = torch.autograd.grad(out.loss, tokens)
     return out.loss.detach(), grad
 
@@ -160,24 +186,34 @@ def test_trl_parity_f_divergences(trl_trainer, loss_type, divergence):
     # TRL's alpha-divergence has no float64 path (its clamp table covers fp16/bf16/fp32 only)
     dtypes = [torch.float32] if divergence == "alpha_divergence" else [torch.float64, torch.float32]
     for dtype in dtypes:
-        for coef in ([0.3, 1.5] if divergence == "alpha_divergence" else [0.5]):
-            assert_parity(trl_trainer, dtype=dtype, loss_type=loss_type, beta=0.3, label_smoothing=eps,
-                          f_divergence_type=divergence, f_alpha_divergence_coef=coef)
+        for coef in [0.3, 1.5] if divergence == "alpha_divergence" else [0.5]:
+            assert_parity(
+                trl_trainer,
+                dtype=dtype,
+                loss_type=loss_type,
+                beta=0.3,
+                label_smoothing=eps,
+                f_divergence_type=divergence,
+                f_alpha_divergence_coef=coef,
+            )
 
 
-@pytest.mark.parametrize("options", [
-    dict(loss_type=["sigmoid", "sft"]),  # RPO
-    dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),  # MPO
-    dict(loss_type=["ipo", "apo_zero", "discopop"], loss_weights=[1.0, 0.5, 0.25], discopop_tau=0.1),
-    dict(loss_type="sigmoid", use_weighting=True),  # WPO
-    # (TRL 1.16 crashes on sft with use_weighting: an in-place multiply of an expanded tensor)
-    dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[1.0, 0.3], use_weighting=True),
-    dict(loss_type="ipo", use_weighting=True),
-    dict(loss_type="sigmoid", ld_alpha=0.5),  # LD-DPO
-    # (with ld_alpha, TRL's sft term reads the raw token log-probs; ds_dpo's reads the LD-weighted ones, see docs)
-    dict(loss_type=["robust", "apo_zero"], label_smoothing=0.1, ld_alpha=0.3),
-    dict(loss_type="sigmoid_norm", ld_alpha=0.0, use_weighting=True),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(loss_type=["sigmoid", "sft"]),  # RPO
+        dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),  # MPO
+        dict(loss_type=["ipo", "apo_zero", "discopop"], loss_weights=[1.0, 0.5, 0.25], discopop_tau=0.1),
+        dict(loss_type="sigmoid", use_weighting=True),  # WPO
+        # (TRL 1.16 crashes on sft with use_weighting: an in-place multiply of an expanded tensor)
+        dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[1.0, 0.3], use_weighting=True),
+        dict(loss_type="ipo", use_weighting=True),
+        dict(loss_type="sigmoid", ld_alpha=0.5),  # LD-DPO
+        # (with ld_alpha, TRL's sft term reads the raw token log-probs; ds_dpo's reads the LD-weighted ones, see docs)
+        dict(loss_type=["robust", "apo_zero"], label_smoothing=0.1, ld_alpha=0.3),
+        dict(loss_type="sigmoid_norm", ld_alpha=0.0, use_weighting=True),
+    ],
+)
 def test_trl_parity_mixtures_wpo_ld(trl_trainer, options):
     for dtype in (torch.float64, torch.float32):
         assert_parity(trl_trainer, dtype=dtype, beta=0.25, **options)
@@ -185,11 +221,21 @@ def test_trl_parity_mixtures_wpo_ld(trl_trainer, options):
 
 # --- beyond TRL's DPOTrainer: hand-computed cases ---------------------------------------------------------------------
 
+
 def test_simpo_hand_computed():
     """beta 2, gamma 0.5, one pair: chosen -6 over 3 tokens (avg -2), rejected -12 over 4 tokens (avg -3).
     z = 2 * (-2 - (-3)) - 0.5 = 1.5; loss = log(1 + e^-1.5) = 0.2014132779827524."""
-    out = loss(torch.tensor([-6.0]), torch.tensor([-12.0]), None, None, torch.tensor([3]),
-                          torch.tensor([4]), loss_type="simpo", beta=2.0, simpo_gamma=0.5)
+    out = loss(
+        torch.tensor([-6.0]),
+        torch.tensor([-12.0]),
+        None,
+        None,
+        torch.tensor([3]),
+        torch.tensor([4]),
+        loss_type="simpo",
+        beta=2.0,
+        simpo_gamma=0.5,
+    )
     assert out.loss.item() == pytest.approx(math.log1p(math.exp(-1.5)), abs=1e-7)
     assert out.loss.item() == pytest.approx(0.2014132779827524, abs=1e-7)
 
@@ -200,8 +246,16 @@ def test_orpo_hand_computed():
     l: -1 - log(1 - e^-1) = -0.5413248546129181; difference 0.9740769841801067;
     L_OR = -log sigmoid(0.97407698) = 0.3202997852; L_SFT = 1 / 2 = 0.5;
     loss = 0.5 + 0.5 * 0.3202997852 = 0.6601498926."""
-    out = loss(torch.tensor([-1.0], dtype=torch.float64), torch.tensor([-3.0], dtype=torch.float64),
-                          None, None, torch.tensor([2]), torch.tensor([3]), loss_type="orpo", beta=0.5)
+    out = loss(
+        torch.tensor([-1.0], dtype=torch.float64),
+        torch.tensor([-3.0], dtype=torch.float64),
+        None,
+        None,
+        torch.tensor([2]),
+        torch.tensor([3]),
+        loss_type="orpo",
+        beta=0.5,
+    )
     odds = lambda a: a - math.log(1 - math.exp(a))  # noqa: E731
     l_or = math.log1p(math.exp(-(odds(-0.5) - odds(-1.0))))
     assert out.loss.item() == pytest.approx(0.5 + 0.5 * l_or, abs=1e-12)
@@ -212,9 +266,16 @@ def test_cpo_hand_computed():
     """beta 0.1, alpha 1, two pairs: chosen (-4, -6) over (2, 3) tokens, rejected (-9, -5).
     z = 0.1 * (5, -1) = (0.5, -0.1); -log sigmoid: (0.47407698418, 0.74439666007);
     NLL = (4 + 6) / (2 + 3) = 2; loss = mean + 2 = 2.6092368221."""
-    out = loss(torch.tensor([-4.0, -6.0], dtype=torch.float64),
-                          torch.tensor([-9.0, -5.0], dtype=torch.float64), None, None,
-                          torch.tensor([2, 3]), torch.tensor([4, 4]), loss_type="cpo", beta=0.1)
+    out = loss(
+        torch.tensor([-4.0, -6.0], dtype=torch.float64),
+        torch.tensor([-9.0, -5.0], dtype=torch.float64),
+        None,
+        None,
+        torch.tensor([2, 3]),
+        torch.tensor([4, 4]),
+        loss_type="cpo",
+        beta=0.1,
+    )
     expected = (math.log1p(math.exp(-0.5)) + math.log1p(math.exp(0.1))) / 2 + 2.0
     assert out.loss.item() == pytest.approx(expected, abs=1e-12)
     assert out.loss.item() == pytest.approx(2.6092368221, abs=1e-9)
@@ -231,21 +292,31 @@ def test_ipo_sum_and_reference_free():
 
 
 def test_sft_is_token_level_mean():
-    out = loss(torch.tensor([-4.0, -6.0]), torch.tensor([-1.0, -1.0]), None, None,
-                          torch.tensor([2, 8]), torch.tensor([1, 1]), loss_type="sft")
+    out = loss(
+        torch.tensor([-4.0, -6.0]),
+        torch.tensor([-1.0, -1.0]),
+        None,
+        None,
+        torch.tensor([2, 8]),
+        torch.tensor([1, 1]),
+        loss_type="sft",
+    )
     assert out.loss.item() == pytest.approx(1.0)  # (4 + 6) / (2 + 8)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(loss_type="exo_pair"), "exo_pair needs label_smoothing > 0"),
-    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "loss_weights has 1 entries but loss_type has 2"),
-    (dict(loss_type="ipo"), r"\['ipo'\] need chosen_lengths"),
-    (dict(loss_type="nca_pair", f_divergence_type="forward_kl"), "not defined for \\['nca_pair'\\]"),
-    (dict(loss_type="sigmoid", f_divergence_type="chi2"), "f_divergence_type must be one of"),
-    (dict(loss_type="aot", use_weighting=True), "cannot be combined with aot"),
-    (dict(loss_type="sigmoid", use_weighting=True), "needs chosen_wpo_logps"),
-    (dict(loss_type=[]), "at least one"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(loss_type="exo_pair"), "exo_pair needs label_smoothing > 0"),
+        (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "loss_weights has 1 entries but loss_type has 2"),
+        (dict(loss_type="ipo"), r"\['ipo'\] need chosen_lengths"),
+        (dict(loss_type="nca_pair", f_divergence_type="forward_kl"), "not defined for \\['nca_pair'\\]"),
+        (dict(loss_type="sigmoid", f_divergence_type="chi2"), "f_divergence_type must be one of"),
+        (dict(loss_type="aot", use_weighting=True), "cannot be combined with aot"),
+        (dict(loss_type="sigmoid", use_weighting=True), "needs chosen_wpo_logps"),
+        (dict(loss_type=[]), "at least one"),
+    ],
+)
 def test_invalid_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         loss(*worked_example(), **kwargs)

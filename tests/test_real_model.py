@@ -18,13 +18,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, launch, read_metrics
-from ds_dpo.data import load_tokenized
-from ds_dpo.layouts import collate_pairs
 from ds_dpo.config import ModelConfig
-from ds_dpo.logprobs import concatenated_forward, enable_token_scoring
-from ds_dpo.model_support import inspect_model
-from ds_dpo.tokenization import load_tokenizer
+from ds_dpo.data.pipeline import load_tokenized
+from ds_dpo.data.tokenization import load_tokenizer
+from ds_dpo.forward.layouts import PADDED, SHARED, collate_pairs
+from ds_dpo.forward.logprobs import Scoring, concatenated_forward
+from ds_dpo.forward.scoring import install_token_scoring
+from ds_dpo.models.support import inspect_model
+from helpers.runs import REPO, launch, read_metrics
 
 MAX_LENGTH = 256
 ROWS = [0, 1, 2, 4, 5, 6, 7, 8]
@@ -81,8 +82,15 @@ def _trl_log_probs(model_dir: str, rows_json: str):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    args = DPOConfig(output_dir=output_dir, report_to=[], use_cpu=True, bf16=False, max_length=MAX_LENGTH,
-                     per_device_train_batch_size=len(rows), save_strategy="no")
+    args = DPOConfig(
+        output_dir=output_dir,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        max_length=MAX_LENGTH,
+        per_device_train_batch_size=len(rows),
+        save_strategy="no",
+    )
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     data = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     inputs = trainer.data_collator(data)
@@ -101,7 +109,7 @@ def test_step1_log_probs_match_trl(smollm2, hh_pairs, tmp_path):
     trl_rows, trl_chosen, trl_rejected = _trl_log_probs(smollm2, json.dumps(rows))
 
     tokenizer = load_tokenizer(smollm2)
-    data = load_tokenized(path, tokenizer, MAX_LENGTH, cache_dir=tmp_path / "cache")
+    data = load_tokenized(path, tokenizer, max_length=MAX_LENGTH, dataset_cache_dir=str(tmp_path / "cache"))
     assert len(data) == len(trl_rows) == len(rows)  # TRL kept every row: no prompt fills max_length
     truncated = 0
     for ours, theirs in zip(data, trl_rows):
@@ -115,13 +123,14 @@ def test_step1_log_probs_match_trl(smollm2, hh_pairs, tmp_path):
 
     batch_rows = [data[i] for i in range(len(data))]
     support = inspect_model(ModelConfig(model_name_or_path=smollm2))
-    for layout in ("padded", "shared"):
+    for layout in (PADDED, SHARED):
         attn = support.attention_for(layout)[0]  # as a run loads it: block attention for the shared layout
-        model = enable_token_scoring(AutoModelForCausalLM.from_pretrained(
-            smollm2, dtype=torch.float32, attn_implementation=attn).eval())
+        model = install_token_scoring(
+            AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32, attn_implementation=attn).eval()
+        )
         batch = collate_pairs(batch_rows, [1.0] * len(batch_rows), tokenizer.pad_token_id, layout)
         with torch.no_grad():
-            ours = concatenated_forward(model, batch)
+            ours = concatenated_forward(model, batch, Scoring(layout, 1024))
         for name, mine, theirs in (("chosen", ours.chosen, trl_chosen), ("rejected", ours.rejected, trl_rejected)):
             rel = ((mine.double() - theirs).abs() / theirs.abs()).max().item()
             print(f"{layout} ({attn}) {name} log-probs: max relative difference to TRL {rel:.1e}")
@@ -137,11 +146,32 @@ def test_two_rank_run_exports_a_model_that_generates(smollm2, hh_pairs, tmp_path
     path, rows = hh_pairs
     out = tmp_path / "run"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread per rank: two ranks on two cores, not four threads
-    launch("--model_name_or_path", smollm2, "--dataset", str(path), "--max_steps", "1",
-           "--per_device_train_batch_size", "4", "--learning_rate", "1e-5", "--max_length", str(MAX_LENGTH),
-           "--reference", "precomputed", "--logging_steps", "1", "--save_steps", "0",
-           "--scoring_self_check", "false",  # the test above checks these log-probs against TRL (saves ~50 s)
-           "--dataset_cache_dir", str(tmp_path / "cache"), "--output_dir", str(out))
+    launch(
+        "--model_name_or_path",
+        smollm2,
+        "--dataset",
+        str(path),
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-5",
+        "--max_length",
+        str(MAX_LENGTH),
+        "--reference",
+        "precomputed",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "0",
+        "--scoring_self_check",
+        "false",  # the test above checks these log-probs against TRL (saves ~50 s)
+        "--dataset_cache_dir",
+        str(tmp_path / "cache"),
+        "--output_dir",
+        str(out),
+    )
     (first,) = read_metrics(out)
     assert first["step"] == 1 and first["grad_norm"] > 0
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference at step 1
@@ -149,8 +179,10 @@ def test_two_rank_run_exports_a_model_that_generates(smollm2, hh_pairs, tmp_path
     _, trl_chosen, trl_rejected = _trl_log_probs(smollm2, json.dumps(rows))
     for side, theirs in (("chosen", trl_chosen), ("rejected", trl_rejected)):
         ours, expected = first[f"logps/{side}"], theirs.mean().item()
-        print(f"step-1 logps/{side}: ds_dpo (2 ranks) {ours:.6f}, TRL {expected:.6f}, "
-              f"relative difference {abs(ours - expected) / abs(expected):.1e}; loss {first['loss']:.7f}")
+        print(
+            f"step-1 logps/{side}: ds_dpo (2 ranks) {ours:.6f}, TRL {expected:.6f}, "
+            f"relative difference {abs(ours - expected) / abs(expected):.1e}; loss {first['loss']:.7f}"
+        )
     assert first["logps/chosen"] == pytest.approx(trl_chosen.mean().item(), rel=1e-5)
     assert first["logps/rejected"] == pytest.approx(trl_rejected.mean().item(), rel=1e-5)
 
@@ -159,10 +191,14 @@ def test_two_rank_run_exports_a_model_that_generates(smollm2, hh_pairs, tmp_path
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     base = AutoModelForCausalLM.from_pretrained(smollm2)
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "How do I make a cup of tea?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "How do I make a cup of tea?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    reply = tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    reply = tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     print(f"exported model's reply: {reply!r}")
     assert len(reply.split()) >= 3

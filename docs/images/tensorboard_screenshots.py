@@ -41,8 +41,12 @@ def show_outliers(page) -> None:
 def clip(page, selector: str, count: int) -> dict:
     """The page from its top left to the bottom right of the first ``count`` elements matching ``selector``."""
     boxes = [page.locator(selector).nth(i).bounding_box() for i in range(count)]
-    return dict(x=0, y=0, width=max(b["x"] + b["width"] for b in boxes) + 24,
-                height=max(b["y"] + b["height"] for b in boxes) + 8)
+    return dict(
+        x=0,
+        y=0,
+        width=max(b["x"] + b["width"] for b in boxes) + 24,
+        height=max(b["y"] + b["height"] for b in boxes) + 8,
+    )
 
 
 def main() -> None:
@@ -54,8 +58,9 @@ def main() -> None:
     args = parser.parse_args()
     wait_for_runs(args.url, args.runs)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=args.chromium,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-quic"])
+        browser = p.chromium.launch(
+            executable_path=args.chromium, args=["--no-sandbox", "--disable-gpu", "--disable-quic"]
+        )
         page = browser.new_page(viewport={"width": WIDTH, "height": 1400})
 
         # (a) Scalars: the train/ loss and reward charts of both runs, unsmoothed
@@ -73,8 +78,10 @@ def main() -> None:
         page.wait_for_timeout(3000)
         cards.nth(0).locator(".toggle-matches-button").click()
         page.wait_for_timeout(1000)
-        page.screenshot(path=args.out / "tensorboard_custom_scalars.png",
-                        clip=clip(page, "tf-custom-scalar-multi-line-chart-card", 6))
+        page.screenshot(
+            path=args.out / "tensorboard_custom_scalars.png",
+            clip=clip(page, "tf-custom-scalar-multi-line-chart-card", 6),
+        )
         browser.close()
 
 

@@ -24,11 +24,12 @@ def replies(model_dir: str | Path, prompts: list[str]) -> list[str]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
     for prompt in prompts:
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        out.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        out.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return out
 
 
@@ -44,11 +45,15 @@ def main() -> None:
     args = parser.parse_args()
 
     print("held-out pairs (eval_ metrics of the run; chance accuracy 0.5):")
-    print(f"  step    0: loss {math.log(2):.4f}  reward accuracy 0.000  margin 0.000   "
-          "(policy = reference: every reward is 0, and a tie is not a win)")
+    print(
+        f"  step    0: loss {math.log(2):.4f}  reward accuracy 0.000  margin 0.000   "
+        "(policy = reference: every reward is 0, and a tie is not a win)"
+    )
     for r in held_out_metrics(Path(args.after)):
-        print(f"  step {r['step']:4d}: loss {r['eval_loss']:.4f}  reward accuracy {r['eval_rewards/accuracies']:.3f}  "
-              f"margin {r['eval_rewards/margins']:.3f}")
+        print(
+            f"  step {r['step']:4d}: loss {r['eval_loss']:.4f}  reward accuracy {r['eval_rewards/accuracies']:.3f}  "
+            f"margin {r['eval_rewards/margins']:.3f}"
+        )
     for name, model_dir in (("before", args.before), ("after", args.after)):
         for prompt, reply in zip(PROMPTS, replies(model_dir, PROMPTS)):
             print(f"\n[{name}] user: {prompt}\n[{name}] assistant: {reply}")

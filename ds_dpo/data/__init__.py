@@ -1,0 +1,1 @@
+"""Reading, normalising and tokenizing preference pairs; the sampler that batches them."""

@@ -1,0 +1,1 @@
+"""One forward over a micro-batch: batch layouts, attention kernels, sequence parallelism, log-probs."""

@@ -1,0 +1,64 @@
+"""The startup self-check: the run's fast path (layout, chunked log-probs, attention kernel) against the model's own
+forward on the first micro-batch, before any step is taken."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ds_dpo.forward.layouts import collate_pairs
+from ds_dpo.forward.logprobs import PairLogps, Scoring, concatenated_forward
+from ds_dpo.forward.scoring import unwrap_peft
+
+
+def _relative_error(got: PairLogps, expected: PairLogps) -> tuple[float, str, int]:
+    """Largest |got - expected| / max(|expected|, 1) over the pairs' chosen and rejected log-probs, where."""
+    worst = (0.0, "chosen", 0)
+    for side in ("chosen", "rejected"):
+        a, b = getattr(got, side).double(), getattr(expected, side).double()
+        error = (a - b).abs() / b.abs().clamp(min=1.0)
+        i = int(error.argmax())
+        worst = max(worst, (float(error[i]), side, i))
+    return worst
+
+
+@torch.no_grad()
+def scoring_mismatch(model, rows: list[dict], pad_token_id: int, scoring: Scoring, vision=None) -> str | None:
+    """The startup self-check: score ``rows`` (a real micro-batch) with the run's fast path (``scoring``: its layout,
+    chunked log-probs) and with the model's own forward on a padded batch; a description of the difference when they
+    disagree beyond rounding, else None.
+
+    Three forwards under ``no_grad`` in eval mode (the third, padded with chunked log-probs, tells a wrong layout from a
+    wrong output head), the same on every rank. An encoder-decoder's only layout is its plain one: two forwards."""
+    causal_lm = unwrap_peft(getattr(model, "module", model))
+    was_training = causal_lm.training
+    layout = scoring.layout
+    plain_layout = layout.plain
+    plain_scoring = replace(scoring, layout=plain_layout)
+    model.eval()
+    try:
+        weights = [1.0] * len(rows)
+        batch = lambda layout: collate_pairs(rows, weights, pad_token_id, layout, vision)  # noqa: E731
+        plain = concatenated_forward(model, batch(plain_layout), replace(plain_scoring, logps_chunk_size=0))
+        head = concatenated_forward(model, batch(plain_layout), plain_scoring)
+        fast = head if layout is plain_layout else concatenated_forward(model, batch(layout), scoring)
+    finally:
+        model.train(was_training)
+    # float32 agrees to ~1e-6; bf16 kernels on different layouts round differently by up to ~1e-2
+    tolerance = 1e-4 if causal_lm.dtype == torch.float32 else 5e-2
+    error, side, pair = _relative_error(fast, plain)
+    if error <= tolerance:
+        return None
+    head_error = _relative_error(head, plain)[0]
+    if head_error > tolerance:
+        culprit, avoid = "its chunked output head", "`logps_chunk_size: 0`"
+    else:
+        culprit, avoid = f"the {layout} batch layout", "`padding_free: false`"
+    return (
+        f"scoring self-check failed for {type(causal_lm).__name__}: the {side} log-prob of pair {pair} of the "
+        f"first micro-batch is {float(getattr(fast, side)[pair]):.6g} from the fast path but "
+        f"{float(getattr(plain, side)[pair]):.6g} from the model's own forward (relative difference "
+        f"{error:.2g}, tolerance {tolerance:g}); the difference comes from {culprit}. Set {avoid} to score this "
+        "model another way (or `scoring_self_check: false` to train anyway)"
+    )

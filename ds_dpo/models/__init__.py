@@ -1,0 +1,1 @@
+"""What a model family supports, and the DeepSpeed engines built from it."""

@@ -1,0 +1,104 @@
+"""The run plan: every decision a run makes before it builds anything, made once in setup from the config, the
+world size and what the model's class supports, then handed whole to whatever needs it.
+
+Nothing downstream re-derives these (no module asks which layout a batch is from its keys, or which attention a
+model was loaded with from its config): the layout is a strategy object, the scoring options travel as one
+``Scoring``, the sequence-parallel group is part of it, and ``describe`` is the startup line that says all of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ds_dpo.config import ConfigError, DPOConfig
+from ds_dpo.forward import sequence_parallel
+from ds_dpo.forward.attention import is_block_attention
+from ds_dpo.forward.layouts import SEQ2SEQ, SHARED, Layout, is_varlen
+from ds_dpo.forward.logprobs import Scoring
+from ds_dpo.forward.sequence_parallel import SequenceParallel
+from ds_dpo.models.support import ModelSupport, inspect_model
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    support: ModelSupport
+    """What the policy's class supports (its name, vision, encoder-decoder, the attention it can run)."""
+    layout: Layout
+    attn_implementation: str
+    """What both models are loaded with: the configured kernel, or ds_dpo's block attention around it."""
+    scoring: Scoring
+    """How every forward scores a micro-batch (layout, chunked log-probs, LD-DPO, the sequence-parallel group)."""
+    data_parallel: tuple[int, int]
+    """(size, rank) of the data-parallel dimension: sequence-parallel groups count as one rank."""
+    notices: tuple[str, ...] = ()
+    """Where the run differs from what was configured, and why (printed once at startup)."""
+
+    @property
+    def sp(self) -> SequenceParallel | None:
+        return self.scoring.sp
+
+    @property
+    def vision(self) -> bool:
+        return self.support.vision
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.support.encoder_decoder
+
+    def describe(self, cfg: DPOConfig) -> str:
+        """The startup line: reference, batches, attention, log-probs, parallelism, memory savers."""
+        chunks = f"chunks of {cfg.batch.logps_chunk_size} tokens" if cfg.batch.logps_chunk_size else "full logits"
+        attention, layout = self.attn_implementation, self.layout
+        if is_block_attention(attention):
+            attention = f"{cfg.model.attn_implementation} per sequence block"
+        elif layout.padding_free and is_varlen(attention):
+            attention += " varlen" + (", prompt keys gathered per rejected run" if layout is SHARED else "")
+        elif layout.padding_free:
+            attention += " with a block mask" if attention == "flex_attention" else " with a dense row mask"
+        batches = layout.name + (
+            " (each prompt encoded once, chosen and rejected decoded from it)" if layout is SEQ2SEQ else ""
+        )
+        parallel = "" if self.sp is None else f"; sequence-parallel over {self.sp.size} ranks (Ulysses)"
+        if self.vision:
+            times = "once" if layout is SHARED else "twice"
+            batches += f"; images: each pair's through the vision tower {times}" + (
+                " (frozen)" if cfg.model.freeze_vision_tower else ""
+            )
+        memory = "".join(
+            [
+                f"; MLPs in {cfg.model.tiled_mlp_shards} slices" if cfg.model.tiled_mlp_shards > 1 else "",
+                "; checkpointed activations offloaded" if cfg.model.activation_offloading else "",
+            ]
+        )
+        return (
+            f"reference: {_describe_reference(cfg)}; batches: {batches}; attention: {attention}; "
+            f"log-probs from {chunks}{parallel}{memory}"
+        )
+
+
+def _describe_reference(cfg: DPOConfig) -> str:
+    if not cfg.loss.needs_reference:
+        why = "with reference_free" if cfg.loss.reference_free else "need no reference"
+        return f"none ({cfg.loss.loss_types} {why})"
+    source = (
+        "the policy with LoRA adapters disabled"
+        if cfg.ref.reference == "lora"
+        else f"a ZeRO-3 inference engine{' (parameters offloaded to CPU)' if cfg.ref.ref_offload else ''}"
+    )
+    return f"{source}, log-probs precomputed before training" if cfg.ref.precompute_ref_log_probs else source
+
+
+def make_plan(cfg: DPOConfig, world_size: int, device_type: str) -> RunPlan:
+    """Decide the run (collective: forms the sequence-parallel groups); ConfigError when the model cannot run as
+    configured."""
+    support = inspect_model(cfg.model, device_type)
+    sp_size = cfg.parallel.sequence_parallel_size
+    layout, layout_notice = support.layout(cfg.batch.padding_free, cfg.batch.prefix_sharing)
+    attn_implementation, attention_notice = support.attention_for(layout, sp_size > 1)
+    problems = sequence_parallel.problems(sp_size, world_size, support.config, attn_implementation, support.stateful)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    sp = sequence_parallel.initialize(sp_size)
+    scoring = Scoring(layout, cfg.batch.logps_chunk_size, cfg.loss.ld_alpha, sp)
+    notices = tuple(n for n in (*support.notices, layout_notice, attention_notice) if n)
+    return RunPlan(support, layout, attn_implementation, scoring, sequence_parallel.data_parallel(sp), notices)

@@ -1,0 +1,1 @@
+"""The run: the recipe's loop, its state, reference, metrics, checkpoints and export."""

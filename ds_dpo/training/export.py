@@ -1,0 +1,77 @@
+"""The trained model as a Hugging Face directory: ``export_hf_model`` gathers a live engine's ZeRO shards into a
+``save_pretrained`` directory that loads with transformers alone; ``export_checkpoint`` does the same offline, on CPU,
+from any saved checkpoint (``launch/export.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ds_dpo.config import make_config
+from ds_dpo.distributed import zero3_disabled
+from ds_dpo.models import engines
+from ds_dpo.models.support import auto_class, is_vision_language
+
+
+def export_hf_model(engine, processing_class, output_dir: str | Path, save_merged_model: bool = False) -> None:
+    """Collective. Rank 0 writes config, safetensors weights and ``processing_class`` (the tokenizer, or a
+    vision-language model's processor) to ``output_dir``.
+
+    With LoRA the directory holds the peft adapter (``adapter_config.json``, ``adapter_model.safetensors``), and with
+    ``save_merged_model`` ``output_dir/merged`` holds the full model with the adapters merged in.
+    """
+    state_dict = engines.consolidated_state_dict(engine)
+    if torch.distributed.get_rank() == 0:
+        output_dir = Path(output_dir)
+        model = engine.module
+        model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        processing_class.save_pretrained(output_dir)
+        if save_merged_model:
+            _save_merged(model, state_dict, output_dir / "merged")
+            processing_class.save_pretrained(output_dir / "merged")
+    torch.distributed.barrier()
+
+
+def _save_merged(peft_model, state_dict: dict[str, torch.Tensor], out: Path) -> None:
+    """Rebuild the peft model unpartitioned on CPU from the gathered weights, merge the adapters, save."""
+    cpu_model = _cpu_model(peft_model.base_model.model.config, peft_model.peft_config["default"], state_dict)
+    cpu_model.merge_and_unload().save_pretrained(out, safe_serialization=True)
+
+
+def _cpu_model(config, lora_config, state_dict: dict[str, torch.Tensor]):
+    """An ordinary (unpartitioned) model, peft-wrapped when ``lora_config`` is given, holding ``state_dict``."""
+    with zero3_disabled():
+        model = auto_class(config).from_config(config)
+    if lora_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k.split(".")[-2:] != ["lm_head", "weight"] and k not in tied]:
+        raise RuntimeError(f"checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
+
+
+def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: bool = False) -> None:
+    """Turn a saved checkpoint (``OUTPUT_DIR/checkpoints/step-N``, any ZeRO stage, LoRA or full) into a Hugging Face
+    directory on CPU, without starting torch.distributed: the model (or peft adapter, plus ``merged/`` with
+    ``merge``) and the tokenizer, using the run's ``config.yaml`` two levels up."""
+    import yaml
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    run = make_config(yaml.safe_load((checkpoint.parent.parent / "config.yaml").read_text())).model
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    config = AutoConfig.from_pretrained(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
+    lora = engines.lora_config(run, config.is_encoder_decoder) if run.use_peft else None
+    model = _cpu_model(config, lora, state_dict)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    processing = AutoProcessor if is_vision_language(config) else AutoTokenizer
+    tokenizer = processing.from_pretrained(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
+    tokenizer.save_pretrained(output_dir)
+    if merge and lora is not None:
+        model.merge_and_unload().save_pretrained(output_dir / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(output_dir / "merged")

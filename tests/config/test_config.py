@@ -1,0 +1,249 @@
+import json
+
+import pytest
+import yaml
+
+from ds_dpo.config import (
+    BUILTIN_DEFAULTS,
+    KEYS,
+    SECTIONS,
+    ConfigError,
+    DPOConfig,
+    dump_config,
+    load_config,
+    make_config,
+)
+from ds_dpo.models.ds_config import reference_deepspeed_config, resolve_deepspeed_config
+from helpers.runs import REPO
+
+
+def test_yaml_then_cli_overrides(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text(
+        "beta: 0.3\nlearning_rate: 5e-7\nloss_type: sigmoid\nlora_target_modules: [q_proj, v_proj]\n"
+        "model_name_or_path: m\ndataset: d\n"
+    )
+    cfg = load_config(
+        ["--config", str(run), "--beta", "0.2", "--per_device_train_batch_size=4", "--bf16", "--local_rank=1"]
+    )
+    assert cfg.loss.beta == 0.2 and cfg.optim.learning_rate == 5e-7 and cfg.optim.per_device_train_batch_size == 4
+    assert cfg.model.bf16 is True and cfg.model.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.optim.max_steps == DPOConfig().optim.max_steps  # not the built-in default: a model and dataset given
+
+
+def test_builtin_defaults_fill_only_unset_keys():
+    cfg = load_config(["--max_steps", "7"])
+    assert cfg.builtin and cfg.optim.max_steps == 7
+    assert cfg.optim.learning_rate == BUILTIN_DEFAULTS["learning_rate"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--betta", "0.1"], "unknown config key `betta`.*did you mean `beta`"),
+        (["--beta", "abc"], "`beta` expects float"),
+        (["--max_steps", "1.5"], "`max_steps` expects int"),
+        (["--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' does not exist"),
+        (["--beta"], "`--beta` needs a value"),
+        (["stray"], "unexpected argument"),
+    ],
+)
+def test_cli_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv)
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("learning_rat: 1e-6\n")
+    with pytest.raises(ConfigError, match=r"`learning_rat` in .*run.yaml.*`learning_rate`"):
+        load_config(["--config", str(run)])
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"reference": "lora"}, "set `use_peft: true`"),
+        ({"reference": "ema"}, "`reference` must be one of"),
+        ({"loss_type": "nope"}, "unknown `loss_type` 'nope'"),
+        ({"beta": 0.0}, "`beta` must be > 0"),
+        ({"label_smoothing": 0.5}, "label_smoothing"),
+        ({"max_length": 16, "max_prompt_length": 16}, "must be < `max_length`"),
+        ({"deepspeed": "ds_configs/zero4.json"}, r"DeepSpeed config `ds_configs/zero4.json` not found.*zero3.json"),
+        ({"model_name_or_path": "./nowhere", "dataset": "x.jsonl"}, "does not exist"),
+        ({"model_name_or_path": "m"}, "give both"),
+        ({"save_merged_model": True}, "needs `use_peft: true`"),
+        ({"loss_type": "exo_pair"}, "exo_pair needs label_smoothing > 0"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "loss_weights has 1 entries"),
+        ({"loss_type": "aot", "f_divergence_type": "js_divergence"}, "not defined for \\['aot'\\]"),
+        ({"ld_alpha": 1.5}, "`ld_alpha` must be in"),
+        (
+            {"reference": "lora", "use_peft": True, "ref_model_name_or_path": "x"},
+            "cannot be used with `reference: lora`",
+        ),
+        ({"activation_offloading": True}, "needs `gradient_checkpointing: true`"),
+        ({"tiled_mlp_shards": 0}, "`tiled_mlp_shards` must be >= 1"),
+        ({"report_to": "tensorboard,mlflow"}, "`report_to` takes tensorboard, jsonl, wandb, all or none"),
+    ],
+)
+def test_validation_messages(values, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(values).validate()
+
+
+def test_validation_lists_every_problem():
+    with pytest.raises(ConfigError) as e:
+        make_config({"beta": -1.0, "learning_rate": 0.0}).validate()
+    assert "`beta`" in str(e.value) and "`learning_rate`" in str(e.value)
+
+
+def test_loss_mixture_from_the_command_line():
+    cfg = load_config(["--loss_type", "[sigmoid, sft]", "--loss_weights", "[1, 0.5]"])
+    cfg.validate()
+    assert cfg.loss.loss_types == ["sigmoid", "sft"] and cfg.loss.loss_weights == [1.0, 0.5]
+    with pytest.raises(ConfigError, match="`loss_weights` expects"):
+        load_config(["--loss_weights", "[a, b]"])
+
+
+def test_precomputed_implies_precompute_flag():
+    assert make_config({"reference": "precomputed"}).ref.precompute_ref_log_probs
+
+
+def test_deepspeed_auto_values_filled(builtin_files):
+    cfg = make_config(
+        {
+            **builtin_files,
+            "per_device_train_batch_size": 3,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 1e-5,
+            "max_grad_norm": 0.5,
+            "weight_decay": 0.01,
+        }
+    )
+    ds = resolve_deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["lr"] == 1e-5 and ds["optimizer"]["params"]["weight_decay"] == 0.01
+    assert ds["bf16"]["enabled"] is False and ds["zero_optimization"]["stage"] == 3
+    zero = ds["zero_optimization"]  # HF Trainer's bucket rule from the built-in model's hidden size, 64
+    assert (
+        zero["reduce_bucket_size"],
+        zero["stage3_prefetch_bucket_size"],
+        zero["stage3_param_persistence_threshold"],
+    ) == (4096, 3686, 640)
+    ref = reference_deepspeed_config(ds, ref_offload=True)
+    assert ref["zero_optimization"]["stage"] == 3 and ref["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "optimizer" not in ref and ref["train_batch_size"] == 24
+
+
+def test_reference_engine_inherits_the_policys_parameter_settings():
+    leaf = {"classes": ["my_models.MoeBlock"], "name_suffixes": ["experts"]}
+    policy = {
+        "train_batch_size": 8,
+        "optimizer": {"type": "AdamW"},
+        "zero_optimization": {
+            "stage": 3,
+            "leaf_module": leaf,
+            "zero_quantized_weights": True,
+            "zero_hpz_partition_size": 2,
+            "stage3_prefetch_bucket_size": 1234,
+            "stage3_param_persistence_threshold": 99,
+            "reduce_bucket_size": 5,
+            "offload_optimizer": {"device": "cpu"},
+            "offload_param": {"device": "nvme", "nvme_path": "/nvme"},
+        },
+    }
+    ref = reference_deepspeed_config(policy, ref_offload=False)["zero_optimization"]
+    assert ref == {
+        "stage": 3,
+        "leaf_module": leaf,
+        "zero_quantized_weights": True,
+        "zero_hpz_partition_size": 2,
+        "stage3_prefetch_bucket_size": 1234,
+        "stage3_param_persistence_threshold": 99,
+    }
+    offloaded = reference_deepspeed_config(policy, ref_offload=True)["zero_optimization"]
+    assert offloaded["offload_param"] == {"device": "nvme", "nvme_path": "/nvme"}  # the policy's own offload target
+    zero2 = reference_deepspeed_config({"zero_optimization": {"stage": 2, "allgather_bucket_size": 7}}, True)
+    assert zero2["zero_optimization"] == {
+        "stage": 3,
+        "offload_param": {"device": "cpu", "pin_memory": True},
+        "stage3_param_persistence_threshold": 1e4,
+    }
+
+
+def test_deepspeed_batch_size_conflict_is_explained(tmp_path):
+    ds_file = tmp_path / "ds.json"
+    preset = make_config({}).parallel.deepspeed_json()
+    ds_file.write_text(json.dumps({**preset, "train_batch_size": 32}))
+    cfg = make_config({"deepspeed": str(ds_file), "per_device_train_batch_size": 4})
+    with pytest.raises(ConfigError, match=r"train_batch_size.*32.*needs 8.*world size 2"):
+        resolve_deepspeed_config(cfg, world_size=2)
+
+
+def test_every_preset_resolves(builtin_files):
+    for preset in ("zero1", "zero2", "zero3", "zero3_offload", "ddp"):
+        ds = resolve_deepspeed_config(
+            make_config({**builtin_files, "deepspeed": f"ds_configs/{preset}.json"}), world_size=2
+        )
+        assert "auto" not in json.dumps(ds)
+
+
+def test_dump_reads_back_as_the_same_config(builtin_files, tmp_path):
+    """config.yaml holds the flat keys a user types, the DeepSpeed JSON inlined as written ("auto" values kept, so
+    it resolves again for any world size); --config on it gives the same config."""
+    cfg = make_config({**builtin_files, "beta": 0.25, "loss_type": ["sigmoid", "sft"], "max_prompt_length": None})
+    dump_config(cfg, tmp_path / "config.yaml")
+    doc = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert doc["beta"] == 0.25 and "local_rank" not in doc and set(doc) == set(KEYS) - {"local_rank"}
+    assert doc["deepspeed"]["train_batch_size"] == "auto"
+    again = load_config(["--config", str(tmp_path / "config.yaml")])
+    again.validate()
+    assert again.to_dict() == {**cfg.to_dict(), "deepspeed": doc["deepspeed"]}
+    assert resolve_deepspeed_config(again, world_size=2) == resolve_deepspeed_config(cfg, world_size=2)
+
+
+def test_every_key_is_documented_and_the_docs_table_is_the_generated_one():
+    """Every key has a docstring on its field, and docs/configuration.md's table is
+    `python -m ds_dpo.config.docs --write`'s output."""
+    from ds_dpo.config import docs
+
+    for key, section in KEYS.items():
+        owner = DPOConfig if section is None else SECTIONS[section]
+        assert docs._field_docs(owner).get(key), f"`{key}` has no docstring"
+    table = docs.written_table()
+    assert table.strip() == docs.config_reference().strip(), "run `python -m ds_dpo.config.docs --write`"
+    assert all(f"| `{key}` |" in table for key in KEYS if key != "local_rank")
+
+
+def test_max_length_alone_is_enough():
+    """A TRL habit: `--max_length 512` with nothing else (TRL 1.16 has no `max_prompt_length`)."""
+    cfg = load_config(["--model_name_or_path", "m", "--dataset", "d", "--max_length", "512"])
+    assert cfg.data.max_prompt_length is None
+    problems = [p for p in cfg.data.problems() if "max_length" in p or "max_prompt_length" in p]
+    assert problems == []
+
+
+@pytest.mark.parametrize(
+    "example", sorted((REPO / "examples").rglob("*.yaml")), ids=lambda p: str(p.relative_to(REPO / "examples"))
+)
+def test_example_configs_load_and_validate(example):
+    """Every example config's keys and values are valid; only files an example prepares itself (under outputs/)
+    may be missing."""
+    cfg = load_config(["--config", str(example)])
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        problems = str(e).splitlines()[1:]
+        assert all("does not exist" in p and "'outputs/" in p for p in problems), str(e)
+
+
+def test_report_to_takes_lists_commas_all_and_none(monkeypatch):
+    reporters = lambda value: make_config({"report_to": value}).logging.reporters  # noqa: E731
+    assert reporters("tensorboard,jsonl") == reporters(["tensorboard", "jsonl"]) == ["tensorboard", "jsonl"]
+    assert reporters("none") == [] and reporters("wandb") == ["wandb"]
+    assert reporters("all") == ["tensorboard", "jsonl", "wandb"]
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else object())
+    assert reporters("all") == ["tensorboard", "jsonl"]
+    with pytest.raises(ConfigError, match="names wandb, which is not installed: `pip install wandb`"):
+        make_config({"report_to": ["wandb"]}).validate()

@@ -1,0 +1,162 @@
+"""Tiny random vision-language models built offline, each saved with its processor (the built-in word-level
+tokenizer with the model's image tokens and a chat template that renders image parts; PIL image processors), and
+preference rows with images in TRL's conversational format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ds_dpo.data import builtin
+
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+# "<role> : <parts> <end of turn>" per message; the generation prompt is "assistant :"
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }} :"
+    "{% if m['content'] is string %} {{ m['content'] }}{% else %}{% for part in m['content'] %}"
+    "{% if part['type'] == 'image' %} <image>{% elif part['type'] == 'text' %} {{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} END_OF_TURN {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+)
+FAMILIES = ("llava", "idefics3")
+
+
+def _tokenizer(special: list[str]):
+    tokenizer = builtin.build_tokenizer()
+    tokenizer.add_tokens(["user", "assistant"])
+    tokenizer.add_special_tokens({"additional_special_tokens": special})
+    return tokenizer
+
+
+def build(family: str, out: Path, seed: int = 0) -> str:
+    """Write the tiny ``family`` model and its processor to ``out``; returns the path."""
+    if family == "llava":
+        from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        tokenizer = _tokenizer(["<image>"])
+        template = TEMPLATE.replace("END_OF_TURN", "{{ eos_token }}")
+        # 30 px, patch 10: 9 features per image; "default" drops CLS, counted by num_additional_image_tokens
+        processor = LlavaProcessor(
+            image_processor=CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}),
+            tokenizer=tokenizer,
+            patch_size=10,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=template,
+        )
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=30,
+            patch_size=10,
+            projection_dim=32,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=_text(tokenizer),
+            image_seq_length=9,
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+        )
+        model_class = LlavaForConditionalGeneration
+    else:
+        from transformers import (
+            Idefics3Config,
+            Idefics3ForConditionalGeneration,
+            Idefics3Processor,
+            Idefics3VisionConfig,
+        )
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        # the processor adds its image tokens itself; <global-img> must already be in the vocabulary
+        tokenizer = _tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"])
+        template = TEMPLATE.replace("END_OF_TURN", "<end_of_utterance>")
+        processor = Idefics3Processor(
+            image_processor=Idefics3ImageProcessorPil(
+                size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, do_image_splitting=False
+            ),
+            tokenizer=tokenizer,
+            image_seq_len=4,
+            chat_template=template,
+        )  # (32 / 8) ** 2 / 2 ** 2
+        vision = Idefics3VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+        config = Idefics3Config(
+            vision_config=vision,
+            text_config=_text(tokenizer),
+            scale_factor=2,
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            tie_word_embeddings=False,
+        )
+        model_class = Idefics3ForConditionalGeneration
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
+def _text(tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TEXT,
+    )
+
+
+def image(seed: int, height: int = 36, width: int = 44) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+# (prompt, images, chosen, rejected): 1, 2, 1 and 0 images
+PAIRS = [
+    ("count up from 3 :", 1, " 4 5 6", " 2 1 0 0"),
+    ("count down from 9 :", 2, " 8 7 6 5", " 10 11"),
+    ("count up from 20 :", 1, " 21 22 23", " 5 40 7"),
+    ("count down from 50 :", 0, " 49 48", " 51"),
+]
+
+
+def rows(image_dir: Path, pairs=PAIRS, seed: int = 0) -> list[dict]:
+    """TRL-format rows: string contents (the images go before the user's text), ``images`` as PNG files written to
+    ``image_dir``."""
+    out = []
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for k, (prompt, n, chosen, rejected) in enumerate(pairs):
+        paths = []
+        for i in range(n):
+            paths.append(str(image_dir / f"seed{seed}-pair{k}-image{i}.png"))
+            image(seed + 10 * k + i, 36 + 4 * i).save(paths[-1])
+        out.append(
+            {
+                "images": paths,
+                "prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    return out

@@ -1,0 +1,159 @@
+"""Reference modes on real DeepSpeed ZeRO-3 engines (one in-process CPU rank)."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ds_dpo import distributed
+from ds_dpo.config import make_config
+from ds_dpo.data import builtin
+from ds_dpo.data.pipeline import load_preference_data, load_tokenized
+from ds_dpo.data.tokenization import load_tokenizer
+from ds_dpo.distributed import zero3_disabled
+from ds_dpo.forward.layouts import PACKED, PADDED, SHARED, collate_pairs
+from ds_dpo.forward.logprobs import Scoring, concatenated_forward
+from ds_dpo.forward.scoring import install_token_scoring
+from ds_dpo.models import engines
+from ds_dpo.models.ds_config import reference_deepspeed_config, resolve_deepspeed_config, zero_stage
+from ds_dpo.training.reference import (
+    AdapterReference,
+    EngineReference,
+    PrecomputedReference,
+    cached_reference_logps,
+    precompute_reference_logps,
+    score_dataset,
+    with_reference_columns,
+)
+
+
+def setup_run(files, **overrides):
+    cfg = make_config(
+        {
+            **files,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-2,
+            "max_length": 32,
+            "max_prompt_length": 8,
+            **overrides,
+        }
+    )
+    tok = builtin.build_tokenizer()
+    data = load_tokenized(
+        cfg.data.eval_dataset, tok, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length
+    ).select(range(24))
+    return cfg, tok, data, resolve_deepspeed_config(cfg, world_size=1)
+
+
+SCORING = Scoring(SHARED, logps_chunk_size=1024)
+"""As a run scores by default: prefix-shared rows, log-probs in chunks."""
+
+
+def build(cfg, ds_config, trainable):
+    return engines.build_engine(cfg, ds_config, trainable, total_steps=10, prepare=install_token_scoring).engine
+
+
+def batches(data, tok, size=4, layout=SHARED):
+    return [
+        collate_pairs([data[i] for i in range(s, s + size)], [1.0] * size, tok.pad_token_id, layout)
+        for s in range(0, len(data), size)
+    ]
+
+
+def test_lora_reference_is_the_base_model_and_never_moves(single_rank, builtin_files):
+    cfg, tok, data, ds = setup_run(
+        builtin_files,
+        use_peft=True,
+        reference="lora",
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        lora_target_modules=["q_proj", "v_proj", "up_proj"],
+    )
+    policy = build(cfg, ds, trainable=True)
+    assert zero_stage(ds) == 3 and policy.zero_optimization_stage() == 3
+    reference = AdapterReference(policy, SCORING)
+    with zero3_disabled():  # a plain, unpartitioned copy of the base model
+        base = install_token_scoring(AutoModelForCausalLM.from_pretrained(cfg.model.model_name_or_path).eval())
+    bs = batches(data, tok)  # prefix-shared, log-probs in chunks, through ZeRO-3 and peft ...
+    with torch.no_grad():  # ... equal to the plain padded path on the plain model
+        expected = [concatenated_forward(base, b, Scoring(PADDED, 0)) for b in batches(data, tok, layout=PADDED)]
+    before = [reference.logps(b) for b in bs]
+    for (c, r), e in zip(before, expected):
+        torch.testing.assert_close(c, e.chosen, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r, e.rejected, rtol=1e-6, atol=1e-6)
+    for b in bs * 2:  # a few real optimizer steps on the adapters
+        out = concatenated_forward(policy, b, SCORING)
+        policy.backward(-(out.chosen - out.rejected).mean())
+        policy.step()
+    with torch.no_grad():
+        moved = concatenated_forward(policy, bs[0], SCORING).chosen
+    assert (moved - before[0][0]).abs().max() > 1e-2  # the policy learned ...
+    for (c, r), (c0, r0) in zip((reference.logps(b) for b in bs), before):
+        assert torch.equal(c, c0) and torch.equal(r, r0)  # ... and the reference did not move at all
+    assert policy.module.training  # the reference pass restores train mode
+
+
+def test_precomputed_equals_engine_reference(single_rank, builtin_files, tmp_path):
+    cfg, tok, data, ds = setup_run(builtin_files, reference="precomputed")
+    ref_engine = build(cfg, reference_deepspeed_config(ds, cfg.ref.ref_offload), trainable=False)
+    assert ref_engine.zero_optimization_stage() == 3 and not ref_engine.module.training
+    assert ref_engine.client_optimizer is None and not any(p.requires_grad for p in ref_engine.module.parameters())
+    reference = EngineReference(ref_engine, SCORING)
+    live = [reference.logps(b) for b in batches(data, tok)]
+    cache = tmp_path / "ref.safetensors"
+
+    def compute():
+        return score_dataset(
+            reference, data, batch_size=5, pad_token_id=tok.pad_token_id, device=distributed.device(), layout=PACKED
+        )
+
+    table, hit = cached_reference_logps(cache, compute, distributed.device())
+    assert not hit and cache.is_file()
+    engines.release(ref_engine)
+    again, hit = cached_reference_logps(cache, lambda: 1 / 0, distributed.device())  # read back, nothing computed
+    assert hit and torch.equal(again, table)
+    scored = with_reference_columns(data, table)
+    for (c, r), b in zip(live, batches(scored, tok)):
+        pc, pr = PrecomputedReference().logps(b)
+        torch.testing.assert_close(pc, c, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(pr, r, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_cache_is_reused_and_invalidated_by_model_data_and_lengths(
+    single_rank, builtin_files, tmp_path, capsys
+):
+    """Precomputed reference log-probs are read back by a second run with the same reference, data and lengths (a
+    beta sweep pays once) and recomputed when any of them changes."""
+    other_model = tmp_path / "other_reference"
+    model = AutoModelForCausalLM.from_pretrained(builtin_files["model_name_or_path"])
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    model.save_pretrained(other_model)
+    base = {
+        **builtin_files,
+        "reference": "precomputed",
+        "max_length": 32,
+        "max_prompt_length": 8,
+        "dataset_cache_dir": str(tmp_path / "cache"),
+    }
+    tokenizer = load_tokenizer(builtin_files["model_name_or_path"])
+
+    def precompute(**changes):
+        cfg = make_config({**base, **changes})
+        data, _, _ = load_preference_data(cfg.data, tokenizer, cfg.seed)
+        model = install_token_scoring(AutoModelForCausalLM.from_pretrained(cfg.ref_model_path))
+        scored = precompute_reference_logps(
+            EngineReference(model, SCORING), data, cfg, tokenizer.pad_token_id, torch.device("cpu"), SHARED
+        )
+        lines = [line for line in capsys.readouterr().out.splitlines() if "reference log-probs of" in line]
+        table = scored.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).to_pandas().to_numpy()
+        return lines[0].split(": ", 2)[-1].split(" (")[0], table
+
+    first, table = precompute()
+    assert first == "computed"
+    again, cached = precompute(beta=0.5)
+    assert again == "read from cache" and (cached == table).all()
+    assert precompute(ref_model_name_or_path=str(other_model))[0] == "computed"
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(open(builtin_files["dataset"]).readlines()[:40]))
+    assert precompute(dataset=str(fewer))[0] == "computed"
+    assert precompute(max_length=24)[0] == "computed"
+    assert precompute(learning_rate=1e-3)[0] == "read from cache"
