@@ -5,7 +5,8 @@
     deepspeed --hostfile hosts launch/train.py --config run.yaml            # several nodes
 
 Any config key can be given as ``--key value`` (docs/configuration.md); they override the YAML.
-Exit status: 0 finished or preempted (checkpoint saved), 1 stopped on non-finite steps, 2 bad config or data.
+Exit status: 0 finished or preempted (checkpoint saved), 1 stopped on non-finite steps, 2 bad config or data,
+3 a checkpoint could not be written or read back (a full disk, a damaged checkpoint; the message says which).
 """
 
 import sys
@@ -27,6 +28,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
+    from ds_dpo.training.checkpoint import CheckpointError
     from ds_dpo.training.recipe import DPORecipe
 
     recipe, completed = DPORecipe(cfg), False
@@ -39,6 +41,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError) as e:
         print(f"ds_dpo: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"ds_dpo: {e}", file=sys.stderr)
+        return 3
     finally:
         recipe.cleanup(completed)
         # Explicitly: left to interpreter exit, gloo's threads can abort a rank after a successful run.

@@ -37,6 +37,7 @@ from ds_dpo.config import DataConfig, SourceSpec, source_specs
 from ds_dpo.data.formats import RowError, detect, has_images, normalize, pair_weight, response_pairs
 from ds_dpo.data.sources import DataError, RowProblem, read_source
 from ds_dpo.data.tokenization import encode_pair
+from ds_dpo.distributed import say
 
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 CACHE_VERSION = "2"  # bump when tokenization rules change, so that old cache files are not reused
@@ -189,7 +190,14 @@ def prepare_source(
 
     key = _cache_key(content, tokenizer, cfg, encoder_decoder, processor)
     cache_file = cache_root(cfg.dataset_cache_dir) / f"tokenized-{key}.arrow"
+    record = cache_file.with_suffix(".json")  # each file's size and checksum, written with the cache
     report.cache_hit = cache_file.exists()
+    if report.cache_hit and (problem := _cache_problem(cache_file, record)):
+        # cut short by a full disk or a killed process, or damaged by a copy: datasets would read it as it is
+        say(f"notice: tokenization cache {cache_file} is damaged ({problem}); tokenizing again")
+        for damaged in _cache_files(cache_file):
+            damaged.unlink()
+        report.cache_hit = False
     tokenized = table.map(
         encode_pair,
         fn_kwargs={"tokenizer": tokenizer, "limits": cfg, "encoder_decoder": encoder_decoder, "processor": processor},
@@ -199,6 +207,8 @@ def prepare_source(
         num_proc=cfg.dataset_num_proc if (cfg.dataset_num_proc or 0) > 1 and not report.cache_hit else None,
         desc=f"tokenizing {Path(spec).name}",
     )
+    if not report.cache_hit:
+        _write_record(cache_file, record)
     kept = _tally(tokenized, report)
     if not len(kept):
         raise DataError(f"{spec}: every pair was dropped ({report.dropped})")
@@ -206,6 +216,44 @@ def prepare_source(
     if processor is not None and not vision:  # a text source in a vision-language run: pairs without images
         pairs = pairs.add_column("images", [[]] * len(pairs), feature=datasets.Sequence(datasets.Value("binary")))
     return (pairs if len(kept) == len(tokenized) else pairs.select(kept)), report
+
+
+def _cache_files(cache_file: Path) -> list[Path]:
+    """The Arrow files of a tokenization cache entry (several when it was written by several processes)."""
+    return sorted(cache_file.parent.glob(f"{cache_file.stem}*.arrow"))
+
+
+def _write_record(cache_file: Path, record: Path) -> None:
+    files = {f.name: {"size": f.stat().st_size, "sha256": _file_digest(f)} for f in _cache_files(cache_file)}
+    tmp = record.with_name(f"{record.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(files))
+    os.replace(tmp, record)
+
+
+def _cache_problem(cache_file: Path, record: Path) -> str | None:
+    """What is wrong with a tokenization cache entry against its record (None: it is as written)."""
+    try:
+        expected = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return "no record of what was written"
+    found = {f.name: f for f in _cache_files(cache_file)}
+    if set(found) != set(expected):
+        return f"files {sorted(found)}, {sorted(expected)} when it was written"
+    for name, want in expected.items():
+        size = found[name].stat().st_size
+        if size != want["size"]:
+            return f"{name} has {size} bytes, {want['size']} when it was written"
+        if _file_digest(found[name]) != want["sha256"]:
+            return f"{name} differs from what was written (checksum)"
+    return None
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _tally(tokenized: datasets.Dataset, report: SourceReport) -> np.ndarray:

@@ -2,9 +2,16 @@
 
 A checkpoint is ``output_dir/checkpoints/step-N``: DeepSpeed's own files (engine, optimizer, LR schedule) plus one
 ``trainer_state_rank{R}.json`` per rank (the ``TrainState``: step, epoch, position in the epoch, NaN streak, learning
-rate, the partial metric window; plus RNG states and the world size), plain JSON so that resuming unpickles nothing of ours. ``checkpoints/latest`` names the newest
-*complete* checkpoint: it is replaced (atomically) only after every rank has finished writing, so a crash or a kill
-during a save leaves the previous checkpoint in place as the one to resume from.
+rate, the partial metric window; plus RNG states and the world size), plain JSON so that resuming unpickles nothing of
+ours. Once every rank has finished writing, rank 0 writes ``manifest.json`` (every file's size, and a checksum of
+each small one) and only then replaces ``checkpoints/latest`` (atomically): a crash, a kill or a full disk during a
+save leaves the previous checkpoint in place as the one to resume from, and a save that fails is removed.
+
+Resuming with ``auto`` takes the newest checkpoint whose files match its manifest; one that does not (a save that
+never finished, a file truncated or damaged by a copy or a quota) is skipped with a message saying what is wrong,
+and no whole checkpoint at all is an error that lists why each was refused. A checkpoint named explicitly must be
+whole. The manifest covers the files rank 0 sees: on node-local disks (no shared file system) each node's shards are
+its own to keep.
 
 ``Checkpointer`` owns when to save, what goes in, which old checkpoints to delete, which one a run resumes from and
 its conversion when the world size changed. Exporting a model is ``ds_dpo.training.export``.
@@ -12,6 +19,7 @@ its conversion when the world size changed. Exporting a model is ``ds_dpo.traini
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -25,12 +33,20 @@ import numpy as np
 import torch
 
 from ds_dpo.config import CheckpointConfig
-from ds_dpo.distributed import say
+from ds_dpo.distributed import any_rank, device, say
 from ds_dpo.training.state import TrainState
 
 TAG_PREFIX = "step-"
 LATEST = "latest"
 UNIVERSAL_SUFFIX = "-universal"
+MANIFEST = "manifest.json"
+CHECKSUMMED_BYTES = 1 << 20
+"""Files up to this size get a checksum in the manifest (states, configs, small shards); larger ones are checked by
+size, which a truncated copy or an interrupted write changes, without reading gigabytes at every resume."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read back; the message names the checkpoint and what is wrong."""
 
 
 def rng_state() -> dict:
@@ -57,13 +73,83 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """Record every file of ``checkpoint`` (written by every rank by now): its size, and a checksum when small."""
+    files = {}
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST):
+        size = path.stat().st_size
+        files[str(path.relative_to(checkpoint))] = {
+            "size": size,
+            **({"sha256": _sha256(path)} if size <= CHECKSUMMED_BYTES else {}),
+        }
+    tmp = checkpoint / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, checkpoint / MANIFEST)
+
+
+def checkpoint_problem(checkpoint: Path, legacy: bool = False) -> str | None:
+    """What is wrong with ``checkpoint`` (None: it is whole). ``legacy``: a checkpoint ``latest`` names may predate
+    manifests (written by an earlier version) and is then taken as whole."""
+    manifest = checkpoint / MANIFEST
+    if not manifest.is_file():
+        return None if legacy else f"no {MANIFEST}: its save did not finish"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"its {MANIFEST} is unreadable ({type(e).__name__})"
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {expected['size']} when it was written"
+        if "sha256" in expected and _sha256(path) != expected["sha256"]:
+            return f"{name} differs from what was written (checksum)"
+    return None
+
+
+def checkpoint_tags(root: Path) -> list[Path]:
+    """Checkpoint directories under ``root``, oldest first."""
+    found = [p for p in root.glob(f"{TAG_PREFIX}*") if p.name[len(TAG_PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(TAG_PREFIX) :]))
+
+
 def find_checkpoint(root: Path, spec: str) -> Path | None:
-    """The checkpoint ``resume_from_checkpoint`` names: ``auto`` -> the one ``latest`` points to (None if none);
-    a ``checkpoints`` directory -> its latest; otherwise the directory itself."""
+    """The checkpoint ``resume_from_checkpoint`` names: ``auto`` -> under ``root``, the one ``latest`` names if it is
+    whole, else the newest whole one (None if there are no checkpoints); a ``checkpoints`` directory -> the same in
+    it; otherwise the directory itself, which must be whole. Says which checkpoints were skipped and why;
+    CheckpointError when none can be used."""
     path = root if spec == "auto" else Path(spec)
-    if (path / LATEST).is_file():
-        return path / (path / LATEST).read_text().strip()
-    return None if spec == "auto" else path
+    candidates = checkpoint_tags(path)
+    if not candidates:
+        if spec == "auto":
+            return None
+        if (path / LATEST).is_file():  # a checkpoints directory whose checkpoints are all gone
+            raise CheckpointError(f"{path}: `latest` names {(path / LATEST).read_text().strip()}, which does not exist")
+        problem = checkpoint_problem(path, legacy=True)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} cannot be resumed from: {problem}")
+        return path
+    latest = (path / LATEST).read_text().strip() if (path / LATEST).is_file() else None
+    # the one `latest` names first (the newest a save completed), then the others, newest first
+    ordered = sorted(reversed(candidates), key=lambda c: c.name != latest)
+    refused = []
+    for candidate in ordered:
+        problem = checkpoint_problem(candidate, legacy=candidate.name == latest)
+        if problem is None:
+            return candidate
+        refused.append(f"{candidate.name}: {problem}")
+        say(f"notice: skipping checkpoint {candidate}: {problem}")
+    if latest is None and spec == "auto":  # no save ever completed: nothing to lose by starting again
+        return None
+    raise CheckpointError(
+        f"no whole checkpoint under {path} to resume from ({'; '.join(refused)}). Start without "
+        "`resume_from_checkpoint`, or restore a checkpoint from a copy"
+    )
 
 
 def read_state(checkpoint: Path, rank: int) -> dict:
@@ -148,29 +234,64 @@ class Checkpointer:
         return self.cfg.save_steps > 0 and step % self.cfg.save_steps == 0
 
     def save(self, engine, state: TrainState) -> None:
-        """Collective: every rank writes its shards and its trainer state; once all are done, rank 0 moves
-        ``latest`` to the new checkpoint and prunes those beyond ``save_total_limit``."""
+        """Collective: every rank writes its shards and its trainer state; once all are done, rank 0 writes the
+        manifest, moves ``latest`` to the new checkpoint and prunes those beyond ``save_total_limit``.
+
+        Before writing, every rank checks that the disk has room for a checkpoint as large as the last one, and all
+        stop together with CheckpointError if any has not: nothing is written and ``latest`` stays. A write that fails
+        anyway (another writer filled the disk meanwhile) raises on its rank at once; DeepSpeed's save holds
+        collectives after its writes, so the other ranks end when the launcher stops the job, the partial checkpoint
+        has no manifest and ``auto`` resumes from ``latest``."""
         started = time.perf_counter()
         rank, tag = torch.distributed.get_rank(), f"{TAG_PREFIX}{state.step}"
         directory = self.root / tag
-        directory.mkdir(parents=True, exist_ok=True)
-        payload = {**state.state_dict(), "rng": rng_state(), "world_size": self.world_size}
-        (directory / f"trainer_state_rank{rank}.json").write_text(json.dumps(payload))
-        # DeepSpeed writes its own `latest` before the other ranks are known to be done; we move ours after.
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        need = self._last_checkpoint_bytes()
+        free = shutil.disk_usage(self.root).free if self.root.exists() else None
+        if any_rank(free is not None and free < need, device()):
+            raise CheckpointError(self._no_room(directory, f"a checkpoint needs about {need / 2**20:.0f} MiB"))
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            # DeepSpeed writes its own `latest` before the other ranks are known to be done; we move ours after.
+            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+            payload = {**state.state_dict(), "rng": rng_state(), "world_size": self.world_size}
+            (directory / f"trainer_state_rank{rank}.json").write_text(json.dumps(payload))
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            raise CheckpointError(self._no_room(directory, f"{type(e).__name__}: {e}")) from None
         torch.distributed.barrier()
         if rank == 0:
+            write_manifest(directory)
             tmp = self.root / f"{LATEST}.tmp"
             tmp.write_text(tag)
             os.replace(tmp, self.root / LATEST)
-            if self.cfg.save_total_limit:
+            if self.cfg.save_total_limit:  # the new checkpoint is whole: older ones may go
                 for old in self.tags()[: -self.cfg.save_total_limit]:
                     shutil.rmtree(old)
                     shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
         torch.distributed.barrier()
         say(f"checkpoint {tag} saved in {time.perf_counter() - started:.2f} s")
 
+    def _last_checkpoint_bytes(self) -> int:
+        """The size of the newest checkpoint written, from its manifest (0 before the first)."""
+        for checkpoint in reversed(self.tags()):
+            try:
+                files = json.loads((checkpoint / MANIFEST).read_text())["files"]
+            except (OSError, ValueError, KeyError):
+                continue
+            return sum(f["size"] for f in files.values())
+        return 0
+
+    def _no_room(self, directory: Path, why: str) -> str:
+        free = shutil.disk_usage(self.root).free / 2**20 if self.root.exists() else float("nan")
+        latest = self.root / LATEST
+        kept = (
+            f"checkpoint {latest.read_text().strip()} is kept" if latest.is_file() else "no earlier checkpoint exists"
+        )
+        return (
+            f"saving checkpoint {directory} failed ({why}); {free:.0f} MiB free on the disk holding {self.root}. "
+            f"`latest` still names the last whole checkpoint ({kept}): free space (or set `save_total_limit`, or "
+            "move `output_dir` to a larger disk), then resume with `--resume_from_checkpoint auto`"
+        )
+
     def tags(self) -> list[Path]:
         """Saved checkpoint directories, oldest first."""
-        found = [p for p in self.root.glob(f"{TAG_PREFIX}*") if p.name[len(TAG_PREFIX) :].isdigit()]
-        return sorted(found, key=lambda p: int(p.name[len(TAG_PREFIX) :]))
+        return checkpoint_tags(self.root)

@@ -4,14 +4,16 @@ from any saved checkpoint (``launch/export.py``)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
 from ds_dpo.config import make_config
-from ds_dpo.distributed import zero3_disabled
+from ds_dpo.distributed import any_rank, device, zero3_disabled
 from ds_dpo.models import engines
 from ds_dpo.models.support import auto_class, is_vision_language
+from ds_dpo.training.checkpoint import CheckpointError
 
 
 def export_hf_model(engine, processing_class, output_dir: str | Path, save_merged_model: bool = False) -> None:
@@ -22,15 +24,25 @@ def export_hf_model(engine, processing_class, output_dir: str | Path, save_merge
     ``save_merged_model`` ``output_dir/merged`` holds the full model with the adapters merged in.
     """
     state_dict = engines.consolidated_state_dict(engine)
+    output_dir, failure = Path(output_dir), None
     if torch.distributed.get_rank() == 0:
-        output_dir = Path(output_dir)
-        model = engine.module
-        model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
-        processing_class.save_pretrained(output_dir)
-        if save_merged_model:
-            _save_merged(model, state_dict, output_dir / "merged")
-            processing_class.save_pretrained(output_dir / "merged")
-    torch.distributed.barrier()
+        try:
+            model = engine.module
+            model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+            processing_class.save_pretrained(output_dir)
+            if save_merged_model:
+                _save_merged(model, state_dict, output_dir / "merged")
+                processing_class.save_pretrained(output_dir / "merged")
+        except (OSError, RuntimeError) as e:  # a full disk or a quota; safetensors reports it as either
+            failure = e
+    if any_rank(failure is not None, device()):  # also the barrier the other ranks wait in
+        free = shutil.disk_usage(output_dir).free / 2**20
+        why = f"{type(failure).__name__}: {failure}" if failure is not None else "it failed on rank 0"
+        raise CheckpointError(
+            f"writing the final model to {output_dir} failed ({why}); {free:.0f} MiB free on that disk. The run's "
+            "checkpoints are kept: free space, then export the last one with `python launch/export.py "
+            f"{output_dir}/checkpoints/step-N OUT_DIR`"
+        )
 
 
 def _save_merged(peft_model, state_dict: dict[str, torch.Tensor], out: Path) -> None:

@@ -128,14 +128,35 @@ def with_reference_columns(dataset: datasets.Dataset, logps: torch.Tensor) -> da
     return dataset.add_column(REF_COLUMNS[0], logps[:, 0].tolist()).add_column(REF_COLUMNS[1], logps[:, 1].tolist())
 
 
-def cached_reference_logps(cache_file: Path, compute, device: torch.device) -> tuple[torch.Tensor, bool]:
-    """The [N, 2] table from ``cache_file`` if every rank has it, else ``compute()`` (collective) and store it.
+def _read_table(cache_file: Path, rows: int | None) -> torch.Tensor | None:
+    """The cached table, or None when there is none or it cannot be used (a damaged file: said, then recomputed)."""
+    if not cache_file.is_file():
+        return None
+    try:
+        table = load_file(cache_file)["logps"]
+    except Exception as e:  # safetensors reports a truncated or garbled file in its own error type
+        say(f"notice: reference log-prob cache {cache_file} is damaged ({type(e).__name__}: {e}); computing again")
+        return None
+    if rows is not None and tuple(table.shape) != (rows, 2):
+        say(
+            f"notice: reference log-prob cache {cache_file} holds {tuple(table.shape)}, not ({rows}, 2); computing again"
+        )
+        return None
+    return table
+
+
+def cached_reference_logps(
+    cache_file: Path, compute, device: torch.device, rows: int | None = None
+) -> tuple[torch.Tensor, bool]:
+    """The [N, 2] table (``rows`` = N where known) from ``cache_file`` if every rank can read it, else ``compute()``
+    (collective) and store it.
 
     Every rank must take the same branch (computing runs collectives), so the decision is an all-reduce: on nodes
-    without a shared filesystem, one node's missing file makes all of them compute.
+    without a shared filesystem, one node's missing (or damaged) file makes all of them compute.
     """
-    if not any_rank(not cache_file.is_file(), device):
-        return load_file(cache_file)["logps"], True
+    table = _read_table(cache_file, rows)
+    if not any_rank(table is None, device):
+        return table, True
     logps = compute()
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +183,10 @@ def precompute_reference_logps(
         (
             REF_CACHE_VERSION,
             model_fingerprint(cfg.ref_model_path),
+            # a reference engine of the base model with the starting adapter (not the adapters-disabled one)
+            model_fingerprint(cfg.model.adapter_name_or_path)
+            if cfg.model.adapter_name_or_path and cfg.ref.ref_model_name_or_path is None and cfg.ref.reference != "lora"
+            else None,
             data._fingerprint,
             cfg.loss.ld_alpha,
             cfg.model.bf16,
@@ -176,15 +201,26 @@ def precompute_reference_logps(
             reference, data, batch_size, pad_token_id, device, layout, data_parallel=data_parallel, vision=vision
         ),
         device,
+        rows=len(data),
     )
     say(f"reference log-probs of {len(data)} pairs: {'read from cache' if hit else 'computed'} ({cache_file.name})")
     return with_reference_columns(data, logps)
 
 
 def model_fingerprint(name_or_path: str) -> list:
-    """What identifies a model's weights for caching: a Hub name as such, a local directory by its files."""
+    """What identifies a model's (or an adapter's) weights for caching: a local directory by its files, a Hub name by
+    the revision it resolved to in the local Hub cache (the name alone where none is cached)."""
     path = Path(name_or_path)
     if not path.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("config.json", "adapter_config.json"):
+            try:
+                cached = try_to_load_from_cache(name_or_path, filename)
+            except ValueError:  # not a valid Hub id
+                break
+            if isinstance(cached, str):  # .../models--org--name/snapshots/<commit>/config.json
+                return [name_or_path, Path(cached).parent.name]
         return [name_or_path]
     return [str(path.resolve())] + [
         (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()

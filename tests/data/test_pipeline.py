@@ -112,6 +112,20 @@ def test_second_load_hits_the_tokenization_cache(tmp_path, monkeypatch):
     assert len(calls) == 6 and not r3.sources[0].cache_hit  # tokenized for an encoder-decoder: another entry
 
 
+def test_a_damaged_tokenization_cache_is_said_and_rebuilt(tmp_path, capsys):
+    """A cache file cut short (a full disk, a killed process) or garbled is not trusted: the source is tokenized
+    again, with a notice, to the same pairs."""
+    path = write(tmp_path / "p.jsonl", [GOOD, {"prompt": "count down from 9 :", "chosen": " 8", "rejected": " 1"}])
+    first, _, _ = load(config(tmp_path, dataset=path), builtin.build_tokenizer())
+    expected = first[:]  # read now: the dataset maps the cache file that is damaged below
+    (cache,) = (tmp_path / "cache").glob("tokenized-*.arrow")
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b"garbage" * 10):
+        cache.write_bytes(damage(cache.read_bytes()))
+        again, _, report = load(config(tmp_path, dataset=path), builtin.build_tokenizer())
+        assert f"tokenization cache {cache} is damaged" in capsys.readouterr().out
+        assert not report.sources[0].cache_hit and again[:] == expected
+
+
 def test_the_encoder_decoder_example_rows_load(tmp_path):
     cfg = config(tmp_path, dataset=str(REPO / "examples" / "seq2seq" / "pairs.jsonl"))
     train, _, report = load_preference_data(cfg.data, builtin.build_tokenizer(), cfg.seed, encoder_decoder=True)

@@ -1,6 +1,7 @@
 """Reference modes on real DeepSpeed ZeRO-3 engines (one in-process CPU rank)."""
 
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from ds_dpo import distributed
@@ -118,11 +119,12 @@ def test_precomputed_equals_engine_reference(single_rank, builtin_files, tmp_pat
         torch.testing.assert_close(pr, r, rtol=1e-6, atol=1e-6)
 
 
-def test_reference_cache_is_reused_and_invalidated_by_model_data_and_lengths(
+def test_reference_cache_is_reused_and_invalidated_by_model_adapter_data_and_lengths(
     single_rank, builtin_files, tmp_path, capsys
 ):
     """Precomputed reference log-probs are read back by a second run with the same reference, data and lengths (a
-    beta sweep pays once) and recomputed when any of them changes."""
+    beta sweep pays once) and recomputed when any of them changes, the starting adapter included, or when the cache
+    file is damaged."""
     other_model = tmp_path / "other_reference"
     model = AutoModelForCausalLM.from_pretrained(builtin_files["model_name_or_path"])
     torch.nn.init.normal_(model.lm_head.weight, std=0.5)
@@ -136,19 +138,30 @@ def test_reference_cache_is_reused_and_invalidated_by_model_data_and_lengths(
     }
     tokenizer = load_tokenizer(builtin_files["model_name_or_path"])
 
+    printed = {}
+
     def precompute(**changes):
         cfg = make_config({**base, **changes})
+        if cfg.ref.reference == "lora":
+            cfg = cfg.replace(use_peft=True)
         data, _, _ = load_preference_data(cfg.data, tokenizer, cfg.seed)
         model = install_token_scoring(AutoModelForCausalLM.from_pretrained(cfg.ref_model_path))
         scored = precompute_reference_logps(
             EngineReference(model, SCORING), data, cfg, tokenizer.pad_token_id, torch.device("cpu"), SHARED
         )
-        lines = [line for line in capsys.readouterr().out.splitlines() if "reference log-probs of" in line]
+        printed["out"] = capsys.readouterr().out
+        lines = [line for line in printed["out"].splitlines() if "reference log-probs of" in line]
         table = scored.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).to_pandas().to_numpy()
         return lines[0].split(": ", 2)[-1].split(" (")[0], table
 
     first, table = precompute()
     assert first == "computed"
+    # a damaged cache file (cut short by a full disk) is said and computed again, with the same values
+    (cache,) = (tmp_path / "cache").glob("ref-logps-*.safetensors")
+    cache.write_bytes(cache.read_bytes()[:40])
+    status, recomputed = precompute()
+    assert status == "computed" and (recomputed == table).all()
+    assert f"reference log-prob cache {cache} is damaged" in printed["out"]
     again, cached = precompute(beta=0.5)
     assert again == "read from cache" and (cached == table).all()
     assert precompute(ref_model_name_or_path=str(other_model))[0] == "computed"
@@ -157,3 +170,21 @@ def test_reference_cache_is_reused_and_invalidated_by_model_data_and_lengths(
     assert precompute(dataset=str(fewer))[0] == "computed"
     assert precompute(max_length=24)[0] == "computed"
     assert precompute(learning_rate=1e-3)[0] == "read from cache"
+
+    # a starting adapter is part of an engine reference: another adapter (or the same one changed) is another key
+    adapters = {}
+    for name, scale in (("a", 0.1), ("b", 0.2)):
+        peft_model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(builtin_files["model_name_or_path"]),
+            LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+        )
+        with torch.no_grad():
+            for param in peft_model.parameters():
+                if param.requires_grad:
+                    param.mul_(scale)
+        peft_model.save_pretrained(tmp_path / name)
+        adapters[name] = str(tmp_path / name)
+    assert precompute(adapter_name_or_path=adapters["a"])[0] == "computed"
+    assert precompute(adapter_name_or_path=adapters["a"])[0] == "read from cache"
+    assert precompute(adapter_name_or_path=adapters["b"])[0] == "computed"
+    assert precompute(adapter_name_or_path=adapters["a"], reference="lora")[0] == "read from cache"  # adapters off
