@@ -58,15 +58,7 @@ FAMILIES = {
     "qwen3_moe": dict(num_experts=4, moe_intermediate_size=16, **MOE),
     "granitemoe": dict(num_local_experts=4, logits_scaling=4.0, **MOE),
 }
-_ENCODER_STACK = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+_ENCODER_STACK = {key: value for key, value in TINY.items() if not key.endswith("_token_id")}
 ENCODER_DECODERS = {
     # tied embeddings: T5 scales the decoder output by d_model ** -0.5 before its head
     "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0),
