@@ -30,10 +30,6 @@ _count = 0
 """Installs not yet undone."""
 
 
-def installed() -> bool:
-    return _found is not None
-
-
 def install() -> None:
     """Register ds_dpo's attention kernels with transformers (see the module docstring), once for any number of
     nested calls."""
