@@ -85,6 +85,7 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int]:
     """
     clear_stale_build_locks()
     cache_cpu_info()
+    release_shm_buffers()  # a killed run's, on the same address and port: a new run would map them unreset
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -114,17 +115,18 @@ def device() -> torch.device:
 
 
 def release_shm_buffers() -> None:
-    """Unlink this rank's shared-memory all-reduce buffers (CPU accelerator only).
+    """Unlink this rank's shared-memory all-reduce buffer (CPU accelerator only).
 
-    DeepSpeed's CPU shm all-reduce creates ~70 MB per rank under /dev/shm named after the master address and port
-    and never unlinks them, so every CPU run would leak them. Call once no rank communicates any more.
-    """
+    DeepSpeed's CPU shm all-reduce creates ~70 MB per rank under /dev/shm named after the master address, port and
+    global rank, and never unlinks it: every CPU run would leak it, and one left by a killed run would be mapped, with
+    its old state, by the next run on the same port. Call once no rank communicates any more, and before the process
+    group starts (each rank only its own buffer: the others' may already be in use)."""
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() != "cpu":
         return
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    rank = os.environ.get("LOCAL_RANK", "0")
+    rank = os.environ.get("RANK", "0")
     for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
         buffer.unlink(missing_ok=True)
 

@@ -5,8 +5,10 @@
     deepspeed --hostfile hosts launch/train.py --config run.yaml            # several nodes
 
 Any config key can be given as ``--key value`` (docs/configuration.md); they override the YAML.
-Exit status: 0 finished or preempted (checkpoint saved), 1 stopped on non-finite steps, 2 bad config or data,
-3 a checkpoint could not be written or read back (a full disk, a damaged checkpoint; the message says which).
+Exit status: 0 finished or preempted (checkpoint saved); 2 bad config or data; 3 a checkpoint could not be written or
+read back (a full disk, a damaged checkpoint; the message says which); 4 a rank of the job was lost (killed, crashed,
+its node hung or gone: the message names it and the last whole checkpoint); 5 stopped on non-finite steps (checkpoint
+saved); 1 an unexpected error (a traceback). launch/retry.py restarts a job that ended with 1, 4 or a signal.
 """
 
 import sys
@@ -16,6 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from ds_dpo.config import ConfigError, load_config  # noqa: E402
 from ds_dpo.data.pipeline import DataError  # noqa: E402
+
+NON_FINITE = 5
+"""Exit status of a run stopped on non-finite steps: a restart would meet them again."""
 
 
 def main(argv: list[str]) -> int:
@@ -31,29 +36,32 @@ def main(argv: list[str]) -> int:
     from ds_dpo.training.checkpoint import CheckpointError
     from ds_dpo.training.recipe import DPORecipe
 
-    recipe, completed = DPORecipe(cfg), False
+    recipe, status, error = DPORecipe(cfg), None, None
     try:
         recipe.setup()
         result = recipe.train()
         if result.status == "finished":
             recipe.save()
-        completed = True
+        status = NON_FINITE if result.status == "non_finite" else 0
     except (ConfigError, DataError) as e:
         print(f"ds_dpo: {e}", file=sys.stderr)
-        return 2
+        status = 2
     except CheckpointError as e:
         print(f"ds_dpo: {e}", file=sys.stderr)
-        return 3
+        status = 3
+    except Exception as e:
+        recipe.failed()  # a lost rank ends the process here, with a message naming it
+        error = f"{type(e).__name__}: {e}"
+        raise
     finally:
-        recipe.cleanup(completed)
+        recipe.cleanup(status in (0, NON_FINITE), status, error)
         # Explicitly: left to interpreter exit, gloo's threads can abort a rank after a successful run.
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if result.status == "non_finite":
+    if status == NON_FINITE:
         print(f"ds_dpo: {result.message}", file=sys.stderr)
-        return 1
-    if recipe.rank != 0:
-        return 0
+    if status != 0 or recipe.rank != 0:
+        return status
     if result.status == "preempted":
         print(
             f"ds_dpo: stopped by a signal at step {result.step}; checkpoint saved under {cfg.output_dir}/"

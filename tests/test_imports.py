@@ -1,7 +1,8 @@
 """The package's layers: each module imports only modules of its own layer or of layers below it, and no module
 imports one that imports it back (function-level imports included, so that neither can hide inside a function).
 
-    distributed, losses        process setup and messages; the preference losses (pure functions)
+    distributed, losses,       process setup and messages; the preference losses (pure functions); ending the job
+    watchdog                   when a rank is lost
     config                     typed run configuration: schema, loading, the keys' reference
     data                       reading, normalising, tokenizing pairs; the sampler
     forward                    batch layouts, attention, sequence parallelism, scoring and log-probs
@@ -14,7 +15,15 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ds_dpo"
-LAYERS = [{"distributed", "losses"}, {"config"}, {"data"}, {"forward"}, {"models"}, {"plan", "estimate"}, {"training"}]
+LAYERS = [
+    {"distributed", "losses", "watchdog"},
+    {"config"},
+    {"data"},
+    {"forward"},
+    {"models"},
+    {"plan", "estimate"},
+    {"training"},
+]
 
 
 def module_name(path: Path, package: Path) -> str:

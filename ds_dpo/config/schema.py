@@ -507,6 +507,11 @@ class ParallelConfig:
     ``"auto"`` values in it are filled from this config."""
     ddp_timeout: int = 1800
     """Seconds any collective may wait (HF's name): a dead rank fails the job instead of hanging it."""
+    heartbeat_timeout: int = 60
+    """Seconds without a heartbeat from a rank before the job stops as having lost it (a hung or unreachable node;
+    a rank whose process ends is noticed at once): every rank exits with status 4 and the message names the rank, its
+    host and the last whole checkpoint. 0: no watchdog; a lost rank then surfaces in the next collective (gloo: at
+    once, as a traceback; NCCL: after ``ddp_timeout``). See docs/resuming.md."""
     sequence_parallel_size: int = 1
     """Ranks that share each micro-batch, each holding a slice of its rows (DeepSpeed Ulysses; see
     docs/sequence_parallel.md): ``world / sequence_parallel_size`` data-parallel groups. Needs attention heads and key/value
@@ -530,6 +535,7 @@ class ParallelConfig:
                 f"DeepSpeed config `{self.deepspeed}` not found (presets: {preset_names()})",
             ),
             (self.ddp_timeout >= 1, "`ddp_timeout` must be >= 1 second"),
+            (self.heartbeat_timeout >= 0, "`heartbeat_timeout` must be >= 0 seconds (0: no watchdog)"),
             (self.sequence_parallel_size >= 1, "`sequence_parallel_size` must be >= 1"),
         ]
         return [message for ok, message in checks if not ok]

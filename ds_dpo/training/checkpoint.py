@@ -5,7 +5,8 @@ A checkpoint is ``output_dir/checkpoints/step-N``: DeepSpeed's own files (engine
 rate, the partial metric window; plus RNG states and the world size), plain JSON so that resuming unpickles nothing of
 ours. Once every rank has finished writing, rank 0 writes ``manifest.json`` (every file's size, and a checksum of
 each small one) and only then replaces ``checkpoints/latest`` (atomically): a crash, a kill or a full disk during a
-save leaves the previous checkpoint in place as the one to resume from, and a save that fails is removed.
+save leaves the previous checkpoint in place as the one to resume from; what a failed save left is skipped on resume and
+removed by the next save of that step.
 
 Resuming with ``auto`` takes the newest checkpoint whose files match its manifest; one that does not (a save that
 never finished, a file truncated or damaged by a copy or a quota) is skipped with a message saying what is wrong,
@@ -134,12 +135,9 @@ def find_checkpoint(root: Path, spec: str) -> Path | None:
         if problem:
             raise CheckpointError(f"checkpoint {path} cannot be resumed from: {problem}")
         return path
-    latest = (path / LATEST).read_text().strip() if (path / LATEST).is_file() else None
-    # the one `latest` names first (the newest a save completed), then the others, newest first
-    ordered = sorted(reversed(candidates), key=lambda c: c.name != latest)
+    latest = _latest(path)
     refused = []
-    for candidate in ordered:
-        problem = checkpoint_problem(candidate, legacy=candidate.name == latest)
+    for candidate, problem in _examined(path, candidates):
         if problem is None:
             return candidate
         refused.append(f"{candidate.name}: {problem}")
@@ -150,6 +148,26 @@ def find_checkpoint(root: Path, spec: str) -> Path | None:
         f"no whole checkpoint under {path} to resume from ({'; '.join(refused)}). Start without "
         "`resume_from_checkpoint`, or restore a checkpoint from a copy"
     )
+
+
+def _latest(root: Path) -> str | None:
+    return (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+
+
+def _examined(root: Path, candidates: list[Path]):
+    """(checkpoint, its problem or None) in the order a resume considers them: the one ``latest`` names first (the
+    newest a save completed), then the others, newest first."""
+    latest = _latest(root)
+    for candidate in sorted(reversed(candidates), key=lambda c: c.name != latest):
+        yield candidate, checkpoint_problem(candidate, legacy=candidate.name == latest)
+
+
+def last_whole_checkpoint(root: Path) -> str:
+    """Where ``--resume_from_checkpoint auto`` would resume from, in words (for messages; says nothing itself)."""
+    for candidate, problem in _examined(root, checkpoint_tags(root)):
+        if problem is None:
+            return f"the last whole checkpoint is {candidate}"
+    return f"no whole checkpoint under {root} yet"
 
 
 def read_state(checkpoint: Path, rank: int) -> dict:
@@ -239,12 +257,17 @@ class Checkpointer:
 
         Before writing, every rank checks that the disk has room for a checkpoint as large as the last one, and all
         stop together with CheckpointError if any has not: nothing is written and ``latest`` stays. A write that fails
-        anyway (another writer filled the disk meanwhile) raises on its rank at once; DeepSpeed's save holds
-        collectives after its writes, so the other ranks end when the launcher stops the job, the partial checkpoint
-        has no manifest and ``auto`` resumes from ``latest``."""
+        anyway (the first save, or another writer filled the disk meanwhile) raises on its rank at once, and the
+        watchdog stops the other ranks (``ds_dpo.watchdog``); the partial checkpoint has no manifest, so ``auto``
+        resumes from ``latest``, and the next save of that step removes it."""
         started = time.perf_counter()
         rank, tag = torch.distributed.get_rank(), f"{TAG_PREFIX}{state.step}"
         directory = self.root / tag
+        if rank == 0 and directory.is_dir() and checkpoint_problem(directory) is not None:
+            # left by a save that failed or was killed (no manifest): not a checkpoint, and its files must not mix
+            # with this save's (the collective below orders the removal before any rank writes)
+            say(f"notice: removing {directory}, left by a save that did not finish")
+            shutil.rmtree(directory)
         need = self._last_checkpoint_bytes()
         free = shutil.disk_usage(self.root).free if self.root.exists() else None
         if any_rank(free is not None and free < need, device()):
@@ -284,12 +307,16 @@ class Checkpointer:
         free = shutil.disk_usage(self.root).free / 2**20 if self.root.exists() else float("nan")
         latest = self.root / LATEST
         kept = (
-            f"checkpoint {latest.read_text().strip()} is kept" if latest.is_file() else "no earlier checkpoint exists"
+            f"checkpoint {latest.read_text().strip()} is kept, and `latest` still names it"
+            if latest.is_file()
+            else "no earlier checkpoint exists"
         )
+        partial = f"the partial {directory.name} is not a checkpoint (no manifest); " if directory.exists() else ""
         return (
-            f"saving checkpoint {directory} failed ({why}); {free:.0f} MiB free on the disk holding {self.root}. "
-            f"`latest` still names the last whole checkpoint ({kept}): free space (or set `save_total_limit`, or "
-            "move `output_dir` to a larger disk), then resume with `--resume_from_checkpoint auto`"
+            f"saving checkpoint {directory} failed ({why}); {free:.0f} MiB free on the disk holding {self.root}: "
+            f"{partial}{kept}. Free space (or set "
+            "`save_total_limit`, or move `output_dir` to a larger disk), then resume with "
+            "`--resume_from_checkpoint auto`"
         )
 
     def tags(self) -> list[Path]:

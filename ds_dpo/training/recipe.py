@@ -45,7 +45,7 @@ from ds_dpo.models import engines
 from ds_dpo.models.activation_memory import checkpoint_offload
 from ds_dpo.models.ds_config import reference_deepspeed_config, resolve_deepspeed_config
 from ds_dpo.plan import RunPlan, make_plan
-from ds_dpo.training.checkpoint import Checkpointer
+from ds_dpo.training.checkpoint import Checkpointer, last_whole_checkpoint
 from ds_dpo.training.export import export_hf_model
 from ds_dpo.training.loggers import MetricsLogger
 from ds_dpo.training.metrics import MetricAccumulator, max_over_ranks, peak_memory_mb
@@ -58,6 +58,7 @@ from ds_dpo.training.reference import (
     precompute_reference_logps,
 )
 from ds_dpo.training.state import TrainState
+from ds_dpo.watchdog import Watchdog
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ class DPORecipe:
     """Weight of a mixture-of-experts policy's router loss (0: none computed)."""
     state: TrainState
     logger: MetricsLogger | None = None
+    watchdog: Watchdog | None = None
+    """Ends the job when a rank is lost (more than one rank, ``heartbeat_timeout`` > 0)."""
 
     def __init__(self, cfg: DPOConfig):
         self.cfg = cfg
@@ -116,6 +119,11 @@ class DPORecipe:
             self.cfg = self.cfg.replace(**builtin.materialize(self.output_dir / "builtin", self.cfg.seed))
         self.rank, self.world_size, _ = distributed.init_distributed(self.cfg.parallel.ddp_timeout)
         self.device = distributed.device()
+        self.checkpointer = Checkpointer(self.cfg.checkpoint, self.output_dir, self.world_size)
+        if self.world_size > 1 and self.cfg.parallel.heartbeat_timeout > 0:
+            self.watchdog = Watchdog.start(
+                self.cfg.parallel.heartbeat_timeout, lambda: last_whole_checkpoint(self.checkpointer.root)
+            )
         self.plan = plan = make_plan(self.cfg, self.world_size, self.device.type)
         if plan.support.attn_implementation != self.cfg.model.attn_implementation:  # what the class can run
             self.cfg = self.cfg.replace(attn_implementation=plan.support.attn_implementation)
@@ -167,7 +175,6 @@ class DPORecipe:
         )
 
         ds_config = resolve_deepspeed_config(cfg, self.world_size)
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.output_dir, self.world_size)
         self.checkpointer.prepare_resume(ds_config)
         if self.rank == 0:
             dump_config(cfg, self.output_dir / "config.yaml")
@@ -430,11 +437,21 @@ class DPORecipe:
             self.policy, self.processor or self.tokenizer, self.output_dir, self.cfg.checkpoint.save_merged_model
         )
 
-    def cleanup(self, completed: bool = True) -> None:
+    def failed(self) -> None:
+        """An unexpected error in this rank: if it comes from a lost rank, the watchdog ends the process with a
+        message naming that rank; otherwise this returns and the error goes on."""
+        if self.watchdog is not None:
+            self.watchdog.wait_for_verdict()
+
+    def cleanup(self, completed: bool = True, status: int | None = None, error: str | None = None) -> None:
         """Close the logs and release what the run holds outside this process; safe after a failure at any point.
 
-        ``completed``: every rank got here normally, so they meet at a barrier first: the CPU shared-memory buffers
-        are unlinked once no rank communicates any more."""
+        ``completed``: every rank got here normally, so they meet at a barrier first (the CPU shared-memory buffers
+        are unlinked once no rank communicates any more). Otherwise this rank stopped on an error: one it reported,
+        whose exit ``status`` the other ranks then stop with, or an unexpected ``error``, which they report as the
+        loss of this rank."""
+        if self.watchdog is not None and not completed:
+            self.watchdog.close(status, error)
         if self.logger is not None:
             self.logger.close()
         if self._hooks:
@@ -446,4 +463,6 @@ class DPORecipe:
         if torch.distributed.is_initialized():
             if completed:
                 torch.distributed.barrier()
+                if self.watchdog is not None:
+                    self.watchdog.close(0)
             distributed.release_shm_buffers()

@@ -1,15 +1,21 @@
-"""Faults a cluster job meets, injected into real launched runs (2 CPU ranks, ZeRO-3): a damaged newest checkpoint
-and a disk that fills up during a save. Each ends with a message that names what and where, loses nothing that was
-saved, and ``--resume_from_checkpoint auto`` continues exactly (the uninterrupted run's losses to 1e-6)."""
+"""Faults a cluster job meets, injected into real launched runs (2 CPU ranks, ZeRO-3): a rank killed mid-step, a
+node lost or hung, a damaged newest checkpoint, a disk that fills up before or during a save. Each ends the job
+within seconds with a message that names what and where, loses nothing that was saved, and
+``--resume_from_checkpoint auto`` continues exactly (the uninterrupted run's losses to 1e-6)."""
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import uuid
 
+import psutil
 import pytest
 
-from helpers.runs import assert_same_weights, cli, launch, read_metrics
+from helpers.runs import DEEPSPEED, REPO, assert_same_weights, cli, free_port, launch, read_metrics
 
 pytestmark = pytest.mark.slow  # every test here launches real multi-process runs
 
@@ -123,3 +129,135 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_the_run_resumes
     assert f"resumed from {elsewhere / 'checkpoints' / 'step-2'} at step 2" in proc.stdout
     same_losses(step_losses(elsewhere), step_losses(whole))
     assert_same_weights(whole, elsewhere, tol=RESUMED_PAST)
+
+
+LONG_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(builtin_files, tmp_path_factory):
+    """The keys of a 12-step run and the directory of that run, uninterrupted (for the tests that break it)."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    common = [*run_keys(builtin_files, tmp_path), "--max_steps", str(LONG_STEPS)]
+    launch(*common, save_steps=0, output_dir=str(tmp_path / "whole"))
+    return common, tmp_path / "whole"
+
+
+def started(cmd: list[str], log) -> subprocess.Popen:
+    """A launcher in its own session (as a node's job step is), its output in ``log``."""
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_checkpoint(checkpoints, job: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "latest").exists():
+        assert job.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+
+
+def rank_processes(job: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(job.pid).children(recursive=True) if "launch/train.py" in " ".join(p.cmdline())]
+
+
+def test_a_rank_killed_mid_step_ends_the_job_and_retry_resumes_it_exactly(uninterrupted, tmp_path):
+    """SIGKILL one rank (as the out-of-memory killer does) of a job run under launch/retry.py with the deepspeed
+    launcher: the other rank stops within seconds naming it and the last checkpoint, nothing of the first attempt is
+    left running, and the automatic restart continues to the uninterrupted run's losses and weights."""
+    common, whole = uninterrupted
+    run, log = tmp_path / "run", tmp_path / "log"
+    cmd = [sys.executable, "launch/retry.py", "--max_restarts", "1", "--wait", "1", "--", DEEPSPEED, "--num_gpus",
+           "2", "--master_port", str(free_port()), "launch/train.py", *common, "--save_steps", "2",
+           "--output_dir", str(run)]  # fmt: skip
+    with open(log, "w") as out:
+        job = started(cmd, out)
+        try:
+            wait_for_checkpoint(run / "checkpoints", job)
+            first_attempt = psutil.Process(job.pid).children(recursive=True)
+            victim = next(p for p in rank_processes(job) if "--local_rank=1" in p.cmdline())
+            victim.kill()
+            killed = time.monotonic()
+            _, alive = psutil.wait_procs(first_attempt, timeout=60)
+            seconds = time.monotonic() - killed
+            assert job.wait(timeout=600) == 0
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert not alive and seconds < 15, f"{alive} alive {seconds:.0f} s after the kill"
+    assert f"ds_dpo: rank 1 (host {os.uname().nodename}, pid {victim.pid}) died" in output
+    assert f"the last whole checkpoint is {run / 'checkpoints'}/step-" in output and "Traceback" not in output
+    assert "ds_dpo retry: the job failed (exit status 247); restart 1 of 1" in output  # 247: the launcher's -9
+    assert f"resumed from {run / 'checkpoints'}/step-" in output
+    same_losses(step_losses(run), step_losses(whole))
+    assert_same_weights(whole, run, tol=RESUMED_PAST)
+    print(f"a rank killed: the job ended {seconds:.1f} s later")
+
+
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_a_lost_node_ends_the_other_nodes_ranks_and_the_run_resumes(uninterrupted, tmp_path, fault):
+    """Two "nodes" on this machine (a hostfile, one launcher per node, as under SLURM). Node 1's launcher and rank
+    are killed (the node is gone) or stopped (SIGSTOP: it hangs, its connections stay open): node 0's launcher
+    exits non-zero within seconds (the heartbeat timeout, 5 s here, for the hung one) naming rank 1; resuming on
+    one node continues exactly."""
+    common, whole = uninterrupted
+    run = tmp_path / "run"
+    (tmp_path / "hosts").write_text("node0 slots=1\nnode1 slots=1\n")
+    port, logs = str(free_port()), [tmp_path / "node0.log", tmp_path / "node1.log"]
+    nodes = []
+    try:
+        for node in (0, 1):
+            cmd = [DEEPSPEED, "--hostfile", str(tmp_path / "hosts"), "--no_ssh", "--node_rank", str(node),
+                   "--master_addr", "127.0.0.1", "--master_port", port, "launch/train.py", *common,
+                   "--save_steps", "2", "--heartbeat_timeout", "5", "--output_dir", str(run)]  # fmt: skip
+            nodes.append(started(cmd, open(logs[node], "w")))
+        wait_for_checkpoint(run / "checkpoints", nodes[0])
+        survivors = [psutil.Process(nodes[0].pid), *psutil.Process(nodes[0].pid).children(recursive=True)]
+        os.killpg(nodes[1].pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        lost = time.monotonic()
+        status = nodes[0].wait(timeout=120)
+        seconds = time.monotonic() - lost
+        _, alive = psutil.wait_procs(survivors, timeout=10)
+    finally:
+        for job in nodes:
+            with contextlib.suppress(ProcessLookupError):  # node 0's launcher and ranks have exited
+                os.killpg(job.pid, signal.SIGKILL)
+                os.killpg(job.pid, signal.SIGCONT)
+            job.wait()
+    output = logs[0].read_text()
+    assert status != 0 and not alive, output[-3000:]
+    how = "died: its process ended" if fault == "killed" else "has not been heard from for 5 s"
+    assert f"ds_dpo: rank 1 (host {os.uname().nodename}, pid " in output and how in output, output[-3000:]
+    assert "Traceback" not in output
+    assert seconds < (10 if fault == "killed" else 20), f"node 0 stopped {seconds:.0f} s after node 1 was lost"
+    print(f"a node {fault}: the other node's launcher exited {seconds:.1f} s later")
+    proc = launch(*common, save_steps=0, output_dir=str(run), resume_from_checkpoint="auto")
+    assert f"resumed from {run / 'checkpoints'}/step-" in proc.stdout
+    same_losses(step_losses(run), step_losses(whole))
+
+
+def test_a_disk_that_fills_up_during_the_first_save_stops_every_rank_and_loses_nothing(
+    uninterrupted, tmp_path, small_disk
+):
+    """No checkpoint yet, so no size to check the free space against: the first save itself runs out of room. The
+    rank whose write failed says so and every rank stops with status 3, promptly; nothing claims to be a
+    checkpoint, and the run restarted on a disk with room starts over, removing what the failed save left."""
+    common, whole = uninterrupted
+    logs_bytes = sum(-(-f.stat().st_size // 4096) * 4096 for f in whole.rglob("*") if f.suffix != ".safetensors")
+    disk = small_disk(logs_bytes + (512 << 10))  # the logs of a longer run, and a third of a checkpoint (1.4 MB)
+    out = disk / "out"
+    started_at = time.monotonic()
+    proc = launch(*common, save_steps=2, output_dir=str(out), check=False)
+    seconds = time.monotonic() - started_at
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    checkpoints = out / "checkpoints"
+    assert f"saving checkpoint {checkpoints / 'step-2'} failed (" in proc.stderr
+    assert "MiB free on the disk holding" in proc.stderr and "no earlier checkpoint exists" in proc.stderr
+    assert not (checkpoints / "latest").exists()
+    print(f"disk full during the first save: every rank stopped, {seconds:.0f} s after the launch")
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(out, elsewhere)
+    proc = launch(*common, save_steps=2, output_dir=str(elsewhere), resume_from_checkpoint="auto")
+    assert "starting from scratch" in proc.stdout
+    assert f"removing {elsewhere / 'checkpoints' / 'step-2'}, left by a save that did not finish" in proc.stdout
+    same_losses(step_losses(elsewhere), step_losses(whole))
