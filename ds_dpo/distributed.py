@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import functools
 import os
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -85,6 +86,7 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int]:
     """
     clear_stale_build_locks()
     cache_cpu_info()
+    alone = _one_process_without_launcher()
     release_shm_buffers()  # a killed run's, on the same address and port: a new run would map them unreset
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -103,9 +105,31 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int]:
     )
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if alone:
+        say(
+            "notice: started without a launcher: one process. For several GPUs or nodes: `deepspeed --num_gpus N "
+            "launch/train.py ...` (docs/deepspeed.md)"
+        )
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank)
     return rank, world, local_rank
+
+
+def _one_process_without_launcher() -> bool:
+    """Started as ``python launch/train.py`` (how Hugging Face and TRL scripts are often first run), no launcher
+    has described the process group, and DeepSpeed would go looking for MPI (and fail without ``mpi4py``). Describe a
+    group of one process, as ``torchrun --nproc_per_node 1`` would. MPI launchers, which DeepSpeed discovers itself,
+    are left to it."""
+    if "RANK" in os.environ or any(key in os.environ for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+        return False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )  # fmt: skip
+    return True
 
 
 def device() -> torch.device:

@@ -45,7 +45,16 @@ def main(argv: list[str]) -> int:
 
     if cfg.builtin:
         cfg = cfg.replace(**builtin.materialize(Path(cfg.output_dir) / "builtin", cfg.seed))
-    config = AutoConfig.from_pretrained(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:  # no Hub access, a gated or unknown repository, no config.json, no model_type
+        print(
+            f"ds_dpo: cannot read the model config of {cfg.model.model_name_or_path!r} "
+            f"({str(e).strip().splitlines()[0]}). Without Hub access, give a local directory holding the model's "
+            "config.json as --model_name_or_path (the estimate needs nothing else)",
+            file=sys.stderr,
+        )
+        return 2
     world = args.num_gpus * args.num_nodes
     try:
         work = workload(cfg, config, world, args.num_gpus, args.prompt_tokens, args.completion_tokens)

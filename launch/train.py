@@ -3,6 +3,7 @@
     deepspeed --num_gpus 2 launch/train.py                                   # the built-in tiny task
     deepspeed --num_gpus 8 launch/train.py --config run.yaml --beta 0.2     # your model and data
     deepspeed --hostfile hosts launch/train.py --config run.yaml            # several nodes
+    python launch/train.py --config run.yaml                                 # one process, no launcher
 
 Any config key can be given as ``--key value`` (docs/configuration.md); they override the YAML.
 Exit status: 0 finished or preempted (checkpoint saved); 2 bad config or data; 3 a checkpoint could not be written or
@@ -24,6 +25,11 @@ NON_FINITE = 5
 
 
 def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        from ds_dpo.config.docs import key_help
+
+        print(f"{__doc__}\nConfig keys (defaults; every one in full: docs/configuration.md):{key_help()}")
+        return 0
     try:
         cfg = load_config(argv)
         cfg.validate()

@@ -126,8 +126,8 @@ def test_lora_count_is_peft_s():
 
 
 def test_command_line_gives_a_table_and_a_verdict(tmp_path, capsys):
-    """launch/estimate.py's main, in this process: exit 0 with a verdict, 1 when nothing fits, 2 for a bad config
-    and for an encoder-decoder model (not estimated)."""
+    """launch/estimate.py's main, in this process: exit 0 with a verdict, 1 when nothing fits, 2 for a bad config,
+    an encoder-decoder model (not estimated) and a model config it cannot read (one line, no traceback)."""
     spec = importlib.util.spec_from_file_location("estimate_cli", REPO / "launch" / "estimate.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
@@ -161,3 +161,7 @@ def test_command_line_gives_a_table_and_a_verdict(tmp_path, capsys):
     assert code == 2 and "`beta`" in err
     code, _, err = run(model="t5")
     assert code == 2 and "T5ForConditionalGeneration is an encoder-decoder model" in err
+    (tmp_path / "no-config").mkdir()  # as a Hub id without Hub access: no config.json to read
+    code, _, err = run(model="no-config")
+    assert code == 2 and f"cannot read the model config of '{tmp_path / 'no-config'}'" in err
+    assert "give a local directory holding the model's config.json" in err and "Traceback" not in err

@@ -42,22 +42,40 @@ def _show(value: Any) -> str:
     return f"`{value if plain else json.dumps(value)}`"
 
 
-def config_reference() -> str:
-    """Markdown tables of every key, section by section, with defaults and docstrings (docs/configuration.md's)."""
+def _sections():
+    """(section name, its title, [(key, default, docstring)]) for the run-wide keys, then each section's."""
     defaults = DPOConfig()
-    parts = []
     for name, owner in [("run", DPOConfig), *SECTIONS.items()]:
         section = defaults if owner is DPOConfig else getattr(defaults, name)
-        rows = [
-            f"| `{key}` | {_show(getattr(section, key))} | {doc} |"
+        keys = [
+            (key, getattr(section, key), doc)
             for key, doc in _field_docs(owner).items()
             if key != "local_rank" and KEYS.get(key, "") == (None if owner is DPOConfig else name)
         ]
-        title = (owner.__doc__ or "").strip().splitlines()[0]
+        yield name, (owner.__doc__ or "").strip().splitlines()[0], keys
+
+
+def config_reference() -> str:
+    """Markdown tables of every key, section by section, with defaults and docstrings (docs/configuration.md's)."""
+    parts = []
+    for name, title, keys in _sections():
+        rows = [f"| `{key}` | {_show(default)} | {doc} |" for key, default, doc in keys]
         parts.append(
             "\n".join([f"**{name}** — {title}", "", "| key | default | meaning |", "| --- | --- | --- |", *rows])
         )
     return "\n\n".join(parts)
+
+
+def key_help() -> str:
+    """Every key for ``--help``: section by section, ``--key`` with its default and its docstring's first sentence."""
+    lines = []
+    for name, title, keys in _sections():
+        lines.append(f"\n{name}: {title}")
+        for key, default, doc in keys:
+            first = doc.split(". ")[0].rstrip(".").replace("`", "")
+            lines.append(f"  --{key} {_show(default).strip('`')}")
+            lines.append(textwrap.fill(first + ".", 116, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines)
 
 
 def written_table() -> str:

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -247,3 +249,15 @@ def test_report_to_takes_lists_commas_all_and_none(monkeypatch):
     assert reporters("all") == ["tensorboard", "jsonl"]
     with pytest.raises(ConfigError, match="names wandb, which is not installed: `pip install wandb`"):
         make_config({"report_to": ["wandb"]}).validate()
+
+
+def test_help_lists_every_key_with_its_default():
+    """`python launch/train.py --help` (a new user's first command) prints the usage and every key, and exits 0."""
+    proc = subprocess.run(
+        [sys.executable, "launch/train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("Train a policy with DPO on DeepSpeed.")
+    assert "\n  --beta 0.1\n" in proc.stdout and "\n  --heartbeat_timeout 60\n" in proc.stdout
+    listed = {line.split()[0][2:] for line in proc.stdout.splitlines() if line.startswith("  --")}
+    assert listed == set(KEYS) - {"local_rank"}

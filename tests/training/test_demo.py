@@ -4,7 +4,10 @@ with plain transformers), a config error stopping before training, and a two-nod
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +22,8 @@ from ds_dpo.forward.logprobs import Scoring, concatenated_forward
 from ds_dpo.forward.scoring import install_token_scoring
 from helpers.runs import (
     DEEPSPEED,
+    REPO,
+    cli,
     free_port,
     launch,
     losses,
@@ -125,6 +130,19 @@ def test_config_errors_stop_before_training(tmp_path):
     proc = launch(betta=0.1, output_dir=str(tmp_path), nprocs=1, check=False)
     assert proc.returncode != 0
     assert "unknown config key `betta` in the command line; did you mean `beta`?" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_run_started_without_a_launcher_runs_as_one_process(tmp_path):
+    """`python launch/train.py ...`, as Hugging Face and TRL scripts are often first run: no launcher's environment,
+    no MPI; one process, said at startup."""
+    launcher_keys = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher_keys}
+    cmd = [sys.executable, "launch/train.py", *cli(max_steps=2, save_steps=0, output_dir=str(tmp_path / "out"))]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "notice: started without a launcher: one process" in proc.stdout
+    assert read_metrics(tmp_path / "out")[-1]["step"] == 2
 
 
 @pytest.mark.slow
