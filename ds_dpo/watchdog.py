@@ -16,6 +16,7 @@ ranks failing together on the same error each report it their own way instead of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -34,6 +35,8 @@ GRACE_S = 2.0
 """How long a verdict waits for this rank's own main thread to end the run first."""
 BEAT_S = 1.0
 """Heartbeat period, both ways."""
+FAREWELL_S = 2.0
+"""How long an ending rank waits for the other side of its connections to have read its last word."""
 
 
 @dataclass(frozen=True)
@@ -67,20 +70,20 @@ class _Channel:
         except OSError:
             pass  # it is gone: reading it says so
 
-    def read(self) -> list[str] | None:
-        """The complete lines received; None once the other side has closed the connection."""
+    def read(self) -> tuple[list[str], bool]:
+        """The complete lines received (those read with the hello included), and whether the other side has closed
+        the connection."""
         try:
             data = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
-            return []
+            return [], False
         except OSError:
             data = b""
-        if not data:
-            return None
-        self.heard = time.monotonic()
+        if data:
+            self.heard = time.monotonic()
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
-        return [line.decode() for line in lines]
+        return [line.decode() for line in lines], not data
 
 
 class Watchdog:
@@ -95,7 +98,6 @@ class Watchdog:
         self._closed = threading.Event()
         self._selector = selectors.DefaultSelector()
         self._channels: list[_Channel] = []
-        self._rank0: Peer | None = None
         self.verdict: Verdict | None = None
         self._decided = threading.Event()
 
@@ -116,7 +118,6 @@ class Watchdog:
             address = [None]
         torch.distributed.broadcast_object_list(address, src=0)
         rank0, port = address[0]
-        watchdog._rank0 = rank0
         if rank == 0:
             listener.settimeout(300)
             for _ in range(world - 1):  # every rank connects right after the broadcast
@@ -147,9 +148,9 @@ class Watchdog:
     # --- the main thread's side ---------------------------------------------------------------------------------
 
     def close(self, status: int | None, error: str | None = None) -> None:
-        """This rank is ending: ``status`` 0 or another status every rank agreed on -> ``done``; a status this rank
-        reported itself -> the others exit with it; None (an unexpected ``error``) -> the others report this rank as
-        lost, with the error. Stops the watch: from now on this rank ends as its main thread decides."""
+        """This rank is ending: ``status`` 0 -> ``done`` (an end every rank agreed on); another status, which this
+        rank reported itself -> the others exit with it; None (an unexpected ``error``) -> the others report this
+        rank as lost, with the error. Stops the watch: from now on this rank ends as its main thread decides."""
         if self._closed.is_set():
             return
         self._closed.set()
@@ -159,12 +160,21 @@ class Watchdog:
             line = f"failed {status}"
         else:
             line = f"crashed {' '.join((error or 'an unexpected error (see its output)').split())[:500]}"
+        # A socket closed with unread data (the other side's heartbeats) is reset, and the reset discards what it
+        # sent last, this line included: half-close, then read until the other side has closed too.
+        deadline = time.monotonic() + FAREWELL_S
         for channel in self._channels:
             channel.send(line)
-            try:
+            with contextlib.suppress(OSError):
+                channel.sock.shutdown(socket.SHUT_WR)
+        for channel in self._channels:
+            with contextlib.suppress(OSError):
+                while (left := deadline - time.monotonic()) > 0:
+                    channel.sock.settimeout(left)
+                    if not channel.sock.recv(65536):
+                        break
+            with contextlib.suppress(OSError):
                 channel.sock.close()
-            except OSError:
-                pass
 
     def wait_for_verdict(self, timeout_s: float = GRACE_S + 2 * BEAT_S) -> None:
         """On an unexpected error in this rank's main thread: if it comes from a lost rank (gloo fails at once when
@@ -208,17 +218,7 @@ class Watchdog:
                 return
 
     def _receive(self, channel: _Channel) -> None:
-        lines = channel.read()
-        if lines is None:
-            self._selector.unregister(channel.sock)
-            if channel.ended is None:
-                self._lost(
-                    channel,
-                    "died: its process ended without a word (killed by a signal or the "
-                    "out-of-memory killer, or crashed: see its output above)",
-                )
-            channel.ended = channel.ended or "closed"
-            return
+        lines, closed = channel.read()
         for line in lines:
             word, _, rest = line.partition(" ")
             if word == "done":
@@ -231,6 +231,16 @@ class Watchdog:
                 self._lost(channel, f"stopped with an error: {rest}")
             elif word == "stop" and self.rank != 0:  # rank 0 ended the job; it says why
                 self._decide(Verdict(int(rest), None))
+        if closed and channel.ended is None:
+            self._lost(
+                channel,
+                "died: its process ended without a word (killed by a signal or the "
+                "out-of-memory killer, or crashed: see its output above)",
+            )
+        if closed or channel.ended is not None:  # all it had to say is read: closing now resets nothing
+            self._selector.unregister(channel.sock)
+            channel.sock.close()
+            channel.ended = channel.ended or "closed"
 
     def _lost(self, channel: _Channel, how: str) -> None:
         channel.ended = channel.ended or "lost"
