@@ -40,7 +40,7 @@ from ds_dpo.data.tokenization import encode_pair
 from ds_dpo.distributed import say
 
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-CACHE_VERSION = "2"  # bump when tokenization rules change, so that old cache files are not reused
+CACHE_VERSION = "3"  # bump when tokenization rules change, so that old cache files are not reused
 MAX_LISTED = 10
 
 __all__ = ["DataError", "DataReport", "load_preference_data", "load_tokenized", "prepare_source"]
@@ -57,6 +57,10 @@ class SourceReport:
     dropped: dict[str, int] = field(default_factory=dict)
     prompt_truncated: int = 0
     completion_truncated: int = 0
+    prompt_not_prefix: int = 0
+    """Conversational pairs whose rendered prompt is not a prefix of the rendered conversations."""
+    prompt_tokens_left_out: int = 0
+    """Their prompt tokens past the point where prompt and conversation diverge, in all."""
     pairs: int = 0
     lengths: dict[str, dict[str, int]] = field(default_factory=dict)
     cache_hit: bool = False
@@ -85,6 +89,13 @@ class DataReport:
             if s.prompt_truncated or s.completion_truncated:
                 lines.append(
                     f"    truncated: {s.prompt_truncated} prompts, {s.completion_truncated} pairs' completions"
+                )
+            if s.prompt_not_prefix:
+                lines.append(
+                    f"    prompt not a prefix of its conversation: {s.prompt_not_prefix} pairs (the chat template renders"
+                    " the prompt alone differently, e.g. an empty <think></think> block before a reply); as in TRL,"
+                    f" the completions start where they diverge, leaving {s.prompt_tokens_left_out} rendered prompt"
+                    " tokens out in all"
                 )
             for part, q in s.lengths.items():
                 lines.append(f"    {part} tokens: " + ", ".join(f"{k} {v}" for k, v in q.items()))
@@ -265,6 +276,8 @@ def _tally(tokenized: datasets.Dataset, report: SourceReport) -> np.ndarray:
     report.dropped = {d["values"]: d["counts"] for d in dropped}
     report.prompt_truncated = int(pc.sum(stats["prompt_truncated"]).as_py() or 0)
     report.completion_truncated = int(pc.sum(stats["completion_truncated"]).as_py() or 0)
+    report.prompt_not_prefix = int(pc.sum(pc.greater(stats["prompt_not_prefix"], 0)).as_py() or 0)
+    report.prompt_tokens_left_out = int(pc.sum(stats["prompt_not_prefix"]).as_py() or 0)
     report.lengths = {
         part: _percentiles(pc.filter(stats[f"{part}_length"], kept).to_numpy())
         for part in ("prompt", "chosen", "rejected")

@@ -8,7 +8,9 @@ a pair cannot be trained on, or "") and the untruncated lengths for the data rep
 - conversations are rendered with the chat template (the prompt with ``add_generation_prompt``; the row's
   ``template_options``, e.g. ``tools`` and ``enable_thinking``, passed to it); the prompt tokens
   are the longest prefix shared by the tokenized prompt and both full conversations, so they are identical for
-  chosen and rejected even for templates that render a prompt differently once a reply follows; the template's own
+  chosen and rejected even for templates that render a prompt differently once a reply follows (TRL 1.16's rule);
+  the tokens of a prompt that is not a prefix of its conversation are counted (``prompt_not_prefix``, for the data
+  report: a thinking template's empty ``<think></think>`` before a reply that thinks, say); the template's own
   end-of-turn closes each reply;
 - rows with images (a vision-language model's ``processor``) are tokenized by the processor with their images, so
   each image token is expanded to the image's feature tokens: conversations rendered by the processor's chat template,
@@ -114,7 +116,10 @@ def _render(
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
 
 
-def _ids(pair: dict[str, Any], tokenizer, encoder_decoder: bool, processor) -> tuple[list[int], list[int], list[int]]:
+def _ids(
+    pair: dict[str, Any], tokenizer, encoder_decoder: bool, processor
+) -> tuple[list[int], list[int], list[int], int]:
+    """Prompt, chosen and rejected ids, and how many tokens of the rendered prompt are not in the prompt ids."""
     prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
     images = None
     if "images" in pair:  # a vision-language row: the processor renders and tokenizes it, images included
@@ -122,13 +127,14 @@ def _ids(pair: dict[str, Any], tokenizer, encoder_decoder: bool, processor) -> t
 
         tokenizer, images = processor, open_images(pair["images"])
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        return prompt, chosen, rejected
+        return prompt, chosen, rejected, 0
     if isinstance(prompt, list) and encoder_decoder:  # the rendered prompt to the encoder, each reply's text as target
         options = json.loads(pair.get("template_options") or "{}")
         return (
             _render(tokenizer, prompt, True, options),
             _target(tokenizer, _reply_text(chosen)),
             _target(tokenizer, _reply_text(rejected)),
+            0,
         )
     if isinstance(prompt, list):  # messages
         options = json.loads(pair.get("template_options") or "{}")
@@ -136,18 +142,18 @@ def _ids(pair: dict[str, Any], tokenizer, encoder_decoder: bool, processor) -> t
         full_chosen = _render(tokenizer, prompt + chosen, False, options, images)
         full_rejected = _render(tokenizer, prompt + rejected, False, options, images)
         n = _common_prefix(prompt_ids, full_chosen, full_rejected)
-        return full_chosen[:n], full_chosen[n:], full_rejected[n:]
+        return full_chosen[:n], full_chosen[n:], full_rejected[n:], len(prompt_ids) - n
     if pair["split_by_tokens"]:  # implicit prompt without turn boundaries: longest common token prefix
         full_chosen, full_rejected = _text_prompt(tokenizer, chosen), _text_prompt(tokenizer, rejected)
         n = min(_common_prefix(full_chosen, full_rejected), len(full_chosen) - 1, len(full_rejected) - 1)
         eos = [tokenizer.eos_token_id]
-        return full_chosen[:n], full_chosen[n:] + eos, full_rejected[n:] + eos
+        return full_chosen[:n], full_chosen[n:] + eos, full_rejected[n:] + eos, 0
     completion = _target if encoder_decoder else _completion
     if images is not None:
         text_tokenizer = tokenizer.tokenizer
         prompt_ids = list(tokenizer(text=[prompt], images=images or None)["input_ids"][0])
-        return prompt_ids, _completion(text_tokenizer, chosen), _completion(text_tokenizer, rejected)
-    return _text_prompt(tokenizer, prompt), completion(tokenizer, chosen), completion(tokenizer, rejected)
+        return prompt_ids, _completion(text_tokenizer, chosen), _completion(text_tokenizer, rejected), 0
+    return _text_prompt(tokenizer, prompt), completion(tokenizer, chosen), completion(tokenizer, rejected), 0
 
 
 def encode_pair(
@@ -155,8 +161,9 @@ def encode_pair(
 ) -> dict[str, Any]:
     """The token ids of a canonical pair (``ds_dpo.data.formats``) and its bookkeeping, cut to the length keys of
     ``limits``; ``processor``: a vision-language model's, for rows with images."""
-    prompt, chosen, rejected = _ids(pair, tokenizer, encoder_decoder, processor)
+    prompt, chosen, rejected, not_prefix = _ids(pair, tokenizer, encoder_decoder, processor)
     out = {
+        "prompt_not_prefix": not_prefix,
         "prompt_length": len(prompt),
         "chosen_length": len(chosen),
         "rejected_length": len(rejected),

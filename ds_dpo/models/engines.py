@@ -8,6 +8,8 @@ ZeRO-1/2, where TRL and OpenRLHF replicate it), has no optimizer, and runs in ev
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -20,6 +22,7 @@ import torch._dynamo  # noqa: F401
 from deepspeed.accelerator import get_accelerator
 from transformers import AutoConfig, PretrainedConfig, get_scheduler
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+from transformers.models.auto.configuration_auto import model_type_to_module_name
 
 from ds_dpo.config import DPOConfig, ModelConfig
 from ds_dpo.models.activation_memory import tile_mlps
@@ -46,6 +49,21 @@ def _zero_dropout_rates(config: PretrainedConfig) -> None:
             setattr(config, name, 0.0)
 
 
+def _import_model_code(config: PretrainedConfig) -> None:
+    """The modeling modules of ``config`` and its sub-configs (a vision-language model's language model and vision
+    tower, which the outer model builds by their config) imported before ``deepspeed.zero.Init``. A module class
+    first defined inside zero.Init has DeepSpeed's construction hook wrapped around the ``__init__`` it has when its
+    body ends, and leaving zero.Init puts that one back: what a class decorator installed after the body is undone.
+    transformers 5.25's ``kernels`` wrappers are such a decorator (``LlamaAttention``), so every later instance lacks
+    its ``_kernel_funcs`` and its forward raises AttributeError."""
+    for sub in (getattr(config, name, None) for name in getattr(config, "sub_configs", {})):
+        if isinstance(sub, PretrainedConfig):
+            _import_model_code(sub)
+    module = model_type_to_module_name(config.model_type)
+    with contextlib.suppress(ModuleNotFoundError):  # remote code: imported with its class, before zero.Init
+        importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+
+
 def load_model(
     cfg: DPOConfig, ds_config: dict, trainable: bool, attn_implementation: str | None = None
 ) -> tuple[torch.nn.Module, HfDeepSpeedConfig | None]:
@@ -65,6 +83,7 @@ def load_model(
     config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
     if m.disable_dropout:
         _zero_dropout_rates(config)
+    _import_model_code(config)
     model = auto_class(config).from_pretrained(
         path,
         config=config,

@@ -1,8 +1,8 @@
 """What a model family supports, decided before its weights are loaded: which transformers class builds it, the
 attention implementation it can run and whether its sequences may share a row.
 
-Both come from what transformers declares about the model class (its ``_supports_*`` attention flags and
-``_is_stateful``), not from a list of families kept here:
+Both come from what transformers declares about the model and its config (the class's ``_supports_*`` attention
+flags, the config's ``layer_types``), not from a list of families kept here:
 
 - an attention implementation the class does not support (Gemma-2 has no sdpa: sdpa cannot soft-cap attention
   scores) is replaced by ``eager``;
@@ -13,9 +13,12 @@ Both come from what transformers declares about the model class (its ``_supports
   Idefics3, SmolVLM, ...) is built by that class; its images travel with the batch (``ds_dpo.data.images``), and with
   ds_dpo's block attention only its language model gets the block attention (``attention_setting``): its vision
   tower, which some families (LLaVA) hand the forward's keyword arguments too, keeps the plain kernel;
-- a stateful model (Mamba-style layers: Falcon-H1, Jamba, Bamba, Zamba, Qwen3-Next, ...) carries state from one
-  token to the next along the whole row, past any attention mask, so a packed row would leak one sequence into the
-  next: such models get the padded layout.
+- a stateful model (Mamba-style, linear-attention or short-convolution layers: Falcon-H1, Jamba, Bamba, Zamba,
+  Qwen3-Next, LFM2, ...) carries state from one token to the next along the whole row, past any attention mask, so a
+  packed row would leak one sequence into the next: such models get the padded layout. Told by the layer kinds its
+  config declares (``layer_types``, as transformers' caches read them), by the class's ``_is_stateful`` (transformers
+  before 5.25) or by a forward taking a recurrent state (``cache_params``, ``state``: Mamba,
+  RWKV).
 
 - packed and prefix-shared rows use ds_dpo's block attention (``ds_dpo.forward.attention``) where the class runs its
   attention through transformers' interface (``_supports_attention_backend``), else a dense row-wide mask.
@@ -27,6 +30,7 @@ first micro-batch (``ds_dpo.forward.self_check.scoring_mismatch``).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +50,21 @@ _ATTENTION_FLAGS = {
     "flash_attention_2": "_supports_flash_attn",
     "flash_attention_3": "_supports_flash_attn",
 }
+
+
+# `layer_types` entries of layers that carry a state along the row (transformers gives them recurrent cache layers;
+# "mamba" is the name before transformers 5.25)
+_RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "hybrid", "hybrid_sliding", "conv", "mamba"})
+
+
+def _is_stateful(cls, config) -> bool:
+    if getattr(cls, "_is_stateful", False):
+        return True
+    layer_types = getattr(config.get_text_config(), "layer_types", None) or ()
+    if _RECURRENT_LAYER_TYPES.intersection(layer_types):
+        return True
+    # a recurrent state passed under its own name (Mamba's cache_params, RWKV's state), not as a KV cache
+    return not {"cache_params", "state"}.isdisjoint(inspect.signature(cls.forward).parameters)
 
 
 def is_vision_language(config) -> bool:
@@ -151,7 +170,7 @@ def model_support(config, attn_implementation: str, device_type: str = "cuda") -
     return ModelSupport(
         cls.__name__,
         attn,
-        stateful=bool(getattr(cls, "_is_stateful", False)),
+        stateful=_is_stateful(cls, config),
         attention_backend=bool(getattr(cls, "_supports_attention_backend", False)),
         encoder_decoder=encoder_decoder,
         vision=is_vision_language(config),

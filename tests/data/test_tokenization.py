@@ -1,12 +1,18 @@
+import copy
 import json
+from pathlib import Path
 
+import datasets
 import pytest
+import trl
 
 from ds_dpo.config import DataConfig
 from ds_dpo.data import builtin
 from ds_dpo.data.formats import RowError, normalize
+from ds_dpo.data.pipeline import DataReport, SourceReport, _tally
 from ds_dpo.data.tokenization import encode_pair
 from helpers.data import CHATML
+from helpers.trl_oracle import build_trainer, trl_token_ids
 
 NO_LIMITS = DataConfig(max_length=None, max_prompt_length=None, max_completion_length=None)
 
@@ -100,6 +106,52 @@ def test_template_that_renders_the_prompt_differently_keeps_one_shared_prompt():
     full = tok.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
     assert tok.decode(out["prompt_input_ids"] + out["chosen_input_ids"]) == full
     assert tok.decode(out["prompt_input_ids"]).endswith("assistant\n")
+
+
+QWEN3_TEMPLATE = Path(trl.__file__).parent / "chat_templates" / "qwen3.jinja"  # Qwen3's own, as TRL ships it
+
+
+def _turn(role, content):
+    return [{"role": role, "content": content}]
+
+
+def test_thinking_template_rows_tokenize_as_trl(tokenizer, builtin_files, tmp_path):
+    """Qwen3's chat template: ``enable_thinking`` on and off (run-wide and per row), replies with and without a
+    ``<think>`` block, an earlier turn's thoughts dropped from the history, multi-turn. Token ids = TRL 1.16's for
+    the same rows; a prompt that is not a prefix of its conversation is counted and its completions start where they
+    diverge."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    tok.chat_template = QWEN3_TEMPLATE.read_text()
+    ask, ask_again = _turn("user", "how are you today?"), _turn("user", "and now?")
+    thought = _turn("assistant", "<think>\nhello there\n</think>\n\nI am fine thanks")
+    plain, rude = _turn("assistant", "I am fine thanks"), _turn("assistant", "go away")
+    # every row names it: a table takes its columns from the first row
+    on, off = ({"chat_template_kwargs": {"enable_thinking": flag}} for flag in (True, False))
+    rows = [
+        {"prompt": ask, "chosen": plain, "rejected": rude, **on},  # thinking on: the reply opens with empty thoughts
+        {"prompt": ask, "chosen": plain, "rejected": rude, **off},  # off: the prompt ends with them
+        {"prompt": ask, "chosen": thought, "rejected": rude, **on},  # one reply thinks, the other does not
+        {"prompt": ask, "chosen": thought, "rejected": rude, **off},  # off, but the reply thinks: not a prefix
+        {"prompt": ask + thought + ask_again, "chosen": plain, "rejected": thought, **on},  # history's thoughts dropped
+        {"prompt": ask + plain + ask_again, "chosen": rude, "rejected": plain, **off},
+    ]
+    trainer = build_trainer(builtin_files["model_name_or_path"], str(tmp_path / "trl"))
+    expected = trl_token_ids(trainer, rows, tok)
+    ours = [encode_pair(normalize(row, "conversational", ""), tok, NO_LIMITS) for row in rows]
+    for i, (got, want) in enumerate(zip(ours, expected)):
+        assert {side: got[f"{side}_input_ids"] for side in want} == want, i
+    text = [tok.decode(out["prompt_input_ids"] + out["chosen_input_ids"]) for out in ours]
+    assert text[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nI am fine thanks<|im_end|>\n")
+    assert tok.decode(ours[1]["prompt_input_ids"]).endswith("assistant\n<think>\n\n</think>\n\n")
+    assert "hello there" not in tok.decode(ours[4]["prompt_input_ids"])  # earlier thoughts are not history
+    assert [out["prompt_not_prefix"] > 0 for out in ours] == [False, False, False, True, False, False]
+    assert tok.decode(ours[3]["prompt_input_ids"]).endswith("assistant\n<think>\n")
+
+    report = SourceReport("rows")
+    _tally(datasets.Dataset.from_list(ours), report)
+    assert (report.prompt_not_prefix, report.prompt_tokens_left_out) == (1, ours[3]["prompt_not_prefix"])
+    assert "prompt not a prefix of its conversation: 1 pairs" in DataReport([report]).format()
 
 
 def test_implicit_without_turns_splits_at_the_common_token_prefix(tokenizer):

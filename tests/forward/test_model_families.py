@@ -161,6 +161,9 @@ def test_attention_and_layout_routing_is_announced():
     falcon = model_support(AutoConfig.for_model("falcon_h1", **TINY, **FAMILIES["falcon_h1"]), "sdpa")
     layout, notice = falcon.layout(padding_free=True, prefix_sharing=True)
     assert layout is PADDED and "FalconH1ForCausalLM" in notice
+    # told by the layer kinds the config declares (transformers 5.25 dropped the class flag): short convolutions too
+    lfm2 = model_support(AutoConfig.for_model("lfm2", **TINY, full_attn_idxs=[1]), "sdpa")
+    assert lfm2.layout(padding_free=True, prefix_sharing=False)[0] is PADDED
     assert model_support(AutoConfig.for_model("llama", **TINY), "sdpa").layout(True, True) == (SHARED, None)
 
 

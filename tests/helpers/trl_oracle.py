@@ -101,3 +101,9 @@ def trl_loss(
     loss = trainer._compute_loss(policy, inputs, return_outputs=False)
     (grad,) = torch.autograd.grad(loss, policy.token_logps)
     return loss.detach(), grad
+
+
+def trl_token_ids(trainer: DPOTrainer, rows: list[dict], tokenizer) -> list[dict[str, list[int]]]:
+    """TRL 1.16's prompt/chosen/rejected ids of ``rows`` tokenized with ``tokenizer`` (its own dataset preparation)."""
+    tokenized = trainer._prepare_dataset(Dataset.from_list(rows), tokenizer, trainer.args, "oracle")
+    return [{side: row[f"{side}_ids"] for side in ("prompt", "chosen", "rejected")} for row in tokenized]
