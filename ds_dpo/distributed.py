@@ -36,9 +36,14 @@ def local_main_first():
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Collective (one all-reduce of a scalar): True on every rank if ``flag`` is True on any."""
-    t = torch.tensor([float(flag)], device=device)
+    return bool(max_over_ranks(float(flag), device))
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """Collective (one all-reduce of a scalar): the largest ``value`` of any rank, on every rank."""
+    t = torch.tensor([float(value)], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+    return t.item()
 
 
 def cache_cpu_info() -> None:

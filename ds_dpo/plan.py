@@ -8,6 +8,8 @@ model was loaded with from its config): the layout is a strategy object, the sco
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 
 from ds_dpo.config import ConfigError, DPOConfig
@@ -32,6 +34,9 @@ class RunPlan:
     """(size, rank) of the data-parallel dimension: sequence-parallel groups count as one rank."""
     notices: tuple[str, ...] = ()
     """Where the run differs from what was configured, and why (printed once at startup)."""
+    deadline: float | None = None
+    """When (``time.time()``) the run must have stopped by: ``max_time`` after its start or the SLURM job's end,
+    whichever comes first; None: no limit."""
 
     @property
     def sp(self) -> SequenceParallel | None:
@@ -70,6 +75,10 @@ class RunPlan:
                 "; checkpointed activations offloaded" if cfg.model.activation_offloading else "",
             ]
         )
+        if self.deadline is not None:
+            memory += (
+                f"; stops with a checkpoint before {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.deadline))}"
+            )
         return (
             f"reference: {_describe_reference(cfg)}; batches: {batches}; attention: {attention}; "
             f"log-probs from {chunks}{parallel}{memory}"
@@ -101,4 +110,19 @@ def make_plan(cfg: DPOConfig, world_size: int, device_type: str) -> RunPlan:
     sp = sequence_parallel.initialize(sp_size)
     scoring = Scoring(layout, cfg.batch.logps_chunk_size, cfg.loss.ld_alpha, sp)
     notices = tuple(n for n in (*support.notices, layout_notice, attention_notice) if n)
-    return RunPlan(support, layout, attn_implementation, scoring, sequence_parallel.data_parallel(sp), notices)
+    return RunPlan(
+        support,
+        layout,
+        attn_implementation,
+        scoring,
+        sequence_parallel.data_parallel(sp),
+        notices,
+        _deadline(cfg.checkpoint.max_time_s),
+    )
+
+
+def _deadline(max_time_s: float | None) -> float | None:
+    limits = [time.time() + max_time_s] if max_time_s else []
+    if os.environ.get("SLURM_JOB_END_TIME", "").isdigit():  # epoch seconds, set by SLURM for jobs with a time limit
+        limits.append(float(os.environ["SLURM_JOB_END_TIME"]))
+    return min(limits, default=None)

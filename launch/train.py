@@ -6,10 +6,10 @@
     python launch/train.py --config run.yaml                                 # one process, no launcher
 
 Any config key can be given as ``--key value`` (docs/configuration.md); they override the YAML.
-Exit status: 0 finished or preempted (checkpoint saved); 2 bad config or data; 3 a checkpoint could not be written or
-read back (a full disk, a damaged checkpoint; the message says which); 4 a rank of the job was lost (killed, crashed,
-its node hung or gone: the message names it and the last whole checkpoint); 5 stopped on non-finite steps (checkpoint
-saved); 1 an unexpected error (a traceback). launch/retry.py restarts a job that ended with 1, 4 or a signal.
+Exit status: 0 finished, preempted or stopped before its deadline (checkpoint saved); 2 bad config or data; 3 a
+checkpoint could not be written or read back (a full disk, a damaged checkpoint; the message says which); 4 a rank of
+the job was lost (killed, crashed, its node hung or gone: the message names it and the last whole checkpoint); 5
+stopped on non-finite steps (checkpoint saved); 1 an unexpected error (a traceback). launch/retry.py restarts a job that ended with 1, 4 or a signal.
 """
 
 import sys
@@ -68,9 +68,12 @@ def main(argv: list[str]) -> int:
         print(f"ds_dpo: {result.message}", file=sys.stderr)
     if status != 0 or recipe.rank != 0:
         return status
-    if result.status == "preempted":
+    if result.status in ("preempted", "deadline"):
+        why = (
+            "by a signal" if result.status == "preempted" else "before the time limit (max_time or the SLURM job's end)"
+        )
         print(
-            f"ds_dpo: stopped by a signal at step {result.step}; checkpoint saved under {cfg.output_dir}/"
+            f"ds_dpo: stopped {why} at step {result.step}; checkpoint saved under {cfg.output_dir}/"
             "checkpoints. Resume with the same command plus --resume_from_checkpoint auto"
         )
     elif result.eval_metrics:

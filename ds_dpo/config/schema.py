@@ -415,6 +415,19 @@ class BatchConfig:
         return [message for ok, message in checks if not ok]
 
 
+def duration_seconds(value: str | int | float) -> float:
+    """Seconds of a duration given as a number or as SLURM writes a time limit (``[D-]HH:MM:SS``, ``MM:SS``);
+    ValueError otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    days, _, clock = str(value).strip().rpartition("-")
+    parts = [float(part) for part in clock.split(":")]
+    if not 1 <= len(parts) <= 3 or (days and not days.isdigit()):
+        raise ValueError(f"not a duration: {value!r}")
+    seconds = sum(part * 60**i for i, part in enumerate(reversed(parts)))
+    return seconds + 86400 * int(days or 0)
+
+
 @dataclass
 class CheckpointConfig:
     """When checkpoints are written, how many are kept, where a run resumes from, and what the final model holds."""
@@ -427,12 +440,26 @@ class CheckpointConfig:
     """``auto`` (the newest checkpoint under ``output_dir/checkpoints``, if any) or a checkpoint directory."""
     save_merged_model: bool = False
     """With LoRA: also write the merged full model to ``output_dir/merged``."""
+    max_time: str | int | None = None
+    """Stop with a checkpoint before this much time has passed since the run started: seconds, or ``[D-]HH:MM:SS``
+    as SLURM writes a time limit. Under SLURM the job's end (``SLURM_JOB_END_TIME``) is such a deadline too. The run
+    stops at the first step boundary where one more step and a save might not fit before it, and is resumed like a
+    preempted one (``--resume_from_checkpoint auto``)."""
+
+    @property
+    def max_time_s(self) -> float | None:
+        return None if self.max_time is None else duration_seconds(self.max_time)
 
     def problems(self) -> list[str]:
+        try:
+            max_time_ok = self.max_time_s is None or self.max_time_s > 0
+        except ValueError:
+            max_time_ok = False
         resume = self.resume_from_checkpoint
         checks = [
             (self.save_steps >= 0, "`save_steps` must be >= 0 (0 disables checkpoints)"),
             (self.save_total_limit is None or self.save_total_limit >= 1, "`save_total_limit` must be >= 1 or unset"),
+            (max_time_ok, f"`max_time` must be seconds > 0 or [D-]HH:MM:SS (got {self.max_time!r})"),
             (
                 resume in (None, "auto") or Path(resume).is_dir(),
                 f"`resume_from_checkpoint` must be `auto` or an existing checkpoint directory (got {resume!r})",

@@ -66,7 +66,8 @@ class TrainResult:
     """How ``train`` ended, for the launcher to act on."""
 
     status: str
-    """``finished`` (all steps done, final evaluation run), ``preempted`` (a signal; checkpoint saved) or
+    """``finished`` (all steps done, final evaluation run), ``preempted`` (a signal; checkpoint saved), ``deadline``
+    (stopped before ``max_time`` or the SLURM job's end; checkpoint saved) or
     ``non_finite`` (too many skipped steps in a row; checkpoint saved)."""
     step: int
     eval_metrics: dict[str, float] = field(default_factory=dict)
@@ -290,7 +291,7 @@ class DPORecipe:
         signal or too many non-finite steps in a row."""
         state, cfg = self.state, self.cfg
         plans = self.sampler.plans(state.epoch, state.done_in_epoch)
-        with PreemptionGuard() as guard:
+        with PreemptionGuard(self.plan.deadline) as guard:
             while state.step < self.total_steps:
                 epoch, done_in_epoch, plan = next(plans)
                 self.train_step(plan)
@@ -319,7 +320,7 @@ class DPORecipe:
                 if guard.agreed_stop(self.device):
                     if not saved:
                         self.checkpointer.save(self.policy, state)
-                    return TrainResult("preempted", state.step)
+                    return TrainResult("preempted" if guard.reason == "signal" else "deadline", state.step)
         return TrainResult("finished", state.step, self.evaluate())
 
     def train_step(self, plan: StepPlan) -> None:

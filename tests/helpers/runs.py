@@ -3,6 +3,7 @@ what a run wrote."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -114,6 +115,21 @@ def read_metrics(output_dir: Path, prefix: str = "") -> list[dict]:
     """Logged metric records, training ones (``prefix=''``) or eval ones (``prefix='eval_'``)."""
     records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if any(k.startswith(prefix) for k in r if k != "step") and (prefix or "loss" in r)]
+
+
+def stopped_at(whole: Path, step: int, run: Path) -> None:
+    """``run``: the output directory of ``whole`` as a run that stopped after saving checkpoint ``step`` would have
+    left it (no later checkpoints and metrics, no exported model), to resume without running that run."""
+    shutil.copytree(whole, run, ignore=shutil.ignore_patterns("*.safetensors", "events.*"))
+    checkpoints = run / "checkpoints"
+    for later in checkpoints.glob("step-*"):
+        if int(later.name.split("-")[1]) > step:
+            shutil.rmtree(later)
+    (checkpoints / "latest").write_text(f"step-{step}")
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(
+        "".join(line for line in metrics.read_text().splitlines(True) if json.loads(line)["step"] <= step)
+    )
 
 
 def assert_same_weights(a: Path, b: Path, tol: float = 1e-6) -> None:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from ds_dpo.training.checkpoint import checkpoint_problem
-from helpers.runs import DEEPSPEED, REPO, assert_same_weights, cli, free_port, launch, read_metrics
+from helpers.runs import DEEPSPEED, REPO, assert_same_weights, cli, free_port, launch, read_metrics, stopped_at
 
 pytestmark = pytest.mark.slow  # every test here launches real multi-process runs
 
@@ -53,17 +53,29 @@ def same_losses(got: dict[int, float], expected: dict[int, float]) -> None:
     assert max(abs(got[s] - expected[s]) for s in expected) <= 1e-6
 
 
-def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(builtin_files, tmp_path):
-    common = run_keys(builtin_files, tmp_path)
-    whole, run = tmp_path / "whole", tmp_path / "run"
-    launch(*common, max_steps=6, save_steps=6, output_dir=str(whole))
-    launch(*common, max_steps=4, save_steps=2, output_dir=str(run))
+LONG_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(builtin_files, tmp_path_factory):
+    """The keys of a 12-step run and the directory of that run, uninterrupted, with a checkpoint every 2 steps (the
+    oracle of the tests that break it, and the checkpoints of those that break its files)."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    common = [*run_keys(builtin_files, tmp_path), "--max_steps", str(LONG_STEPS)]
+    launch(*common, save_steps=2, output_dir=str(tmp_path / "whole"))
+    return common, tmp_path / "whole"
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(uninterrupted, tmp_path):
+    common, whole = uninterrupted
+    run = tmp_path / "run"
+    stopped_at(whole, 4, run)
     checkpoints = run / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step-4"
     optimizer = max((checkpoints / "step-4").glob("*optim_states.pt"), key=lambda p: p.stat().st_size)
     size = optimizer.stat().st_size
     optimizer.write_bytes(optimizer.read_bytes()[: size // 2])  # a copy or a quota cut it short
-    proc = launch(*common, max_steps=6, save_steps=0, output_dir=str(run), resume_from_checkpoint="auto")
+    proc = launch(*common, save_steps=0, output_dir=str(run), resume_from_checkpoint="auto")
     assert (
         f"skipping checkpoint {checkpoints / 'step-4'}: {optimizer.name} has {size // 2} bytes, {size} when it "
         "was written"
@@ -73,7 +85,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one
     assert_same_weights(whole, run, tol=RESUMED_PAST)
 
     (checkpoints / "step-2" / "trainer_state_rank0.json").write_text("{}")  # now nothing whole is left
-    proc = launch(*common, max_steps=6, output_dir=str(run), resume_from_checkpoint="auto", check=False)
+    proc = launch(*common, output_dir=str(run), resume_from_checkpoint="auto", check=False)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
     assert f"no whole checkpoint under {checkpoints} to resume from" in proc.stderr
     assert "step-4: " in proc.stderr and "step-2: trainer_state_rank0.json" in proc.stderr
@@ -100,49 +112,39 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+def disk_bytes(files) -> int:
+    """What ``files`` take on a tmpfs: whole 4 KiB pages."""
+    return sum(-(-f.stat().st_size // 4096) * 4096 for f in files if f.is_file())
+
+
+def logs_bytes(run: Path) -> int:
+    """What a run writes besides its checkpoints and exported model."""
+    return disk_bytes(f for f in run.rglob("*") if "checkpoints" not in f.parts and f.suffix != ".safetensors")
+
+
 def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_the_run_resumes_elsewhere(
-    builtin_files, tmp_path, small_disk
+    uninterrupted, tmp_path, small_disk
 ):
-    common = run_keys(builtin_files, tmp_path)
-    whole = tmp_path / "whole"
-    launch(*common, max_steps=4, save_steps=2, output_dir=str(whole))
-
-    def size(files):  # as a tmpfs counts it: whole 4 KiB pages
-        return sum(-(-f.stat().st_size // 4096) * 4096 for f in files if f.is_file())
-
-    checkpoint_bytes = size((whole / "checkpoints" / "step-2").rglob("*"))
-    logs_bytes = size(f for f in whole.rglob("*") if "checkpoints" not in f.parts and f.suffix != ".safetensors")
+    common, whole = uninterrupted
     # room for the run's logs and one checkpoint, not for a second one
-    disk = small_disk(logs_bytes + int(1.5 * checkpoint_bytes))
+    disk = small_disk(logs_bytes(whole) + int(1.5 * disk_bytes((whole / "checkpoints" / "step-2").rglob("*"))))
     out = disk / "out"
     started = time.monotonic()
-    proc = launch(*common, max_steps=4, save_steps=2, output_dir=str(out), check=False)
+    proc = launch(*common, save_steps=2, output_dir=str(out), check=False)
     seconds = time.monotonic() - started
     assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     checkpoints = out / "checkpoints"
     assert f"saving checkpoint {checkpoints / 'step-4'} failed" in proc.stderr
     assert f"MiB free on the disk holding {checkpoints}" in proc.stderr and "checkpoint step-2 is kept" in proc.stderr
     assert (checkpoints / "latest").read_text() == "step-2" and not (checkpoints / "step-4").exists()
-    print(f"full disk: the run stopped {seconds:.0f} s after its launch (the whole 4-step run takes about as long)")
+    print(f"full disk: the run stopped {seconds:.0f} s after its launch")
 
     elsewhere = tmp_path / "elsewhere"  # the operator moves the run to a disk with room
     shutil.copytree(out, elsewhere)
-    proc = launch(*common, max_steps=4, save_steps=2, output_dir=str(elsewhere), resume_from_checkpoint="auto")
+    proc = launch(*common, save_steps=2, output_dir=str(elsewhere), resume_from_checkpoint="auto")
     assert f"resumed from {elsewhere / 'checkpoints' / 'step-2'} at step 2" in proc.stdout
     same_losses(step_losses(elsewhere), step_losses(whole))
     assert_same_weights(whole, elsewhere, tol=RESUMED_PAST)
-
-
-LONG_STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(builtin_files, tmp_path_factory):
-    """The keys of a 12-step run and the directory of that run, uninterrupted (for the tests that break it)."""
-    tmp_path = tmp_path_factory.mktemp("uninterrupted")
-    common = [*run_keys(builtin_files, tmp_path), "--max_steps", str(LONG_STEPS)]
-    launch(*common, save_steps=0, output_dir=str(tmp_path / "whole"))
-    return common, tmp_path / "whole"
 
 
 def started(cmd: list[str], log) -> subprocess.Popen:
@@ -243,8 +245,7 @@ def test_a_disk_that_fills_up_during_the_first_save_stops_every_rank_and_loses_n
     rank whose write failed says so and every rank stops with status 3, promptly; nothing claims to be a
     checkpoint, and the run restarted on a disk with room starts over, removing what the failed save left."""
     common, whole = uninterrupted
-    logs_bytes = sum(-(-f.stat().st_size // 4096) * 4096 for f in whole.rglob("*") if f.suffix != ".safetensors")
-    disk = small_disk(logs_bytes + (512 << 10))  # the logs of a longer run, and a third of a checkpoint (1.4 MB)
+    disk = small_disk(logs_bytes(whole) + (512 << 10))  # the logs of a longer run, and a third of a checkpoint (1.4 MB)
     out = disk / "out"
     started_at = time.monotonic()
     proc = launch(*common, save_steps=2, output_dir=str(out), check=False)
