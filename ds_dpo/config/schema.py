@@ -30,13 +30,28 @@ DatasetFormat = Literal["explicit", "implicit", "conversational", "tokenized", "
 ResponsePairing = Literal["best_vs_worst", "best_vs_rest", "all_pairs"]
 TruncationMode = Literal["keep_end", "keep_start"]
 ReferenceMode = Literal["zero", "lora", "precomputed"]
-LRSchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+# transformers' schedulers that step with the optimizer (not reduce_lr_on_plateau, which needs a metric)
+LRSchedulerType = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+]
 BadRows = Literal["error", "skip"]
 FORMATS: tuple[str, ...] = typing.get_args(DatasetFormat)
 PAIRINGS: tuple[str, ...] = typing.get_args(ResponsePairing)
 TRUNCATION_MODES: tuple[str, ...] = typing.get_args(TruncationMode)
 REFERENCE_MODES: tuple[str, ...] = typing.get_args(ReferenceMode)
 LR_SCHEDULER_TYPES: tuple[str, ...] = typing.get_args(LRSchedulerType)
+OPTIMIZERS = {"adamw_torch": "AdamW", "adamw_torch_fused": "AdamW", "adagrad": "Adagrad", "lion_32bit": "Lion"}
+"""HF ``optim`` names -> the DeepSpeed optimizer type that runs them (DeepSpeed's own type names are taken too)."""
+DEEPSPEED_OPTIMIZERS = ("Adam", "AdamW", "Adagrad", "Lamb", "Lion")
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -347,16 +362,44 @@ class OptimConfig:
     learning_rate: float = 1e-6
     """Peak learning rate (TRL's DPO default)."""
     lr_scheduler_type: LRSchedulerType = "linear"
-    """``linear``, ``cosine``, ``constant`` or ``constant_with_warmup`` (HF semantics)."""
+    """transformers' schedule (``get_scheduler``, HF semantics): ``linear``, ``cosine``, ``constant``,
+    ``constant_with_warmup``, ``cosine_with_min_lr``, ``warmup_stable_decay``, ``polynomial``, ``inverse_sqrt``,
+    ``cosine_with_restarts``, ``cosine_warmup_with_min_lr``. A ``scheduler`` block in the DeepSpeed JSON replaces it
+    (then these keys must stay at their defaults)."""
+    lr_scheduler_kwargs: dict | None = None
+    """The schedule's own arguments, e.g. ``{min_lr_rate: 0.1}`` for ``cosine_with_min_lr`` (OpenRLHF's default
+    schedule), ``{num_decay_steps: 100}`` for ``warmup_stable_decay``."""
     warmup_ratio: float = 0.0
     """Fraction of the optimizer steps spent warming the learning rate up linearly from 0."""
+    warmup_steps: int = 0
+    """Optimizer steps of warmup; overrides ``warmup_ratio`` when > 0."""
+    optim: str = "adamw_torch"
+    """The optimizer: HF's ``adamw_torch`` (or ``adamw_torch_fused``), ``adagrad``, ``lion_32bit``, or a DeepSpeed
+    optimizer type (``AdamW``, ``Adam``, ``Adagrad``, ``Lamb``, ``Lion``); DeepSpeed runs it (its CPU version under
+    optimizer offload). Written into the DeepSpeed JSON's ``optimizer`` block, whose explicit values must agree."""
+    adam_beta1: float = 0.9
+    """Adam/AdamW/Lamb/Lion's first beta."""
+    adam_beta2: float = 0.999
+    """Adam/AdamW/Lamb/Lion's second beta."""
+    adam_epsilon: float = 1e-8
+    """Adam/AdamW/Lamb/Adagrad's epsilon."""
     weight_decay: float = 0.0
-    """AdamW weight decay (not on biases and norm weights)."""
+    """Weight decay (decoupled for AdamW; not on biases and norm weights)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (DeepSpeed ``gradient_clipping``); 0 disables."""
     max_consecutive_nan_steps: int = 10
     """Optimizer steps with a non-finite loss or gradient norm are skipped (and counted in ``skipped_steps``);
     this many in a row save a checkpoint and stop the run with an error."""
+
+    @property
+    def deepspeed_optimizer(self) -> str | None:
+        """The DeepSpeed optimizer type ``optim`` names (None: none)."""
+        by_name = {name.lower(): name for name in DEEPSPEED_OPTIMIZERS}
+        return OPTIMIZERS.get(self.optim) or by_name.get(self.optim.lower())
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps of a run of ``total_steps``."""
+        return self.warmup_steps or round(self.warmup_ratio * total_steps)
 
     def problems(self) -> list[str]:
         checks = [
@@ -375,6 +418,13 @@ class OptimConfig:
                 f"`lr_scheduler_type` must be one of {LR_SCHEDULER_TYPES} (got {self.lr_scheduler_type!r})",
             ),
             (0.0 <= self.warmup_ratio <= 1.0, f"`warmup_ratio` must be in [0, 1] (got {self.warmup_ratio})"),
+            (self.warmup_steps >= 0, f"`warmup_steps` must be >= 0 (got {self.warmup_steps})"),
+            (
+                self.deepspeed_optimizer is not None,
+                f"`optim` must be one of {[*OPTIMIZERS, *DEEPSPEED_OPTIMIZERS]} (got {self.optim!r})",
+            ),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "`adam_beta1` and `adam_beta2` must be in [0, 1)"),
+            (self.adam_epsilon > 0, f"`adam_epsilon` must be > 0 (got {self.adam_epsilon})"),
             (self.max_grad_norm >= 0, f"`max_grad_norm` must be >= 0 (got {self.max_grad_norm})"),
             (self.max_consecutive_nan_steps >= 1, "`max_consecutive_nan_steps` must be >= 1"),
         ]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from transformers import AutoConfig
+import torch
+from transformers import AutoConfig, get_scheduler
 
-from ds_dpo.config import ConfigError, DPOConfig
+from ds_dpo.config import ConfigError, DPOConfig, OptimConfig
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -52,14 +53,68 @@ def resolve_deepspeed_config(cfg: DPOConfig, world_size: int) -> dict:
     if ds.get("fp16", {}).get("enabled") is True:
         raise ConfigError("fp16 is not supported (DPO log-ratios lose too much precision): use `bf16: true`")
     _fill_bucket_sizes(ds.get("zero_optimization", {}), cfg)
-    if "optimizer" not in ds:
+    _fill_optimizer(ds.setdefault("optimizer", {}), optim)
+    _check_scheduler(ds, optim)
+    return ds
+
+
+# which of the run's optimizer keys each DeepSpeed optimizer takes
+_TAKES_BETAS = {"Adam", "AdamW", "Lamb", "Lion"}
+_TAKES_EPS = {"Adam", "AdamW", "Lamb", "Adagrad"}
+
+
+def _fill_optimizer(block: dict, optim: OptimConfig) -> None:
+    """The ``optimizer`` block from ``optim`` (a JSON without one gets one); an explicit value must agree, as in HF
+    Trainer."""
+    kind = optim.deepspeed_optimizer
+    current = block.get("type", "auto")
+    if current != "auto" and current.lower() != kind.lower():
         raise ConfigError(
-            f"DeepSpeed config {cfg.parallel.deepspeed} has no `optimizer` block (see ds_configs/zero3.json)"
+            f'the DeepSpeed config\'s optimizer is {current!r} but `optim` is {optim.optim!r} ({kind}): set "type" to '
+            '"auto" in the DeepSpeed JSON, or `optim` to match'
         )
-    params = ds["optimizer"].setdefault("params", {})
+    block["type"] = kind if current == "auto" else current
+    params = block.setdefault("params", {})
     _fill(params, "lr", optim.learning_rate, "optimizer.params.lr")
     _fill(params, "weight_decay", optim.weight_decay, "optimizer.params.weight_decay")
-    return ds
+    if kind in _TAKES_BETAS:
+        betas = params.get("betas", "auto")
+        params["betas"] = list(betas) if betas != "auto" else "auto"  # a JSON list, compared as one
+        _fill(params, "betas", [optim.adam_beta1, optim.adam_beta2], "optimizer.params.betas")
+    if kind in _TAKES_EPS:
+        _fill(params, "eps", optim.adam_epsilon, "optimizer.params.eps")
+    for key in [key for key, value in params.items() if value == "auto"]:
+        del params[key]  # a preset's value that this optimizer does not take (Adagrad: betas)
+
+
+def _check_scheduler(ds: dict, optim: OptimConfig) -> None:
+    """The run's schedule can be built from its keys (``lr_scheduler_kwargs`` as the schedule takes them), checked
+    now rather than when the engine is built. A ``scheduler`` block in the DeepSpeed JSON replaces the run's
+    schedule: the schedule keys must then be left at their defaults, or the run would silently not follow them."""
+    if "scheduler" not in ds:
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        try:
+            get_scheduler(
+                optim.lr_scheduler_type,
+                stand_in,
+                num_warmup_steps=optim.warmup(10),
+                num_training_steps=10,
+                scheduler_specific_kwargs=optim.lr_scheduler_kwargs,
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(
+                f"`lr_scheduler_type` {optim.lr_scheduler_type!r} with `lr_scheduler_kwargs` "
+                f"{optim.lr_scheduler_kwargs}: {e}"
+            ) from None
+        return
+    defaults = OptimConfig()
+    keys = ("lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps")
+    set_ = [f"{k}={getattr(optim, k)!r}" for k in keys if getattr(optim, k) != getattr(defaults, k)]
+    if set_:
+        raise ConfigError(
+            f"the DeepSpeed config has its own `scheduler` block ({ds['scheduler'].get('type')}), which replaces the "
+            f"run's schedule, and the run sets {', '.join(set_)}: remove the block, or those keys"
+        )
 
 
 def _fill_bucket_sizes(zero: dict, cfg: DPOConfig) -> None:

@@ -203,12 +203,13 @@ def build_engine(
 
     def lr_schedule(optimizer):
         # HF semantics (warmup from 0, then linear/cosine decay to 0), unlike DeepSpeed's WarmupLR family, which
-        # forces >= 2 warmup steps. A `scheduler` block in the DeepSpeed JSON takes precedence.
+        # forces >= 2 warmup steps. A `scheduler` block in the DeepSpeed JSON replaces it (``ds_config``).
         return get_scheduler(
             optim.lr_scheduler_type,
             optimizer,
-            num_warmup_steps=round(optim.warmup_ratio * total_steps),
+            num_warmup_steps=optim.warmup(total_steps),
             num_training_steps=total_steps,
+            scheduler_specific_kwargs=optim.lr_scheduler_kwargs,
         )
 
     engine, *_ = deepspeed.initialize(

@@ -261,3 +261,56 @@ def test_help_lists_every_key_with_its_default():
     assert "\n  --beta 0.1\n" in proc.stdout and "\n  --heartbeat_timeout 60\n" in proc.stdout
     listed = {line.split()[0][2:] for line in proc.stdout.splitlines() if line.startswith("  --")}
     assert listed == set(KEYS) - {"local_rank"}
+
+
+def test_optimizer_keys_fill_the_deepspeed_optimizer_block_and_explicit_values_must_agree(builtin_files, tmp_path):
+    """``optim``, ``adam_beta1/2``, ``adam_epsilon`` go into the DeepSpeed JSON's optimizer block (HF Trainer's
+    names; each optimizer gets the values it takes); a JSON that says otherwise is an error naming both."""
+
+    def optimizer(**keys):
+        return resolve_deepspeed_config(make_config({**builtin_files, **keys}), world_size=2)["optimizer"]
+
+    assert optimizer() == {
+        "type": "AdamW",
+        "params": {"lr": 1e-6, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+    }
+    assert optimizer(optim="lion_32bit", adam_beta2=0.99) == {
+        "type": "Lion",
+        "params": {"lr": 1e-6, "betas": [0.9, 0.99], "weight_decay": 0.0},
+    }
+    assert optimizer(optim="adagrad", adam_epsilon=1e-6)["params"] == {"lr": 1e-6, "eps": 1e-6, "weight_decay": 0.0}
+    assert optimizer(optim="Lamb")["type"] == "Lamb"
+    with pytest.raises(ConfigError, match="`optim` must be one of"):
+        make_config({"optim": "sgd"}).validate()
+
+    def own_json(block):
+        preset = {k: v for k, v in make_config({}).parallel.deepspeed_json().items() if k != "optimizer"}
+        path = tmp_path / f"ds{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps({**preset, **block}))
+        return str(path)
+
+    assert optimizer(deepspeed=own_json({}))["type"] == "AdamW"  # a JSON without an optimizer block gets one
+    explicit = own_json({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95]}}})
+    assert optimizer(deepspeed=explicit, adam_beta2=0.95)["params"]["betas"] == [0.9, 0.95]
+    with pytest.raises(ConfigError, match=r"optimizer.params.betas.*\[0.9, 0.95\].*needs \[0.9, 0.999\]"):
+        optimizer(deepspeed=explicit)
+    with pytest.raises(ConfigError, match=r"optimizer is 'AdamW' but `optim` is 'lion_32bit'"):
+        optimizer(deepspeed=explicit, optim="lion_32bit")
+
+
+def test_schedule_keys_are_checked_before_any_model_is_loaded(builtin_files, tmp_path):
+    def resolve(**keys):
+        return resolve_deepspeed_config(make_config({**builtin_files, **keys}), world_size=2)
+
+    resolve(lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=2)
+    with pytest.raises(ConfigError, match="cosine_with_min_lr.*min_lr"):
+        resolve(lr_scheduler_type="cosine_with_min_lr")  # it needs min_lr or min_lr_rate
+    with pytest.raises(ConfigError, match="warmup_stable_decay.*unexpected keyword"):
+        resolve(lr_scheduler_type="warmup_stable_decay", lr_scheduler_kwargs={"typo": 1})
+    with_block = tmp_path / "ds.json"
+    with_block.write_text(
+        json.dumps({**make_config({}).parallel.deepspeed_json(), "scheduler": {"type": "WarmupLR", "params": {}}})
+    )
+    resolve(deepspeed=str(with_block))  # the JSON's schedule, the run's schedule keys left alone
+    with pytest.raises(ConfigError, match=r"own `scheduler` block \(WarmupLR\).*lr_scheduler_type='cosine'"):
+        resolve(deepspeed=str(with_block), lr_scheduler_type="cosine")

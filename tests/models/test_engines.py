@@ -1,7 +1,12 @@
+import json
 import subprocess
 import sys
 
-from helpers.runs import REPO
+import pytest
+import torch
+from transformers import get_scheduler
+
+from helpers.runs import REPO, read_metrics, short_run
 
 
 def test_model_code_of_every_sub_model_is_imported_before_zero_init():
@@ -23,3 +28,31 @@ def test_model_code_of_every_sub_model_is_imported_before_zero_init():
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_run_follows_transformers_schedule_and_writes_its_optimizer(single_rank, builtin_files, tmp_path):
+    """``cosine_with_min_lr`` with ``min_lr_rate`` (OpenRLHF's schedule) and ``warmup_steps``: the learning rate of
+    each logged step is transformers' scheduler's; the DeepSpeed config written beside the run holds the optimizer
+    keys."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(open(builtin_files["dataset"]).readlines()[:16]))
+    schedule = dict(lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs='{"min_lr_rate": 0.1}', warmup_steps=2)
+    out, steps = tmp_path / "out", 8
+    recipe = short_run(builtin_files["model_name_or_path"], data, out, steps, adam_beta2=0.95, **schedule)
+    assert recipe.train().status == "finished"
+    recipe.cleanup()
+    reference = get_scheduler(
+        "cosine_with_min_lr",
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-3),
+        num_warmup_steps=2,
+        num_training_steps=steps,
+        scheduler_specific_kwargs={"min_lr_rate": 0.1},
+    )
+    expected = []
+    for _ in range(steps):  # the rate each step runs with: the scheduler's before it steps
+        expected.append(reference.get_last_lr()[0])
+        reference.step()
+    assert [r["learning_rate"] for r in read_metrics(out)] == pytest.approx(expected, rel=1e-9)
+    assert expected[-1] < expected[2] and min(expected[2:]) >= 0.1 * 3e-3 - 1e-12  # it decays, to the floor
+    written = json.loads((out / "deepspeed_config.json").read_text())["optimizer"]
+    assert written == {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}}
