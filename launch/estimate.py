@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     if cfg.builtin:
         cfg = cfg.replace(**builtin.materialize(Path(cfg.output_dir) / "builtin", cfg.seed))
     try:
-        config = AutoConfig.from_pretrained(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        config = AutoConfig.from_pretrained(cfg.model.model_name_or_path, **cfg.model.source)
     except (OSError, ValueError) as e:  # no Hub access, a gated or unknown repository, no config.json, no model_type
         print(
             f"ds_dpo: cannot read the model config of {cfg.model.model_name_or_path!r} "

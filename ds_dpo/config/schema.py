@@ -117,6 +117,38 @@ def _missing_dir(path: str | None) -> bool:
     return bool(path) and path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir()
 
 
+HUB_KWARGS = ("revision", "subfolder", "cache_dir", "token", "local_files_only")
+"""``from_pretrained`` arguments that say where a model's files are: its config and tokenizer are read with them too."""
+
+
+DECIDED_BY_KEYS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
+"""``from_pretrained`` arguments that keys of their own decide (``bf16``, ``attn_implementation``, ...)."""
+
+
+def source_kwargs(init_kwargs: dict | None, trust_remote_code: bool) -> dict:
+    """The ``from_pretrained`` arguments that say where a model's files are, from its init kwargs."""
+    return {"trust_remote_code": trust_remote_code, **{k: v for k, v in (init_kwargs or {}).items() if k in HUB_KWARGS}}
+
+
+def init_kwargs_problems(name: str, init_kwargs: dict | None, model: ModelConfig) -> list[str]:
+    """Where ``init_kwargs`` contradicts the keys that decide the same thing."""
+    if init_kwargs is None:
+        return []
+    if not isinstance(init_kwargs, dict):
+        return [f"`{name}` must be a mapping of from_pretrained arguments (got {type(init_kwargs).__name__})"]
+    own = {
+        "dtype": ("bfloat16" if model.bf16 else "float32", "bf16"),
+        "torch_dtype": ("bfloat16" if model.bf16 else "float32", "bf16"),
+        "attn_implementation": (model.attn_implementation, "attn_implementation"),
+        "trust_remote_code": (model.trust_remote_code, "trust_remote_code"),
+    }
+    return [
+        f"`{name}` sets {key}={init_kwargs[key]!r}, but `{flag}` makes it {value!r}: set `{flag}` instead"
+        for key, (value, flag) in own.items()
+        if key in init_kwargs and str(init_kwargs[key]).removeprefix("torch.") != str(value)
+    ]
+
+
 @dataclass
 class ModelConfig:
     """The policy: which checkpoint, how it is loaded, and which of its weights train."""
@@ -162,10 +194,21 @@ class ModelConfig:
     router_aux_loss_coef: float | None = None
     """Mixture-of-experts models: weight of the router load-balancing loss added to the policy loss (TRL's
     semantics); unset: the model config's ``router_aux_loss_coef``; 0: off. Ignored for models without routers."""
+    model_init_kwargs: dict | None = None
+    """More ``from_pretrained`` arguments for the policy (TRL's name): ``revision``, ``subfolder``, ``cache_dir``,
+    ``token``, ``local_files_only`` (used for its config, tokenizer and processor too), ``low_cpu_mem_usage``, ...
+    ``dtype``/``torch_dtype``, ``attn_implementation`` and ``trust_remote_code`` have keys of their own (``bf16``,
+    ...): given here, they must agree with those."""
 
     def __post_init__(self) -> None:
         if self.adapter_name_or_path is not None:
             self.use_peft = True
+
+    @property
+    def source(self) -> dict:
+        """Where the policy's files come from, for every ``from_pretrained`` of it (config, tokenizer, processor,
+        weights): ``trust_remote_code`` and the hub arguments of ``model_init_kwargs``."""
+        return source_kwargs(self.model_init_kwargs, self.trust_remote_code)
 
     def problems(self) -> list[str]:
         checks = [
@@ -185,7 +228,9 @@ class ModelConfig:
             (not self.use_peft or self.lora_r >= 1, "`lora_r` must be >= 1"),
             (not self.use_peft or 0.0 <= self.lora_dropout < 1.0, "`lora_dropout` must be in [0, 1)"),
         ]
-        return [message for ok, message in checks if not ok]
+        return [message for ok, message in checks if not ok] + init_kwargs_problems(
+            "model_init_kwargs", self.model_init_kwargs, self
+        )
 
 
 @dataclass
@@ -313,6 +358,9 @@ class ReferenceConfig:
     ``precomputed``: reference log-probs computed once before training, then the reference is freed."""
     ref_model_name_or_path: str | None = None
     """The reference model for ``reference: zero``/``precomputed``; unset: the same checkpoint as the policy."""
+    ref_model_init_kwargs: dict | None = None
+    """``from_pretrained`` arguments for the reference model (TRL's name), as ``model_init_kwargs``; unset: the
+    policy's when the reference is the policy's checkpoint, none when ``ref_model_name_or_path`` names another."""
     precompute_ref_log_probs: bool = False
     """TRL's flag: compute reference log-probs once up front (implied by ``reference: precomputed``)."""
     precompute_ref_batch_size: int | None = None
@@ -642,6 +690,13 @@ class DPOConfig:
         return self.model.model_name_or_path is None and self.data.dataset is None
 
     @property
+    def ref_init_kwargs(self) -> dict:
+        """The reference model's ``from_pretrained`` arguments (``ref_model_init_kwargs``)."""
+        if self.ref.ref_model_init_kwargs is not None:
+            return self.ref.ref_model_init_kwargs
+        return {} if self.ref.ref_model_name_or_path else (self.model.model_init_kwargs or {})
+
+    @property
     def ref_model_path(self) -> str | None:
         """The checkpoint reference log-probs come from: ``ref_model_name_or_path``, else the policy's starting
         weights (also the LoRA base model's)."""
@@ -667,6 +722,7 @@ class DPOConfig:
             ),
         ]
         problems += [message for ok, message in checks if not ok]
+        problems += init_kwargs_problems("ref_model_init_kwargs", self.ref.ref_model_init_kwargs, self.model)
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 

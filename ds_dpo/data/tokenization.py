@@ -38,12 +38,13 @@ from typing import Any
 from ds_dpo.config import DataConfig
 
 
-def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False, chat_template: str | None = None):
+def load_tokenizer(model_name_or_path: str, source: dict | None = None, chat_template: str | None = None):
     """The model's tokenizer, with a pad token (pads are masked out, so EOS serves) and ``chat_template`` (a Jinja
-    string or a file holding one) in place of its own when given."""
+    string or a file holding one) in place of its own when given; ``source``: ``from_pretrained`` arguments saying
+    where the model's files are (``ModelConfig.source``: trust_remote_code, revision, ...)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **(source or {}))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if chat_template:
@@ -51,12 +52,12 @@ def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False, cha
     return tokenizer
 
 
-def load_processor(model_name_or_path: str, trust_remote_code: bool = False, chat_template: str | None = None):
+def load_processor(model_name_or_path: str, source: dict | None = None, chat_template: str | None = None):
     """A vision-language model's processor, its tokenizer prepared as ``load_tokenizer`` prepares one and
     ``chat_template`` in place of the processor's own when given."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    processor = AutoProcessor.from_pretrained(model_name_or_path, **(source or {}))
     if processor.tokenizer.pad_token_id is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     if chat_template:

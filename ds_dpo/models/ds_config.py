@@ -129,9 +129,7 @@ def _fill_bucket_sizes(zero: dict, cfg: DPOConfig) -> None:
     auto = [key for key in sizes if zero.get(key) == "auto"]
     if not auto:
         return
-    model_config = AutoConfig.from_pretrained(
-        cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code
-    )
+    model_config = AutoConfig.from_pretrained(cfg.model.model_name_or_path, **cfg.model.source)
     hidden = getattr(model_config.get_text_config(), "hidden_size", None)
     if not isinstance(hidden, int):
         raise ConfigError(

@@ -25,6 +25,7 @@ from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deep
 from transformers.models.auto.configuration_auto import model_type_to_module_name
 
 from ds_dpo.config import DPOConfig, ModelConfig
+from ds_dpo.config.schema import DECIDED_BY_KEYS, source_kwargs
 from ds_dpo.models.activation_memory import tile_mlps
 from ds_dpo.models.ds_config import zero_stage
 from ds_dpo.models.support import attention_setting, auto_class, moe_block_classes
@@ -80,12 +81,14 @@ def load_model(
         unset_hf_deepspeed_config()  # a ZeRO-3 reference built earlier must not partition a ZeRO-1/2 policy
     m = cfg.model
     path = m.model_name_or_path if trainable else cfg.ref_model_path
-    config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
+    init_kwargs = (m.model_init_kwargs or {}) if trainable else cfg.ref_init_kwargs
+    config = AutoConfig.from_pretrained(path, **source_kwargs(init_kwargs, m.trust_remote_code))
     if m.disable_dropout:
         _zero_dropout_rates(config)
     _import_model_code(config)
     model = auto_class(config).from_pretrained(
         path,
+        **{k: v for k, v in init_kwargs.items() if k not in DECIDED_BY_KEYS},  # validated: they agree with the keys
         config=config,
         dtype=torch.bfloat16 if m.bf16 else torch.float32,
         attn_implementation=attention_setting(config, attn_implementation or m.attn_implementation),

@@ -144,7 +144,7 @@ class ModelSupport:
 
 def inspect_model(cfg: ModelConfig, device_type: str = "cuda") -> ModelSupport:
     """``ModelSupport`` of the policy checkpoint on ``device_type``, from its config (no weights are read)."""
-    config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(cfg.model_name_or_path, **cfg.source)
     return model_support(config, cfg.attn_implementation, device_type)
 
 

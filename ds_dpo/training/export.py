@@ -77,12 +77,12 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: boo
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     run = make_config(yaml.safe_load((checkpoint.parent.parent / "config.yaml").read_text())).model
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    config = AutoConfig.from_pretrained(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
+    config = AutoConfig.from_pretrained(run.model_name_or_path, **run.source)
     lora = engines.lora_config(run, config.is_encoder_decoder) if run.use_peft else None
     model = _cpu_model(config, lora, state_dict)
     model.save_pretrained(output_dir, safe_serialization=True)
     processing = AutoProcessor if is_vision_language(config) else AutoTokenizer
-    tokenizer = processing.from_pretrained(run.model_name_or_path, trust_remote_code=run.trust_remote_code)
+    tokenizer = processing.from_pretrained(run.model_name_or_path, **run.source)
     tokenizer.save_pretrained(output_dir)
     if merge and lora is not None:
         model.merge_and_unload().save_pretrained(output_dir / "merged", safe_serialization=True)

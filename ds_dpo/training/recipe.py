@@ -136,18 +136,14 @@ class DPORecipe:
 
         self.processor, self.vision = None, None
         if plan.vision:
-            self.processor = load_processor(
-                cfg.model.model_name_or_path, cfg.model.trust_remote_code, cfg.data.chat_template
-            )
+            self.processor = load_processor(cfg.model.model_name_or_path, cfg.model.source, cfg.data.chat_template)
             problem = processor_problem(self.processor)
             if problem:
                 raise ConfigError(f"{plan.support.class_name}: {problem}")
             self.vision = VisionInputs(self.processor.image_processor)
             self.tokenizer = self.processor.tokenizer
         else:
-            self.tokenizer = load_tokenizer(
-                cfg.model.model_name_or_path, cfg.model.trust_remote_code, cfg.data.chat_template
-            )
+            self.tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.source, cfg.data.chat_template)
         with local_main_first():  # tokenizes once per node; the other ranks read the cache
             self.train_data, self.eval_data, report = load_preference_data(
                 cfg.data, self.tokenizer, cfg.seed, plan.encoder_decoder, self.processor

@@ -314,3 +314,25 @@ def test_schedule_keys_are_checked_before_any_model_is_loaded(builtin_files, tmp
     resolve(deepspeed=str(with_block))  # the JSON's schedule, the run's schedule keys left alone
     with pytest.raises(ConfigError, match=r"own `scheduler` block \(WarmupLR\).*lr_scheduler_type='cosine'"):
         resolve(deepspeed=str(with_block), lr_scheduler_type="cosine")
+
+
+def test_init_kwargs_that_contradict_their_own_keys_are_named():
+    make_config({"model_init_kwargs": {"revision": "main", "dtype": "float32"}}).validate()
+    with pytest.raises(ConfigError) as bad:
+        make_config(
+            {
+                "model_init_kwargs": {"dtype": "bfloat16", "attn_implementation": "eager"},
+                "ref_model_init_kwargs": {"torch_dtype": "torch.float16"},
+            }
+        ).validate()
+    for part in (
+        "`model_init_kwargs` sets dtype='bfloat16', but `bf16` makes it 'float32'",
+        "`model_init_kwargs` sets attn_implementation='eager', but `attn_implementation` makes it 'sdpa'",
+        "`ref_model_init_kwargs` sets torch_dtype='torch.float16'",
+    ):
+        assert part in str(bad.value)
+    cfg = make_config({"model_init_kwargs": {"revision": "v2", "low_cpu_mem_usage": True}})
+    assert cfg.model.source == {"trust_remote_code": False, "revision": "v2"}
+    assert cfg.ref_init_kwargs == {"revision": "v2", "low_cpu_mem_usage": True}  # the same checkpoint: the same files
+    other = make_config({"ref_model_name_or_path": "org/ref", "model_init_kwargs": {"revision": "v2"}})
+    assert other.ref_init_kwargs == {}

@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -56,3 +57,15 @@ def test_a_run_follows_transformers_schedule_and_writes_its_optimizer(single_ran
     assert expected[-1] < expected[2] and min(expected[2:]) >= 0.1 * 3e-3 - 1e-12  # it decays, to the floor
     written = json.loads((out / "deepspeed_config.json").read_text())["optimizer"]
     assert written == {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}}
+
+
+def test_model_init_kwargs_reach_every_load_of_the_model(single_rank, builtin_files, tmp_path):
+    """``model_init_kwargs: {subfolder: ...}``: the model's config, tokenizer and weights are all read from the
+    subfolder (the policy's, the reference's, the DeepSpeed bucket sizes' and the model inspection's)."""
+    shutil.copytree(builtin_files["model_name_or_path"], tmp_path / "repo" / "policy")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(open(builtin_files["dataset"]).readlines()[:8]))
+    recipe = short_run(str(tmp_path / "repo"), data, tmp_path / "out", 1, model_init_kwargs='{"subfolder": "policy"}')
+    assert recipe.train().status == "finished"
+    recipe.cleanup()
+    assert read_metrics(tmp_path / "out")[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
