@@ -104,7 +104,9 @@ def make_plan(cfg: DPOConfig, world_size: int, device_type: str) -> RunPlan:
     sp_size = cfg.parallel.sequence_parallel_size
     layout, layout_notice = support.layout(cfg.batch.padding_free, cfg.batch.prefix_sharing)
     attn_implementation, attention_notice = support.attention_for(layout, sp_size > 1)
-    problems = sequence_parallel.problems(sp_size, world_size, support.config, attn_implementation, support.stateful)
+    problems = sequence_parallel.problems(
+        sp_size, world_size, support.config, attn_implementation, support.stateful, support.reads_row_index
+    )
     if problems:
         raise ConfigError("; ".join(problems))
     sp = sequence_parallel.initialize(sp_size)

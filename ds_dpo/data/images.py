@@ -12,14 +12,22 @@ cached. A micro-batch's pixel tensors follow its layout, in the order the image 
 - ``shared``: each distinct prompt's images once (``layouts.prompt_blocks``): the vision tower runs once per pair, or
   once for all pairs of a prompt, in the policy and in the reference.
 
-Two tensor layouts exist, told apart by the image processor's own output: LLaVA-style ``pixel_values``
-[images, C, H, W] whatever the text rows; Idefics3/SmolVLM-style [text rows, images, C, H, W] zero-padded per row, with
-``pixel_attention_mask`` [text rows, images, H, W] (an all-zero image is padding to the model).
+Each pair's images are processed as one sample, as the processor tokenized them, and the pairs' tensors joined along
+their first dimension, zero-padded at the end of the others to the largest: what the image processor makes of all of
+them at once. Two tensor layouts exist, told apart by the image processor's own output:
 
-Served: models whose processor returns only ``input_ids``, ``attention_mask``, ``pixel_values`` and
-``pixel_attention_mask`` (LLaVA, Idefics3, SmolVLM, ...). A processor that returns more (Qwen2-VL's
-``image_grid_thw`` and M-RoPE positions, Gemma-3's ``token_type_ids`` for bidirectional image attention, LLaVA-NeXT's
-``image_sizes``) describes images in a way these layouts do not carry: refused at startup (``processor_problem``).
+- LLaVA-style, one entry per image whatever the text rows: ``pixel_values`` [images, C, H, W]; LLaVA-NeXT's
+  any-resolution images [images, tiles, C, H, W] (a base view and the tiles of the grid nearest to the image's aspect
+  ratio, padded to the most tiles) with ``image_sizes`` [images, 2], from which the model tells each image's tiles
+  (padding tiles never reach the vision tower) and its feature count, as the processor counted its image tokens;
+- Idefics3/SmolVLM-style [text rows, images, C, H, W] zero-padded per row, with ``pixel_attention_mask``
+  [text rows, images, H, W] (an all-zero image is padding to the model).
+
+Served: models whose processor returns only ``input_ids``, ``attention_mask`` and ``IMAGE_KEYS``, and whose image
+processor batches images of several sizes as ds_dpo joins them (LLaVA, LLaVA-NeXT, Idefics3, SmolVLM, ...). A
+processor that returns more (Qwen2-VL's ``image_grid_thw`` and M-RoPE positions, Gemma-3's ``token_type_ids`` for
+bidirectional image attention, LLaVA-OneVision's ``batch_num_images``) describes images in a way these layouts do not
+carry: refused at startup (``processor_problem``), as is an image processor that batches otherwise.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from typing import Any
 
 import torch
 
-PIXEL_KEYS = ("pixel_values", "pixel_attention_mask")
+IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "image_sizes")
+"""What a processor may return about images besides the token ids: what ds_dpo's layouts carry."""
 _TEXT_KEYS = ("input_ids", "attention_mask")
 
 
@@ -67,21 +76,47 @@ def open_images(encoded: list[bytes]) -> list:
 
 
 def processor_problem(processor) -> str | None:
-    """Why ds_dpo cannot lay out this processor's images (None: it can), from the processor's output on one image."""
+    """Why ds_dpo cannot lay out this processor's images (None: it can): from the processor's output on one image,
+    and its image processor's on images of three sizes in two samples, which must equal ``VisionInputs``' joining of
+    each sample's own output."""
     from PIL import Image
 
     image_token = getattr(processor, "image_token", None)
     if image_token is None:
         return f"{type(processor).__name__} names no `image_token`"
     out = processor(text=[image_token], images=[Image.new("RGB", (32, 32))], return_tensors="pt")
-    extra = sorted(set(out) - set(_TEXT_KEYS) - set(PIXEL_KEYS))
+    extra = sorted(set(out) - set(_TEXT_KEYS) - set(IMAGE_KEYS))
     if extra:
         return (
             f"{type(processor).__name__} describes images with {', '.join(extra)} besides pixel_values, which "
-            "ds_dpo's batch layouts do not carry (served: LLaVA, Idefics3, SmolVLM and others whose processor "
-            "returns only pixel_values and pixel_attention_mask)"
+            "ds_dpo's batch layouts do not carry (served: LLaVA, LLaVA-NeXT, Idefics3, SmolVLM and others whose "
+            f"processor returns only {', '.join(IMAGE_KEYS[:-1])} and {IMAGE_KEYS[-1]})"
+        )
+    # sizes whose tile grids differ (LLaVA-NeXT), a sample of two images (Idefics3 pads the other sample's row)
+    samples = [[(240, 240, "red")], [(240, 700, "green"), (700, 240, "blue")]]
+    samples = [[Image.new("RGB", (w, h), color) for w, h, color in sample] for sample in samples]
+    batched = processor.image_processor(images=samples, return_tensors="pt")
+    joined = VisionInputs(processor.image_processor)([[image_bytes(i) for i in s] for s in samples], [[0], [1]])
+    if set(batched) != set(joined) or any(not torch.equal(batched[k].to(v.dtype), v) for k, v in joined.items()):
+        return (
+            f"{type(processor.image_processor).__name__} batches images otherwise than ds_dpo, which makes each "
+            "pair's pixel tensors on its own and joins them along their first dimension, zero-padded at the end "
+            "of the others"
         )
     return None
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``tensors`` concatenated along their first dimension, each zero-padded at the end of every other dimension to
+    the largest: how an image processor batches what it made one sample at a time (LLaVA-NeXT's tiles, Idefics3's
+    images of a text row)."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    out = tensors[0].new_zeros(sum(len(t) for t in tensors), *shape)
+    start = 0
+    for t in tensors:
+        out[(slice(start, start + len(t)), *map(slice, t.shape[1:]))] = t
+        start += len(t)
+    return out
 
 
 class VisionInputs:
@@ -91,18 +126,22 @@ class VisionInputs:
         from PIL import Image
 
         self.image_processor = image_processor
-        probe = image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")["pixel_values"]
-        self.per_text_row = probe.dim() == 5  # Idefics3-style [rows, images, C, H, W]
+        probe = self._process([Image.new("RGB", (32, 32))] * 2)["pixel_values"]
+        self.per_text_row = len(probe) == 1  # Idefics3-style: one sample's two images in one [1, images, ...] row
+
+    def _process(self, images: list) -> dict[str, torch.Tensor]:
+        # one pair's images as one sample, as the processor tokenized them
+        out = self.image_processor(images=[images], return_tensors="pt")
+        if "pixel_attention_mask" in out:  # bool: a byte a pixel instead of the processor's eight
+            out["pixel_attention_mask"] = out["pixel_attention_mask"].bool()
+        return dict(out)
 
     def pair_pixels(self, encoded: list[bytes]) -> dict[str, torch.Tensor]:
-        """One pair's images (every crop, where the processor splits them): ``pixel_values`` [n, C, H, W] and,
-        Idefics3-style, ``pixel_attention_mask`` [n, H, W]."""
-        out = self.image_processor(
-            images=[open_images(encoded)] if self.per_text_row else open_images(encoded), return_tensors="pt"
-        )
-        if not self.per_text_row:
-            return {"pixel_values": out["pixel_values"]}
-        return {"pixel_values": out["pixel_values"][0], "pixel_attention_mask": out["pixel_attention_mask"][0].bool()}
+        """One pair's images (every crop or tile, where the processor splits them): each tensor the image processor
+        returns, the pair's images along its first dimension: ``pixel_values`` [n, C, H, W] or, LLaVA-NeXT,
+        [n, tiles, C, H, W] with ``image_sizes`` [n, 2]; Idefics3-style with ``pixel_attention_mask`` [n, H, W]."""
+        out = self._process(open_images(encoded))
+        return {k: v[0] for k, v in out.items()} if self.per_text_row else out
 
     def __call__(self, images: list[list[bytes]], text_rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """The pixel tensors of pairs whose images are ``images`` (one list per pair, maybe empty; ``shared``: per
@@ -112,15 +151,10 @@ class VisionInputs:
         rows = [[pixels[i] for i in pairs if pixels[i] is not None] for pairs in text_rows]
         if not any(rows):
             return {}
-        if not self.per_text_row:
-            return {"pixel_values": torch.cat([p["pixel_values"] for row in rows for p in row])}
-        per_row = [torch.cat([p["pixel_values"] for p in row]) if row else None for row in rows]
-        masks = [torch.cat([p["pixel_attention_mask"] for p in row]) if row else None for row in rows]
-        shape = next(v for v in per_row if v is not None).shape[1:]
-        n = max(len(v) for v in per_row if v is not None)
-        values = torch.zeros(len(rows), n, *shape)
-        mask = torch.zeros(len(rows), n, *shape[1:], dtype=torch.bool)
-        for i, (v, m) in enumerate(zip(per_row, masks)):
-            if v is not None:
-                values[i, : len(v)], mask[i, : len(m)] = v, m
-        return {"pixel_values": values, "pixel_attention_mask": mask}
+        first = next(p for row in rows for p in row)
+        if not self.per_text_row:  # every pair's images in token order, whatever row holds them
+            return {k: _cat_padded([p[k] for row in rows for p in row]) for k in first}
+        # [text rows, images, ...]: a row's pairs' images, rows without images all padding
+        return {
+            k: _cat_padded([_cat_padded([p[k] for p in row] or [first[k][:0]])[None] for row in rows]) for k in first
+        }

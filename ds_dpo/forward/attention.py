@@ -5,19 +5,21 @@ A packed row (``ds_dpo.forward.layouts``) is a run of blocks: one per sequence w
 response K`` per prompt when shared (a pair's chosen and rejected, or every response of a prompt that several pairs
 share). A row-wide 4D mask makes every kernel compute all S x S scores (and store the mask:
 64 MiB as bool at S = 8192, 16 GiB at 128k); here the model's attention runs once per block, on that block's
-queries, keys and values. With sdpa and no sliding window no block-sized mask exists either: a block is a causal run
+queries, keys and values. With sdpa and no sliding window or chunk no block-sized mask exists either: a block is a causal run
 through sdpa's own causal path (flash-style kernels, on CPU too), and each further response of a shared prompt
 attends to the prompt's keys and its own with an [R, P + R] mask, so attention memory grows with a block's length,
-not its square. Otherwise (eager kernels, sliding windows) each block gets its own small mask (causal, each response
-blind to the others, the layer's window). Short blocks run in groups of up to ``GROUP_TOKENS`` tokens, one kernel
-call per group with the group's small mask: on short pairs the calls, not the scores, are the cost.
+not its square. Otherwise (eager kernels, sliding windows, attention chunks) each block gets its own small mask
+(causal, each response blind to the others, the layer's window or chunk). Short blocks run in groups of up to
+``GROUP_TOKENS`` tokens, one kernel call per group with the group's small mask: on short pairs the calls, not the
+scores, are the cost.
 
 It is registered with transformers' attention interface (``ds_dpo.forward.hooks.install``, at a run's setup) as
 ``ds_dpo_blocks_sdpa`` and ``ds_dpo_blocks_eager``
 (``BLOCK_ATTENTION[inner]``): the per-block kernel is sdpa or the model's own eager attention (Gemma-2's soft-capped
-scores). A model loaded with one of them behaves exactly like sdpa/eager (padded batches, generation) until a forward
-carries ``ds_dpo_blocks``: ``Layout.model_inputs`` then passes a ``Blocks`` and, as the ``attention_mask``, a
-stride-0 stand-in that transformers hands through untouched and no kernel reads.
+scores; GPT-OSS's attention sinks, which the module's own kernel adds to each query's softmax). A model loaded with one
+of them behaves exactly like sdpa/eager (padded batches, generation) until a forward carries ``ds_dpo_blocks``:
+``Layout.model_inputs`` then passes a ``Blocks`` and, as the ``attention_mask``, a stride-0 stand-in that
+transformers hands through untouched and no kernel reads.
 
 flash-attention needs no mask at all: its varlen kernel takes sequence boundaries (``cu_seqlens``), separately for
 queries and keys. A prefix-shared block becomes the query runs ``prompt + response 1``, ``response 2``, ...,
@@ -109,21 +111,22 @@ class Blocks:
             ]
         return self._runs
 
-    def mask(self, group: int, sliding_window: int | None) -> torch.Tensor:
+    def mask(self, group: int, sliding_window: int | None, chunk: int | None = None) -> torch.Tensor:
         """[1, 1, L, L] mask of a group: causal within each block, responses blind to each other, keys within
-        ``sliding_window``."""
-        if (group, sliding_window) not in self._masks:
+        ``sliding_window`` and in the query's ``chunk``."""
+        if (group, sliding_window, chunk) not in self._masks:
             s, e = self.bounds[group]
             kind = "sdpa" if self.additive_dtype is None else "eager"
-            self._masks[group, sliding_window] = packed_attention_mask(
+            self._masks[group, sliding_window, chunk] = packed_attention_mask(
                 self.segment[None, s:e],
                 self.branch[None, s:e],
                 kind,
                 self.additive_dtype,
                 self.position_ids[None, s:e],
                 sliding_window,
+                chunk,
             )
-        return self._masks[group, sliding_window]
+        return self._masks[group, sliding_window, chunk]
 
 
 def packed_attention_mask(
@@ -133,10 +136,11 @@ def packed_attention_mask(
     dtype: torch.dtype,
     position_ids: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """[1, 1, S, S] mask from [1, S] ``segment``/``branch``: causal within a segment, responses blind to each other,
-    and
-    with ``sliding_window`` (needs ``position_ids``) no key that many positions or more before the query.
+    and (both need ``position_ids``) with ``sliding_window`` no key that many positions or more before the query, with
+    ``chunk`` no key outside the query's chunk (positions ``n * chunk`` to ``(n + 1) * chunk - 1``).
 
     Bool (True = may attend) for sdpa, else additive float in ``dtype`` (0 or the dtype's minimum)."""
     seg, kind = segment[0], branch[0]
@@ -146,6 +150,9 @@ def packed_attention_mask(
     if sliding_window is not None:
         pos = position_ids[0]
         allowed &= (pos.unsqueeze(1) - pos.unsqueeze(0)) < sliding_window
+    if chunk is not None:
+        pos = position_ids[0] // chunk
+        allowed &= pos.unsqueeze(1) == pos.unsqueeze(0)
     allowed = allowed[None, None]
     if attn_implementation == "sdpa":
         return allowed
@@ -153,7 +160,11 @@ def packed_attention_mask(
 
 
 def flex_block_mask(
-    segment: torch.Tensor, branch: torch.Tensor, position_ids: torch.Tensor, sliding_window: int | None = None
+    segment: torch.Tensor,
+    branch: torch.Tensor,
+    position_ids: torch.Tensor,
+    sliding_window: int | None = None,
+    chunk: int | None = None,
 ) -> BlockMask:
     """``packed_attention_mask`` as FlexAttention's block mask, for ``attn_implementation: flex_attention``: kept per
     128 x 128 tile, and the tiles where nothing may attend (other sequences, another response's tokens) are skipped
@@ -165,6 +176,8 @@ def flex_block_mask(
         allowed = (seg[q] == seg[k]) & (q >= k) & ~_across_responses(kind[q], kind[k])
         if sliding_window is not None:
             allowed = allowed & (pos[q] - pos[k] < sliding_window)
+        if chunk is not None:
+            allowed = allowed & (pos[q] // chunk == pos[k] // chunk)
         return allowed
 
     length = seg.numel()
@@ -178,6 +191,19 @@ def _eager_kernel(module: torch.nn.Module):
     if kernel is None:
         raise TypeError(f"{type(module).__name__} has no eager attention to run per block")
     return kernel
+
+
+def attention_chunk(config, layer: int | None = None) -> int | None:
+    """``attention_chunk_size`` where ``config`` declares chunked-attention layers (``layer_types`` entry
+    ``chunked_attention``, Llama-4: a token attends only to the keys in its own chunk of positions, which no kernel
+    argument carries, as a sliding window comes as ``sliding_window``): for layer ``layer``, or for any layer of the
+    model when ``layer`` is None; None where there is no such layer."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    if layer is None:
+        chunked = "chunked_attention" in layer_types
+    else:
+        chunked = layer < len(layer_types) and layer_types[layer] == "chunked_attention"
+    return config.attention_chunk_size if chunked else None
 
 
 def _across_responses(query_branch: torch.Tensor, key_branch: torch.Tensor) -> torch.Tensor:
@@ -241,7 +267,9 @@ def block_attention(inner: str):
         # split, not sliced: the backward of each slice would write a zero tensor of the whole row (work that
         # grows with groups x row length); a split's backward is one concatenation
         sizes = [end - start for start, end in ds_dpo_blocks.bounds]
-        mask_free = inner == "sdpa" and sliding_window is None
+        layer = getattr(module, "layer_idx", None)
+        chunk = None if layer is None else attention_chunk(getattr(module, "config", None), layer)
+        mask_free = inner == "sdpa" and sliding_window is None and chunk is None
         outputs = []
         for i, (q, k, v, runs) in enumerate(
             zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), ds_dpo_blocks.causal_runs())
@@ -249,11 +277,8 @@ def block_attention(inner: str):
             if mask_free and runs is not None:  # one block: attention memory linear in its length
                 outputs += _causal_sdpa_runs(module, q, k, v, *runs, **kwargs)
             else:
-                outputs.append(
-                    kernel(
-                        module, q, k, v, ds_dpo_blocks.mask(i, sliding_window), sliding_window=sliding_window, **kwargs
-                    )[0]
-                )
+                mask = ds_dpo_blocks.mask(i, sliding_window, chunk)
+                outputs.append(kernel(module, q, k, v, mask, sliding_window=sliding_window, **kwargs)[0])
         return torch.cat(outputs, dim=1), None  # kernels return [B, L, heads, head_dim]
 
     return attention

@@ -38,8 +38,9 @@ Which tokens may attend to which is described per token by ``segment`` (the bloc
 - everything else (models that cannot take a custom attention function): a 4D [1, 1, S, S] mask, bool for sdpa,
   additive float for the others; ``position_ids`` restarting alone does not isolate sequences there. A 4D mask is used by the model as it is, so
   sliding-window attention (Mistral, Phi-3, Gemma-2/3, Cohere-2, ...) must be in it: a token attends only to keys
-  fewer than ``sliding_window`` positions back. Models that mix full and sliding layers (``config.layer_types``)
-  take one mask per layer type.
+  fewer than ``sliding_window`` positions back, and chunked attention (Llama-4) must too: a token attends only to keys
+  in its own chunk of ``attention_chunk_size`` positions. Models that mix full layers with sliding or chunked ones
+  (``config.layer_types``) take one mask per layer type.
 
 Every layout also carries the scored tokens (M of them; see ``ds_dpo.forward.logprobs``) of its U scored sequences (2B, or
 fewer when shared responses are scored once), which of them each pair compares, and the pairs' bookkeeping:
@@ -51,7 +52,8 @@ fewer when shared responses are scored once), which of them each pair compares, 
     weight       [B] float  1 for a real pair, 0 for a filler that only keeps ranks in step
     pair_tokens  [B] long   prompt + chosen + prompt + rejected tokens (the pair's real tokens, in any layout)
     ref_chosen_logps, ref_rejected_logps  [B] float, only when the dataset carries precomputed reference log-probs
-    pixel_values (+ pixel_attention_mask)  a vision-language model's images in the layout's order (``ds_dpo.data.images``)
+    pixel_values (+ pixel_attention_mask or image_sizes)  a vision-language model's images in the layout's order
+        (``ds_dpo.data.images``)
 """
 
 from __future__ import annotations
@@ -61,9 +63,11 @@ from typing import Any
 
 import torch
 
+from ds_dpo.data.images import IMAGE_KEYS
 from ds_dpo.forward.attention import (
     PROMPT,
     Blocks,
+    attention_chunk,
     flex_block_mask,
     is_block_attention,
     packed_attention_mask,
@@ -237,11 +241,7 @@ def sliding_window(config) -> tuple[int | None, bool]:
 
 
 def _pixels(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {
-        k: batch[k].to(dtype) if batch[k].is_floating_point() else batch[k]
-        for k in ("pixel_values", "pixel_attention_mask")
-        if k in batch
-    }
+    return {k: batch[k].to(dtype) if batch[k].is_floating_point() else batch[k] for k in IMAGE_KEYS if k in batch}
 
 
 def _padding_free_inputs(batch: dict[str, torch.Tensor], config, dtype: torch.dtype, shared: bool) -> dict:
@@ -269,12 +269,15 @@ def _padding_free_inputs(batch: dict[str, torch.Tensor], config, dtype: torch.dt
             packed_attention_mask, batch["segment"], batch["branch"], attn, dtype, batch["position_ids"]
         )
     window, per_layer_type = sliding_window(config)
-    if window is None:
-        inputs["attention_mask"] = mask()
-    elif per_layer_type:
-        inputs["attention_mask"] = {"full_attention": mask(), "sliding_attention": mask(window)}
-    else:
+    chunk = attention_chunk(config.get_text_config())
+    if not per_layer_type and chunk is None:
         inputs["attention_mask"] = mask(window)
+        return inputs
+    inputs["attention_mask"] = masks = {"full_attention": mask()}  # the model picks each layer's by its type
+    if per_layer_type:
+        masks["sliding_attention"] = mask(window)
+    if chunk is not None:
+        masks["chunked_attention"] = mask(chunk=chunk)
     return inputs
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from ds_dpo.distributed import say
@@ -127,20 +128,22 @@ _PROBE_TOKENS = 16
 
 def probe_output_head(causal_lm: torch.nn.Module, plain_forward: Callable, device: torch.device) -> OutputHead | None:
     """How the model turns its output layer's logits into the logits it returns, or None when that is not
-    ``OutputHead``-shaped (or the output layer is not a Linear on the base model's last hidden state).
+    ``OutputHead``-shaped (or the output layer is not a Linear on the base model's last hidden state, or the base
+    model cannot be told).
 
     Runs the model on ``_PROBE_TOKENS`` fixed token ids (the same on every rank, so every rank decides alike; an
     encoder-decoder reads them as prompt and as completion), inside the model's forward: under ZeRO-3 the layers
     gather their weights as they are called.
     """
     head = causal_lm.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
+    encoder_decoder = causal_lm.config.is_encoder_decoder
+    if not isinstance(head, torch.nn.Linear) or (not encoder_decoder and _base_model(causal_lm) is None):
         return None
     config = causal_lm.config.get_text_config()
     ids = torch.randint(config.vocab_size, (1, _PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids.to(device), "use_cache": False}
     with torch.no_grad():
-        if causal_lm.config.is_encoder_decoder:
+        if encoder_decoder:
             # explicit masks: some decoders (T5Gemma) otherwise mask every token equal to the pad id
             ones = torch.ones_like(inputs["input_ids"])
             inputs = _encode_prompts_once(
@@ -182,10 +185,20 @@ def _encode_prompts_once(model: torch.nn.Module, inputs: dict) -> dict:
     }
 
 
+def _base_model(causal_lm: torch.nn.Module) -> torch.nn.Module | None:
+    """The causal LM's base model: the module its ``base_model_prefix`` names or, where that names no attribute (then
+    ``base_model`` is the causal LM itself: Llama-4's and Mllama's text models are kept as ``model``), its one
+    pretrained-model child; None if there is no such single child."""
+    if causal_lm.base_model is not causal_lm:
+        return causal_lm.base_model
+    children = [m for m in causal_lm.children() if isinstance(m, PreTrainedModel)]
+    return children[0] if len(children) == 1 else None
+
+
 def _last_hidden_state(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     """The hidden states the output layer reads: the base model's (a causal LM) or the decoder's."""
     if "encoder_outputs" not in inputs:
-        return model.base_model(**inputs).last_hidden_state
+        return _base_model(model)(**inputs).last_hidden_state
     return model.get_decoder()(
         input_ids=inputs["decoder_input_ids"],
         attention_mask=inputs.get("decoder_attention_mask"),

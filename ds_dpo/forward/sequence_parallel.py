@@ -65,7 +65,9 @@ def data_parallel(sp: SequenceParallel | None) -> tuple[int, int]:
     return world // size, rank // size
 
 
-def problems(sp_size: int, world_size: int, config, attn_implementation: str, stateful: bool) -> list[str]:
+def problems(
+    sp_size: int, world_size: int, config, attn_implementation: str, stateful: bool, reads_row_index: bool = False
+) -> list[str]:
     """Why a run cannot use ``sequence_parallel_size`` ``sp_size`` (empty: it can)."""
     if sp_size == 1:
         return []
@@ -96,6 +98,11 @@ def problems(sp_size: int, world_size: int, config, attn_implementation: str, st
             not stateful,
             "recurrent (state-space) layers carry state along the whole row, which sequence parallelism "
             "splits across ranks",
+        ),
+        (
+            not reads_row_index,
+            "the model's layers read each token's index in the row (Llama-4's attention temperature tuning), which "
+            "a rank's slice of the row would count from its own start",
         ),
         (
             not getattr(config, "is_encoder_decoder", False),

@@ -19,6 +19,9 @@ flags, the config's ``layer_types``), not from a list of families kept here:
   config declares (``layer_types``, as transformers' caches read them), by the class's ``_is_stateful`` (transformers
   before 5.25) or by a forward taking a recurrent state (``cache_params``, ``state``: Mamba,
   RWKV).
+- a model whose layers read a token's index in the row instead of its position id (Llama-4's attention temperature
+  tuning, declared by its config's ``attn_temperature_tuning`` with NoPE layers in ``no_rope_layers``) gets the padded
+  layout too: in a packed row every sequence but the first would be computed as if it started where it sits in the row.
 
 - packed and prefix-shared rows use ds_dpo's block attention (``ds_dpo.forward.attention``) where the class runs its
   attention through transformers' interface (``_supports_attention_backend``), else a dense row-wide mask.
@@ -67,6 +70,14 @@ def _is_stateful(cls, config) -> bool:
     return not {"cache_params", "state"}.isdisjoint(inspect.signature(cls.forward).parameters)
 
 
+def _reads_row_index(config) -> bool:
+    """Llama-4's temperature tuning scales the queries of its NoPE layers (``no_rope_layers`` entries 0) by
+    ``1 + attn_scale * log(1 + floor((i + 1) / floor_scale))`` with i the token's index in the row, not its position
+    id (from ``floor_scale`` tokens on: 8192 in the released models)."""
+    text = config.get_text_config()
+    return bool(getattr(text, "attn_temperature_tuning", False)) and 0 in (getattr(text, "no_rope_layers", None) or ())
+
+
 def is_vision_language(config) -> bool:
     return (
         getattr(config, "vision_config", None) is not None
@@ -103,6 +114,9 @@ class ModelSupport:
     """The implementation the run uses (the configured one, or ``eager`` where the class lacks it)."""
     stateful: bool
     """Recurrent state along the row (Mamba-style layers): sequences cannot share a row."""
+    reads_row_index: bool = False
+    """A layer reads each token's index in the row, not its position id (Llama-4's temperature tuning): sequences
+    cannot share a row."""
     attention_backend: bool = False
     """The class runs its attention through transformers' attention interface, passing the forward's keyword
     arguments down (``_supports_attention_backend``): it can take ds_dpo's block attention."""
@@ -133,11 +147,16 @@ class ModelSupport:
         if self.encoder_decoder:  # the prompt is computed once per pair by the model's own design
             return SEQ2SEQ, None
         wanted = layout_for(padding_free, prefix_sharing)
-        if wanted.padding_free and self.stateful:
-            return PADDED, (
-                f"{self.class_name} has recurrent (state-space) layers, which carry state across "
-                f"sequence boundaries in a {wanted} row: batches are padded (as with "
-                "`padding_free: false`)"
+        if wanted.padding_free and (self.stateful or self.reads_row_index):
+            why = (
+                "has recurrent (state-space) layers, which carry state across sequence boundaries"
+                if self.stateful
+                else "scales attention by each token's index in the row (attn_temperature_tuning), not its position, "
+                "which is wrong for every sequence but the first"
+            )
+            return (
+                PADDED,
+                f"{self.class_name} {why} in a {wanted} row: batches are padded (as with `padding_free: false`)",
             )
         return wanted, None
 
@@ -171,6 +190,7 @@ def model_support(config, attn_implementation: str, device_type: str = "cuda") -
         cls.__name__,
         attn,
         stateful=_is_stateful(cls, config),
+        reads_row_index=_reads_row_index(config),
         attention_backend=bool(getattr(cls, "_supports_attention_backend", False)),
         encoder_decoder=encoder_decoder,
         vision=is_vision_language(config),

@@ -15,8 +15,15 @@ from ds_dpo.forward.router_loss import router_aux_loss
 from ds_dpo.forward.scoring import OutputHead, install_token_scoring, token_scoring
 from ds_dpo.forward.self_check import scoring_mismatch
 from ds_dpo.models.support import model_support, moe_block_classes
-from helpers.models import ENCODER_DECODERS, FAMILIES, TINY, install_emulated_flash, tiny_model
+from helpers.models import ENCODER_DECODERS, FAMILIES, TINY, install_emulated_flash, tiny_config, tiny_model
 from helpers.pairs import PAIRS, forward_and_grad, one_at_a_time, score
+
+
+def layouts_taken(support):
+    """The layouts a run of the family takes, each once (a stateful family takes the padded one whatever it asks)."""
+    return dict.fromkeys(
+        support.layout(padding_free=layout != "padded", prefix_sharing=layout == "shared")[0] for layout in LAYOUTS
+    )
 
 
 def close(got, expected, what):
@@ -26,24 +33,41 @@ def close(got, expected, what):
         )
 
 
-@pytest.mark.parametrize("attention", ["dense mask", "blocks", "blocks, one at a time"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+def padded_only(family):
+    """Whether a run of the family takes the padded layout whatever it asks (a stateful family)."""
+    return model_support(tiny_config(family), "sdpa").layout(padding_free=True, prefix_sharing=True)[0] is PADDED
+
+
+@pytest.mark.parametrize(
+    ("family", "attention"),
+    [
+        (family, attention)
+        for family in FAMILIES
+        for attention in ("dense mask", "blocks", "blocks, one at a time")
+        if attention == "dense mask" or not padded_only(family)
+    ],
+)
 def test_every_layout_scores_like_the_models_own_forward(family, attention, monkeypatch):
     """With ``blocks`` the model is loaded with the attention a packed run gets (ds_dpo's block attention where the
     class supports it; the test rows are short, so their blocks run in groups), ``one at a time`` as a row of long
-    blocks runs (no groups); ``dense mask`` forces the row-wide 4D mask."""
+    blocks runs (no groups); ``dense mask`` forces the row-wide 4D mask. A family that takes the padded layout only
+    has no packed rows: its block cases would score the same padded batches again."""
     if attention.endswith("one at a time"):
         monkeypatch.setattr(ds_dpo_attention, "GROUP_TOKENS", 0)
     model, support = tiny_model(family, layout=PADDED if attention == "dense mask" else SHARED)
+    loaded = model.config._attn_implementation
     with torch.no_grad():
         plain = score(model, PAIRS, PADDED, 0)
-        # the oracle itself: the model's own forward on one unpadded sequence at a time
+        # the oracle itself: the model's own forward on one unpadded sequence at a time, with the attention its class
+        # runs (sdpa or eager), not through ds_dpo's block kernel (which must run the module's own eager attention:
+        # GPT-OSS's sinks)
+        model.config._attn_implementation = support.attn_implementation
         expected = torch.stack(
             [one_at_a_time(model, row["prompt_input_ids"], row["chosen_input_ids"]) for row in PAIRS]
         )
+        model.config._attn_implementation = loaded
         torch.testing.assert_close(plain.chosen, expected, rtol=1e-5, atol=1e-5)
-        for layout in LAYOUTS:
-            used, _ = support.layout(padding_free=layout != "padded", prefix_sharing=layout == "shared")
+        for used in layouts_taken(support):
             for chunk in (0, 4):
                 close(score(model, PAIRS, used, chunk), plain, f"{family} {used} chunk {chunk}")
     assert token_scoring(model).head is not None, "every family here has a head the chunked path reproduces"
@@ -57,8 +81,7 @@ def test_every_layout_trains_like_the_plain_padded_path(family):
     model, support = tiny_model(family, layout=SHARED)
     _, expected = forward_and_grad(model, PADDED, 0)
     assert expected.abs().max() > 0
-    for layout in LAYOUTS:
-        used, _ = support.layout(padding_free=layout != "padded", prefix_sharing=layout == "shared")
+    for used in layouts_taken(support):
         _, grad = forward_and_grad(model, used, 4)
         torch.testing.assert_close(
             grad, expected, rtol=0, atol=1e-5 * expected.abs().max().item(), msg=lambda m: f"{family} {used}: {m}"
@@ -84,12 +107,13 @@ def uncompiled_flex(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*")
-# Qwen2 here mixes full and sliding layers (one block mask per layer type); Gemma-2 soft-caps its scores.
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+# Qwen2 here mixes full and sliding layers (one block mask per layer type); Gemma-2 soft-caps its scores; Llama-4
+# mixes chunked and full layers.
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "llama4_text"])
 def test_flex_attention_block_masks_score_like_the_plain_padded_path(family, uncompiled_flex):
-    """``attn_implementation: flex_attention``: packed and shared rows get FlexAttention block masks (sliding windows
-    and per-layer-type masks included) and score like the plain padded path. Forward only: torch has no FlexAttention
-    backward on CPU; gradients and speed are for a GPU (not yet run on one)."""
+    """``attn_implementation: flex_attention``: packed and shared rows get FlexAttention block masks (sliding windows,
+    attention chunks and per-layer-type masks included) and score like the plain padded path. Forward only: torch has
+    no FlexAttention backward on CPU; gradients and speed are for a GPU (not yet run on one)."""
     model, support = tiny_model(family, attn="flex_attention", layout=SHARED)
     assert model.config._attn_implementation == "flex_attention"
     with torch.no_grad():
@@ -158,12 +182,25 @@ def test_logit_transforms_are_found_from_the_model():
 def test_attention_and_layout_routing_is_announced():
     gemma2 = model_support(AutoConfig.for_model("gemma2", **TINY), "sdpa")
     assert gemma2.attn_implementation == "eager" and "Gemma2ForCausalLM" in gemma2.notices[0]
+    gpt_oss = model_support(tiny_config("gpt_oss"), "sdpa")  # attention sinks: no sdpa either
+    assert gpt_oss.attn_implementation == "eager" and "GptOssForCausalLM" in gpt_oss.notices[0]
     falcon = model_support(AutoConfig.for_model("falcon_h1", **TINY, **FAMILIES["falcon_h1"]), "sdpa")
     layout, notice = falcon.layout(padding_free=True, prefix_sharing=True)
     assert layout is PADDED and "FalconH1ForCausalLM" in notice
     # told by the layer kinds the config declares (transformers 5.25 dropped the class flag): short convolutions too
     lfm2 = model_support(AutoConfig.for_model("lfm2", **TINY, full_attn_idxs=[1]), "sdpa")
     assert lfm2.layout(padding_free=True, prefix_sharing=False)[0] is PADDED
+    layout, notice = model_support(tiny_config("qwen3_next"), "sdpa").layout(padding_free=True, prefix_sharing=True)
+    assert layout is PADDED and "Qwen3NextForCausalLM" in notice  # linear attention
+    # Llama-4's temperature tuning scales the queries of its NoPE layers by each token's index in the row...
+    llama4 = model_support(tiny_config("llama4_text", attn_temperature_tuning=True), "sdpa")
+    layout, notice = llama4.layout(padding_free=True, prefix_sharing=True)
+    assert layout is PADDED and "Llama4ForCausalLM" in notice and "attn_temperature_tuning" in notice
+    # ...which a packed row gets wrong for every sequence but the first once the row is past floor_scale tokens
+    model, _ = tiny_model("llama4_text", layout=PACKED, attn_temperature_tuning=True, floor_scale=2, attn_scale=2.0)
+    with torch.no_grad():
+        packed, padded = score(model, PAIRS, PACKED).chosen, score(model, PAIRS, PADDED).chosen
+    assert (packed[0] - padded[0]).abs() < 1e-5 and (packed[1:] - padded[1:]).abs().max() > 1e-3
     assert model_support(AutoConfig.for_model("llama", **TINY), "sdpa").layout(True, True) == (SHARED, None)
 
 

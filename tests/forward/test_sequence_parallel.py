@@ -134,11 +134,12 @@ def test_what_cannot_run_sequence_parallel_is_named():
     config = AutoConfig.for_model(
         "llama", **{**TINY, "hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 3}
     )
-    found = sequence_parallel.problems(4, 6, config, "sdpa", stateful=True)
+    found = sequence_parallel.problems(4, 6, config, "sdpa", stateful=True, reads_row_index=True)
     assert any("number of ranks (6) must be a multiple" in p for p in found)
     assert any("6 attention heads must be divisible" in p for p in found)
     assert any("3 key/value heads must be divisible" in p for p in found)
     assert any("attention `sdpa` cannot run sequence-parallel" in p for p in found)
     assert any("recurrent" in p for p in found)
+    assert any("index in the row" in p for p in found)  # Llama-4's attention temperature tuning
     assert sequence_parallel.problems(2, 4, AutoConfig.for_model("llama", **TINY), "ds_dpo_blocks_sdpa", False) == []
     assert sequence_parallel.problems(1, 3, config, "sdpa", stateful=True) == []

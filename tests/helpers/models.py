@@ -57,6 +57,86 @@ FAMILIES = {
     "qwen2_moe": dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16, **MOE),
     "qwen3_moe": dict(num_experts=4, moe_intermediate_size=16, **MOE),
     "granitemoe": dict(num_local_experts=4, logits_scaling=4.0, **MOE),
+    # attention sinks: a learned logit per head in every query's softmax (no sdpa: the module's own eager kernel, per
+    # block); sliding and full layers alternate; MoE
+    "gpt_oss": dict(num_local_experts=4, sliding_window=3, **MOE),
+    # multi-head latent attention: low-rank queries and keys/values, RoPE on a separate part of each head (MLA needs
+    # as many key/value heads as heads); a dense first layer, then shared and routed experts
+    "deepseek_v3": dict(
+        num_key_value_heads=4,
+        head_dim=4,
+        q_lora_rank=16,
+        kv_lora_rank=8,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        **MOE,
+    ),
+    # chunked attention (a token sees only its own chunk of 3 positions), then a full-attention layer without RoPE;
+    # temperature tuning, which reads the row index, is off (with it the family is padded: the routing test)
+    "llama4_text": dict(
+        attention_chunk_size=3,
+        no_rope_layers=[1, 0],
+        attn_temperature_tuning=False,
+        num_local_experts=4,
+        intermediate_size_mlp=64,
+        **MOE,
+    ),
+    "smollm3": dict(no_rope_layers=[1, 0]),  # layer 2 without RoPE (NoPE)
+    # Gated DeltaNet linear attention, then gated full attention; MoE: padded only
+    "qwen3_next": dict(
+        layer_types=["linear_attention", "full_attention"],
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        num_experts=4,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        **MOE,
+    ),
+    "lfm2": dict(full_attn_idxs=[1]),  # a short-convolution layer, then attention: padded only
+    # KV sharing (layer 2 reuses layer 1's keys and values), AltUp, per-layer inputs, soft-capped logits. No pad id:
+    # padding_idx would zero the pad token's embedding, whose AltUp magnitude (a square root) then has a NaN gradient
+    # in the model's own padded forward
+    "gemma3n_text": dict(
+        pad_token_id=None,
+        sliding_window=3,
+        final_logit_softcapping=0.5,
+        num_kv_shared_layers=1,
+        vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=8,
+        laurel_rank=4,
+        altup_num_inputs=2,
+        activation_sparsity_pattern=[0.0, 0.0],
+    ),
+    "exaone4": dict(sliding_window=3, sliding_window_pattern=2),  # a sliding layer, then a full one without RoPE
+    "olmo3": dict(sliding_window=3, layer_types=["sliding_attention", "full_attention"]),  # QK-norm
+    "ministral": dict(sliding_window=3, layer_types=["sliding_attention", "full_attention"]),
+    # MoE after a dense layer; layer 2 slides
+    "dots1": dict(
+        use_sliding_window=True,
+        sliding_window=3,
+        max_window_layers=1,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        **MOE,
+    ),
+    "glm": {},  # partial, interleaved RoPE
+    "glm4": {},  # partial RoPE, norms after attention and MLP too
+    "seed_oss": {},  # biased query/key/value projections
+    "hunyuan_v1_dense": {},  # QK-norm after RoPE
+    "apertus": {},  # xIELU activation, Llama-3 RoPE scaling, QK-norm
+    "arcee": {},  # ReLU² MLP without a gate
+    "ernie4_5": {},  # interleaved RoPE
 }
 _ENCODER_STACK = {key: value for key, value in TINY.items() if not key.endswith("_token_id")}
 ENCODER_DECODERS = {

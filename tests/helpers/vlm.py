@@ -4,6 +4,7 @@ preference rows with images in TRL's conversational format."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ TEMPLATE = (
     "{% if part['type'] == 'image' %} <image>{% elif part['type'] == 'text' %} {{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %} END_OF_TURN {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
 )
-FAMILIES = ("llava", "idefics3")
+FAMILIES = ("llava", "llava_next", "idefics3")
 
 
 def _tokenizer(special: list[str]):
@@ -73,6 +74,48 @@ def build(family: str, out: Path, seed: int = 0) -> str:
             vision_feature_select_strategy="default",
         )
         model_class = LlavaForConditionalGeneration
+    elif family == "llava_next":
+        from transformers import (
+            CLIPVisionConfig,
+            LlavaNextConfig,
+            LlavaNextForConditionalGeneration,
+            LlavaNextProcessor,
+        )
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        tokenizer = _tokenizer(["<image>"])
+        template = TEMPLATE.replace("END_OF_TURN", "{{ eos_token }}")
+        # any resolution: a 28 px base view plus the 28 px tiles of the pinpoint closest to the image's aspect
+        # ratio (2 or 4), so images of other shapes differ in tiles and feature tokens
+        pinpoints = [[28, 56], [56, 28], [56, 56]]
+        processor = LlavaNextProcessor(
+            image_processor=LlavaNextImageProcessorPil(
+                size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints
+            ),
+            tokenizer=tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=template,
+        )
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            projection_dim=32,
+        )
+        config = LlavaNextConfig(
+            vision_config=vision,
+            text_config=_text(tokenizer),
+            image_grid_pinpoints=pinpoints,
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+        )
+        model_class = LlavaNextForConditionalGeneration
     else:
         from transformers import (
             Idefics3Config,
@@ -132,6 +175,9 @@ def image(seed: int, height: int = 36, width: int = 44) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
+# (height, width) of the rows' images in turn: to the tiny LLaVA-NeXT 5, 3, 5 and 3 tiles, 24, 16, 24 and 14 image
+# tokens (one pair's two images padded to 5 tiles in one tensor)
+SHAPES = [(36, 44), (60, 20), (44, 36), (20, 60)]
 # (prompt, images, chosen, rejected): 1, 2, 1 and 0 images
 PAIRS = [
     ("count up from 3 :", 1, " 4 5 6", " 2 1 0 0"),
@@ -144,13 +190,13 @@ PAIRS = [
 def rows(image_dir: Path, pairs=PAIRS, seed: int = 0) -> list[dict]:
     """TRL-format rows: string contents (the images go before the user's text), ``images`` as PNG files written to
     ``image_dir``."""
-    out = []
+    out, shapes = [], itertools.cycle(SHAPES)
     image_dir.mkdir(parents=True, exist_ok=True)
     for k, (prompt, n, chosen, rejected) in enumerate(pairs):
         paths = []
         for i in range(n):
             paths.append(str(image_dir / f"seed{seed}-pair{k}-image{i}.png"))
-            image(seed + 10 * k + i, 36 + 4 * i).save(paths[-1])
+            image(seed + 10 * k + i, *next(shapes)).save(paths[-1])
         out.append(
             {
                 "images": paths,

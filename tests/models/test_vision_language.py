@@ -1,6 +1,7 @@
-"""Vision-language models (tiny random LLaVA and Idefics3 built offline with their processors): rows with images
-through the data pipeline, every layout's log-probs and gradients against the model's own forward on one sequence
-at a time, the vision tower run once per pair in the prefix-shared layout, TRL 1.16 parity, and bad image rows."""
+"""Vision-language models (tiny random LLaVA, LLaVA-NeXT and Idefics3 built offline with their processors): rows
+with images through the data pipeline, every layout's log-probs and gradients against the model's own forward on one
+sequence at a time, the vision tower run once per pair in the prefix-shared layout, TRL 1.16 parity, processors
+refused at startup, and bad image rows."""
 
 import json
 import re
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from ds_dpo.config import make_config
-from ds_dpo.data.images import VisionInputs, open_images
+from ds_dpo.data.images import VisionInputs, image_bytes, open_images, processor_problem
 from ds_dpo.data.pipeline import DataError, load_preference_data
 from ds_dpo.data.tokenization import load_processor
 from ds_dpo.forward.layouts import LAYOUTS, PADDED, SHARED, collate_pairs
@@ -51,6 +52,17 @@ def load_model(model_dir, layout):
     attn = attention_setting(config, support.attention_for(layout)[0])
     model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation=attn)
     return install_token_scoring(model).eval()
+
+
+def watch_tower(model):
+    """The model's vision tower and a list that gets the images (tiles, crops) it is given at each call."""
+    tower = next(m for m in model.modules() if getattr(m, "config", None) is model.config.vision_config)
+    seen = []
+    tower.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append((kwargs.get("pixel_values", args[0] if args else None)).shape[0]),
+        with_kwargs=True,
+    )
+    return tower, seen
 
 
 def own_forward(model, processor, rows, conversations):
@@ -102,16 +114,11 @@ def test_every_layout_scores_and_trains_like_the_models_own_forward(tiny_vlm, tm
     expected_grad = None
     for layout in LAYOUTS.values():
         model = load_model(model_dir, layout)
-        tower = next(m for m in model.modules() if getattr(m, "config", None) is model.config.vision_config)
-        seen = []
-        tower.register_forward_hook(
-            lambda m, args, kwargs, out: seen.append((kwargs.get("pixel_values", args[0] if args else None)).shape[0]),
-            with_kwargs=True,
-        )
+        tower, seen = watch_tower(model)
         if expected_grad is None:
             with torch.no_grad():
                 expected = own_forward(model, processor, rows, conversations_of(raw))
-            seen.clear()
+            once = sum(seen) // 2  # each sequence alone: each pair's images twice
         for chunk in (0, 4):
             model.zero_grad()
             seen.clear()
@@ -119,7 +126,7 @@ def test_every_layout_scores_and_trains_like_the_models_own_forward(tiny_vlm, tm
             out = concatenated_forward(model, batch, Scoring(layout, chunk))
             got = torch.cat([out.chosen, out.rejected])
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{layout} {chunk}: {m}")
-            assert sum(seen) == (4 if layout is SHARED else 8), (layout, seen)
+            assert sum(seen) == (once if layout is SHARED else 2 * once), (layout, seen)
             (weights * out.chosen - 0.5 * out.rejected).sum().backward()
             grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
             if expected_grad is None:
@@ -138,8 +145,8 @@ def test_every_layout_scores_and_trains_like_the_models_own_forward(tiny_vlm, tm
 
 def test_pairs_of_one_prompt_and_its_images_share_one_pass_of_them(tiny_vlm):
     """A third response to pair 0's prompt (same token ids, same image) adds a response to pair 0's block, not a
-    second pass of its image; the same prompt ids with another image are another block. Log-probs equal the padded
-    batch's (each pair in full)."""
+    second pass of its image; the same prompt ids with another image (of the same size) are another block. Log-probs
+    equal the padded batch's (each pair in full)."""
     model_dir, processor, rows = tiny_vlm
     vision = VisionInputs(processor.image_processor)
     third = {
@@ -148,18 +155,23 @@ def test_pairs_of_one_prompt_and_its_images_share_one_pass_of_them(tiny_vlm):
         "chosen_input_ids": rows[0]["rejected_input_ids"],
         "rejected_input_ids": rows[3]["chosen_input_ids"],
     }
-    other_image = {**third, "index": 5, "images": rows[2]["images"]}
+    # of pair 0's image's size: as many image tokens (LLaVA-NeXT's depend on the size)
+    other_image = {**third, "index": 5, "images": [image_bytes(vlm.image(99, *vlm.SHAPES[0]))]}
     pairs = [*rows, third, other_image]
     model = load_model(model_dir, SHARED)
-    tower = next(m for m in model.modules() if getattr(m, "config", None) is model.config.vision_config)
-    seen = []
-    tower.register_forward_hook(
-        lambda m, args, kwargs, out: seen.append((kwargs.get("pixel_values", args[0] if args else None)).shape[0]),
-        with_kwargs=True,
-    )
+    _, seen = watch_tower(model)
+
+    def shared_forward(pairs):
+        seen.clear()
+        out = concatenated_forward(
+            model, collate_pairs(pairs, [1.0] * len(pairs), 0, SHARED, vision), Scoring(SHARED, 4)
+        )
+        return out, sum(seen)
+
     with torch.no_grad():
-        shared = concatenated_forward(model, collate_pairs(pairs, [1.0] * 6, 0, SHARED, vision), Scoring(SHARED, 4))
-        assert sum(seen) == 1 + 2 + 1 + 1  # pairs 0-3's images once, and the other image's block
+        shared, images = shared_forward(pairs)
+        # pairs 0-3's images once, and the other image's block
+        assert images == shared_forward(rows)[1] + shared_forward([other_image])[1]
         padded = concatenated_forward(
             load_model(model_dir, PADDED), collate_pairs(pairs, [1.0] * 6, 0, PADDED, vision), Scoring(PADDED, 0)
         )
@@ -180,14 +192,15 @@ def test_freezing_the_vision_tower_freezes_exactly_it(tiny_vlm):
     assert all(p.requires_grad == (id(p) not in vision) for p in model.parameters())
 
 
-def test_the_first_step_log_probs_equal_trl(tmp_path):
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_the_first_step_log_probs_equal_trl(family, tmp_path):
     """TRL 1.16's DPOTrainer (processor as processing_class, conversational rows with one image each, its vision
-    collator) on the tiny LLaVA: the per-sequence policy log-probs of its first step equal ds_dpo's prefix-shared
-    batch of the same rows (token ids identical), to 1e-6."""
+    collator) on the tiny LLaVA and LLaVA-NeXT (images of 5 and 3 tiles in one batch): the per-sequence policy
+    log-probs of its first step equal ds_dpo's prefix-shared batch of the same rows (token ids identical), to 1e-6."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    model_dir = vlm.build("llava", tmp_path / "model")
+    model_dir = vlm.build(family, tmp_path / "model")
     one_image = [(prompt, 1, chosen, rejected) for prompt, _, chosen, rejected in vlm.PAIRS]
     raw = vlm.rows(tmp_path / "images", one_image)
     processor, train, _ = load_pairs(model_dir, write_rows(tmp_path / "pairs.jsonl", raw), tmp_path / "cache")
@@ -249,6 +262,35 @@ def test_the_first_step_log_probs_equal_trl(tmp_path):
     with torch.no_grad():
         out = concatenated_forward(model, batch, Scoring(SHARED, 1024))
     torch.testing.assert_close(torch.cat([out.chosen, out.rejected]), trl_logps, rtol=1e-6, atol=1e-6)
+
+
+def test_processors_that_describe_images_otherwise_are_refused(tmp_path, monkeypatch):
+    """Gemma-3's processor (its token_type_ids mark image tokens for bidirectional attention) is refused by the key
+    ds_dpo does not carry; LLaVA-NeXT's is served (as every family's is at the start of the recipe tests), but not
+    with an image processor that pads tiles in front (the model reads each image's first tiles): its batches differ
+    from ds_dpo's joined pairs."""
+    import numpy as np
+    from transformers import AutoProcessor, AutoTokenizer, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    names = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+    vlm._tokenizer(list(names.values())).save_pretrained(tmp_path / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer", extra_special_tokens=names)
+    gemma = Gemma3Processor(Gemma3ImageProcessorPil(size={"height": 28, "width": 28}), tokenizer, image_seq_length=4)
+    assert processor_problem(gemma) == (
+        "Gemma3Processor describes images with token_type_ids besides pixel_values, which ds_dpo's batch layouts do "
+        "not carry (served: LLaVA, LLaVA-NeXT, Idefics3, SmolVLM and others whose processor returns only "
+        "pixel_values, pixel_attention_mask and image_sizes)"
+    )
+    processor = AutoProcessor.from_pretrained(vlm.build("llava_next", tmp_path / "model"))
+    assert processor_problem(processor) is None
+
+    def pad_in_front(pixel_values):
+        most = max(len(x) for x in pixel_values)
+        return [np.pad(x, ((most - len(x), 0), (0, 0), (0, 0), (0, 0))) for x in pixel_values]
+
+    monkeypatch.setattr(processor.image_processor, "_pad_for_batching", pad_in_front)
+    assert processor_problem(processor).startswith("LlavaNextImageProcessorPil batches images otherwise than ds_dpo")
 
 
 @pytest.mark.parametrize(
@@ -333,8 +375,6 @@ def test_the_tokenization_cache_is_keyed_by_the_images(tmp_path):
 
 
 def test_images_come_as_paths_bytes_records_or_pil(tmp_path):
-    from ds_dpo.data.images import image_bytes
-
     picture = vlm.image(0)
     picture.save(tmp_path / "a.png")
     encoded = (tmp_path / "a.png").read_bytes()

@@ -92,6 +92,7 @@ def test_encoder_decoder_models_train_with_each_reference_and_export(
     "family, options",
     [
         ("llava", []),  # a ZeRO-3 reference engine
+        ("llava_next", []),  # the same, images of several sizes (tiles, feature counts) and its image_newline
         ("idefics3", ["--precompute_ref_log_probs", "true", "--freeze_vision_tower", "true"]),
     ],
 )
@@ -132,19 +133,21 @@ def test_vision_language_models_train_and_export(family, options, single_rank, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["encoder-decoder", "vision-language"])
-def test_two_zero3_ranks_reproduce_one_rank_for(kind, single_rank, builtin_files, tmp_path):
+@pytest.mark.parametrize(
+    "kind, family", [("encoder-decoder", "t5"), ("vision-language", "llava"), ("vision-language", "llava_next")]
+)
+def test_two_zero3_ranks_reproduce_one_rank_for(kind, family, single_rank, builtin_files, tmp_path):
     """Under ZeRO-3, 2 launched ranks x half the pairs give the loss curve of 1 rank (in-process) x all of them
-    (1e-6): T5 (chunked log-probs on one, full logits on the other), LLaVA (its vision tower sharded too; one rank's
-    micro-batch may hold no image while the other's does)."""
+    (1e-6): T5 (chunked log-probs on one, full logits on the other), LLaVA and LLaVA-NeXT (the vision tower sharded
+    too; one rank's micro-batch may hold no image while the other's does, or images of other tile counts)."""
     from helpers import vlm
 
     if kind == "encoder-decoder":
-        model = save_tiny_model("t5", builtin_files["model_name_or_path"], tmp_path / "model")
+        model = save_tiny_model(family, builtin_files["model_name_or_path"], tmp_path / "model")
         data, pairs, steps = builtin_files["dataset"], 8, 4
         one, two = ["--logps_chunk_size", "0"], ["--logps_chunk_size", "5"]
     else:
-        model = vlm.build("llava", tmp_path / "model")
+        model = vlm.build(family, tmp_path / "model")
         rows = vlm.rows(tmp_path / "images") + vlm.rows(tmp_path / "images", seed=100)
         data, pairs, steps, one, two = tmp_path / "pairs.jsonl", 4, 3, [], []
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
