@@ -39,10 +39,25 @@ def _tokenizer(special: list[str]):
     return tokenizer
 
 
+def _clip_vision(image_size: int, patch_size: int):
+    """A tiny CLIP vision tower (LLaVA's and LLaVA-NeXT's)."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+
+
 def build(family: str, out: Path, seed: int = 0) -> str:
     """Write the tiny ``family`` model and its processor to ``out``; returns the path."""
     if family == "llava":
-        from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+        from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         tokenizer = _tokenizer(["<image>"])
@@ -56,17 +71,8 @@ def build(family: str, out: Path, seed: int = 0) -> str:
             num_additional_image_tokens=1,
             chat_template=template,
         )
-        vision = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=30,
-            patch_size=10,
-            projection_dim=32,
-        )
         config = LlavaConfig(
-            vision_config=vision,
+            vision_config=_clip_vision(image_size=30, patch_size=10),
             text_config=_text(tokenizer),
             image_seq_length=9,
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -75,12 +81,7 @@ def build(family: str, out: Path, seed: int = 0) -> str:
         )
         model_class = LlavaForConditionalGeneration
     elif family == "llava_next":
-        from transformers import (
-            CLIPVisionConfig,
-            LlavaNextConfig,
-            LlavaNextForConditionalGeneration,
-            LlavaNextProcessor,
-        )
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
         tokenizer = _tokenizer(["<image>"])
@@ -98,17 +99,8 @@ def build(family: str, out: Path, seed: int = 0) -> str:
             num_additional_image_tokens=1,
             chat_template=template,
         )
-        vision = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=14,
-            projection_dim=32,
-        )
         config = LlavaNextConfig(
-            vision_config=vision,
+            vision_config=_clip_vision(image_size=28, patch_size=14),
             text_config=_text(tokenizer),
             image_grid_pinpoints=pinpoints,
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
