@@ -41,7 +41,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def max_over_ranks(value: float, device: torch.device) -> float:
     """Collective (one all-reduce of a scalar): the largest ``value`` of any rank, on every rank."""
-    t = torch.tensor([float(value)], device=device)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return t.item()
 

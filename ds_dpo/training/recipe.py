@@ -33,7 +33,7 @@ from ds_dpo.data.images import VisionInputs, processor_problem
 from ds_dpo.data.pipeline import load_preference_data, token_lengths
 from ds_dpo.data.sampler import GlobalBatchSampler, StepPlan
 from ds_dpo.data.tokenization import load_processor, load_tokenizer
-from ds_dpo.distributed import any_rank, local_main_first, say
+from ds_dpo.distributed import any_rank, local_main_first, max_over_ranks, say
 from ds_dpo.forward import hooks
 from ds_dpo.forward.layouts import collate_pairs
 from ds_dpo.forward.logprobs import concatenated_forward
@@ -48,7 +48,7 @@ from ds_dpo.plan import RunPlan, make_plan
 from ds_dpo.training.checkpoint import Checkpointer, last_whole_checkpoint
 from ds_dpo.training.export import export_hf_model
 from ds_dpo.training.loggers import MetricsLogger
-from ds_dpo.training.metrics import MetricAccumulator, max_over_ranks, peak_memory_mb
+from ds_dpo.training.metrics import MetricAccumulator, peak_memory_mb
 from ds_dpo.training.preemption import PreemptionGuard
 from ds_dpo.training.reference import (
     AdapterReference,
