@@ -75,13 +75,14 @@ class RunPlan:
                 "; checkpointed activations offloaded" if cfg.model.activation_offloading else "",
             ]
         )
-        if self.deadline is not None:
-            memory += (
-                f"; stops with a checkpoint before {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.deadline))}"
-            )
+        deadline = (
+            ""
+            if self.deadline is None
+            else f"; stops with a checkpoint before {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.deadline))}"
+        )
         return (
             f"reference: {_describe_reference(cfg)}; batches: {batches}; attention: {attention}; "
-            f"log-probs from {chunks}{parallel}{memory}"
+            f"log-probs from {chunks}{parallel}{memory}{deadline}"
         )
 
 

@@ -136,9 +136,10 @@ def init_kwargs_problems(name: str, init_kwargs: dict | None, model: ModelConfig
         return []
     if not isinstance(init_kwargs, dict):
         return [f"`{name}` must be a mapping of from_pretrained arguments (got {type(init_kwargs).__name__})"]
+    dtype = ("bfloat16" if model.bf16 else "float32", "bf16")
     own = {
-        "dtype": ("bfloat16" if model.bf16 else "float32", "bf16"),
-        "torch_dtype": ("bfloat16" if model.bf16 else "float32", "bf16"),
+        "dtype": dtype,
+        "torch_dtype": dtype,
         "attn_implementation": (model.attn_implementation, "attn_implementation"),
         "trust_remote_code": (model.trust_remote_code, "trust_remote_code"),
     }

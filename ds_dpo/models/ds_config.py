@@ -78,8 +78,6 @@ def _fill_optimizer(block: dict, optim: OptimConfig) -> None:
     _fill(params, "lr", optim.learning_rate, "optimizer.params.lr")
     _fill(params, "weight_decay", optim.weight_decay, "optimizer.params.weight_decay")
     if kind in _TAKES_BETAS:
-        betas = params.get("betas", "auto")
-        params["betas"] = list(betas) if betas != "auto" else "auto"  # a JSON list, compared as one
         _fill(params, "betas", [optim.adam_beta1, optim.adam_beta2], "optimizer.params.betas")
     if kind in _TAKES_EPS:
         _fill(params, "eps", optim.adam_epsilon, "optimizer.params.eps")
@@ -109,11 +107,11 @@ def _check_scheduler(ds: dict, optim: OptimConfig) -> None:
         return
     defaults = OptimConfig()
     keys = ("lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps")
-    set_ = [f"{k}={getattr(optim, k)!r}" for k in keys if getattr(optim, k) != getattr(defaults, k)]
-    if set_:
+    given = [f"{k}={getattr(optim, k)!r}" for k in keys if getattr(optim, k) != getattr(defaults, k)]
+    if given:
         raise ConfigError(
             f"the DeepSpeed config has its own `scheduler` block ({ds['scheduler'].get('type')}), which replaces the "
-            f"run's schedule, and the run sets {', '.join(set_)}: remove the block, or those keys"
+            f"run's schedule, and the run sets {', '.join(given)}: remove the block, or those keys"
         )
 
 

@@ -22,7 +22,9 @@ import torch
 
 from ds_dpo.distributed import max_over_ranks
 
-_SIGNAL, _DEADLINE = 2.0, 1.0  # why a rank wants to stop, reduced to the strongest reason over ranks
+# why a rank wants to stop, reduced to the strongest reason over ranks, and how the run ends then
+_SIGNAL, _DEADLINE = 2.0, 1.0
+_REASONS = {_SIGNAL: "preempted", _DEADLINE: "deadline"}
 
 
 class PreemptionGuard:
@@ -31,7 +33,7 @@ class PreemptionGuard:
         self.deadline = deadline
         """``time.time()`` to have stopped by; None: none."""
         self.reason = ""
-        """Once ``agreed_stop`` is True: ``signal`` or ``deadline``."""
+        """Once ``agreed_stop`` is True, how the run ends: ``preempted`` (a signal) or ``deadline``."""
         self._previous: dict[int, object] = {}
         self._boundary = time.monotonic()
         self._longest = 0.0
@@ -57,5 +59,5 @@ class PreemptionGuard:
         self._longest, self._boundary = max(self._longest, now - self._boundary), now
         near = self.deadline is not None and time.time() + 2 * self._longest >= self.deadline
         why = max_over_ranks(_SIGNAL if self.requested else _DEADLINE if near else 0.0, device)
-        self.reason = {_SIGNAL: "signal", _DEADLINE: "deadline"}.get(why, "")
+        self.reason = _REASONS.get(why, "")
         return bool(why)

@@ -316,7 +316,7 @@ class DPORecipe:
                 if guard.agreed_stop(self.device):
                     if not saved:
                         self.checkpointer.save(self.policy, state)
-                    return TrainResult("preempted" if guard.reason == "signal" else "deadline", state.step)
+                    return TrainResult(guard.reason, state.step)
         return TrainResult("finished", state.step, self.evaluate())
 
     def train_step(self, plan: StepPlan) -> None:
