@@ -95,6 +95,11 @@ def _describe_reference(cfg: DPOConfig) -> str:
         if cfg.ref.reference == "lora"
         else f"a ZeRO-3 inference engine{' (parameters offloaded to CPU)' if cfg.ref.ref_offload else ''}"
     )
+    if cfg.ref.sync_ref_model:
+        return (
+            f"{source}, mixed with the policy every {cfg.ref.ref_model_sync_steps} steps "
+            f"(TR-DPO, alpha {cfg.ref.ref_model_mixup_alpha}, shard by shard)"
+        )
     return f"{source}, log-probs precomputed before training" if cfg.ref.precompute_ref_log_probs else source
 
 

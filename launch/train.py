@@ -12,12 +12,14 @@ the job was lost (killed, crashed, its node hung or gone: the message names it a
 stopped on non-finite steps (checkpoint saved); 1 an unexpected error (a traceback). launch/retry.py restarts a job that ended with 1, 4 or a signal.
 """
 
+import logging
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from ds_dpo.config import ConfigError, load_config  # noqa: E402
+from ds_dpo.config import ConfigError, eval_prefix, load_config  # noqa: E402
 from ds_dpo.data.pipeline import DataError  # noqa: E402
 
 NON_FINITE = 5
@@ -77,12 +79,23 @@ def main(argv: list[str]) -> int:
             "checkpoints. Resume with the same command plus --resume_from_checkpoint auto"
         )
     elif result.eval_metrics:
-        print(
-            f"held-out reward accuracy: {result.eval_metrics['eval_rewards/accuracies']:.4f} "
-            f"(eval loss {result.eval_metrics['eval_loss']:.4f}); model saved to {cfg.output_dir}"
+        metrics = result.eval_metrics
+        accuracies = ", ".join(  # each eval set's, named where there are several
+            f"{name + ' ' if name else ''}{metrics[eval_prefix(name) + 'rewards/accuracies']:.4f} "
+            f"(eval loss {metrics[eval_prefix(name) + 'loss']:.4f})"
+            for name in recipe.eval_data
         )
+        print(f"held-out reward accuracy: {accuracies}; model saved to {cfg.output_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    # The run is over: logs closed, checkpoints and the model written, the process group destroyed. Leave without the
+    # interpreter's teardown, in which a library's C++ thread still joinable when its object is destroyed aborts the
+    # process ("terminate called without an active exception", seen at random after a finished LoRA run): a
+    # finished run must exit with its status, not SIGABRT (launch/retry.py would restart it).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

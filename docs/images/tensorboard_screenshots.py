@@ -1,4 +1,5 @@
-"""Screenshots of a running TensorBoard's Scalars and Custom Scalars dashboards (run by tensorboard_screenshots.sh).
+"""Screenshots of a running TensorBoard's Scalars, Custom Scalars and Text dashboards (run by
+tensorboard_screenshots.sh).
 
 Uses Playwright with an existing Chromium (no browser download); waits until both runs' charts have drawn, opens the
 legend ("Matches") of the first custom-scalars chart, and keeps the part of the page that holds the charts.
@@ -82,6 +83,20 @@ def main() -> None:
             path=args.out / "tensorboard_custom_scalars.png",
             clip=clip(page, "tf-custom-scalar-multi-line-chart-card", 6),
         )
+        # (c) Scalars: throughput, with the share of computed positions that were needed (token_efficiency)
+        page.goto(
+            f"{args.url}/#scalars&tagFilter=train%2F(pairs_per_second%7Ctokens_per_second%7Ctoken_efficiency)"
+            "&_smoothingWeight=0"
+        )
+        page.locator("tf-scalar-card").nth(2).wait_for()
+        page.wait_for_timeout(3000)
+        page.screenshot(path=args.out / "tensorboard_throughput.png", clip=clip(page, "tf-scalar-card", 3))
+
+        # (d) Text: the policy's replies to the held-out prompts (generate_during_eval), as TensorBoard shows them
+        page.goto(f"{args.url}/#text&tagFilter=policy")
+        page.get_by_text("eval/samples/policy").first.wait_for()
+        page.wait_for_timeout(3000)
+        page.screenshot(path=args.out / "tensorboard_samples.png", full_page=False)
         browser.close()
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Reproduce docs/images/tensorboard_scalars.png and docs/images/tensorboard_custom_scalars.png:
-# a two-run beta sweep on the built-in tiny task (40 steps each, 1 rank), TensorBoard on it, and screenshots of the
-# Scalars and Custom Scalars dashboards taken by headless Chromium (through Playwright, which expands a chart's
+# Reproduce docs/images/tensorboard_{scalars,custom_scalars,throughput,samples}.png:
+# a two-run beta sweep on the built-in tiny task (40 steps each, 1 rank, replies to 3 held-out prompts at each
+# evaluation), TensorBoard on it, and screenshots of the Scalars, Custom Scalars and Text dashboards taken by headless
+# Chromium (through Playwright, which expands a chart's
 # legend). 3 min 22 s measured on a 2-core CPU machine shared with other work.
 #
 #   bash docs/images/tensorboard_screenshots.sh [WORK_DIR]      # default WORK_DIR: outputs/tensorboard_screenshots
@@ -25,7 +26,8 @@ for beta in 0.1 0.5; do
   rm -rf "$out" "$WORK/tensorboard/beta$beta"
   "$(dirname "$PYTHON")/deepspeed" --num_gpus 1 --master_port "$(free_port)" launch/train.py \
       --beta "$beta" --run_name "beta$beta" --output_dir "$out" --logging_dir "$WORK/tensorboard" \
-      --max_steps 40 --logging_steps 2 --eval_steps 10 --save_steps 0
+      --max_steps 40 --logging_steps 2 --eval_steps 10 --save_steps 0 \
+      --generate_during_eval true --generate_num_prompts 3 --generate_max_new_tokens 8
 done
 
 if [ -n "${PLAYWRIGHT_PYTHON:-}" ]; then

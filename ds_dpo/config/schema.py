@@ -44,11 +44,15 @@ LRSchedulerType = Literal[
     "warmup_stable_decay",
 ]
 BadRows = Literal["error", "skip"]
+Bnb4bitQuantType = Literal["nf4", "fp4"]
 FORMATS: tuple[str, ...] = typing.get_args(DatasetFormat)
 PAIRINGS: tuple[str, ...] = typing.get_args(ResponsePairing)
 TRUNCATION_MODES: tuple[str, ...] = typing.get_args(TruncationMode)
 REFERENCE_MODES: tuple[str, ...] = typing.get_args(ReferenceMode)
 LR_SCHEDULER_TYPES: tuple[str, ...] = typing.get_args(LRSchedulerType)
+BNB_4BIT_QUANT_TYPES: tuple[str, ...] = typing.get_args(Bnb4bitQuantType)
+BNB_4BIT_QUANT_STORAGE = ("uint8", "float16", "bfloat16", "float32")
+"""The dtypes bitsandbytes packs 4-bit weights into."""
 OPTIMIZERS = {"adamw_torch": "AdamW", "adamw_torch_fused": "AdamW", "adagrad": "Adagrad", "lion_32bit": "Lion"}
 """HF ``optim`` names -> the DeepSpeed optimizer type that runs them (DeepSpeed's own type names are taken too)."""
 DEEPSPEED_OPTIMIZERS = ("Adam", "AdamW", "Adagrad", "Lamb", "Lion")
@@ -107,6 +111,36 @@ def source_specs(value: str | list[str | dict] | None) -> list[SourceSpec]:
     return specs
 
 
+def eval_sets(value: str | list[str | dict] | dict | None) -> dict[str, list[SourceSpec]]:
+    """The eval sets of an ``eval_dataset`` value, by name: a mapping names each set (its values are sources as
+    ``source_specs`` takes them), anything else is one unnamed set (name ``""``); none when unset. ValueError names
+    a bad name or entry."""
+    if not isinstance(value, dict):
+        specs = source_specs(value)
+        return {"": specs} if specs else {}
+    if "path" in value and set(value) <= {"path", "split", "config"}:
+        raise ValueError(
+            "a mapping names eval sets ({name: source}); one source with its own split is a list: [{path, split}]"
+        )
+    sets = {}
+    for name, source in value.items():
+        if not isinstance(name, str) or not name.strip() or "/" in name or name != name.strip():
+            raise ValueError(f"eval set names must be non-empty strings without '/' or outer spaces (got {name!r})")
+        try:
+            sets[name] = source_specs(source)
+        except ValueError as e:
+            raise ValueError(f"set {name!r}: {e}") from None
+        if not sets[name]:
+            raise ValueError(f"set {name!r} has no source")
+    return sets
+
+
+def eval_prefix(name: str) -> str:
+    """The metric prefix of an eval set, as HF Trainer's ``metric_key_prefix`` for a dict ``eval_dataset``:
+    ``eval_`` for the unnamed set, ``eval_<name>_`` for a named one."""
+    return f"eval_{name}_" if name else "eval_"
+
+
 def looks_local(spec: str) -> bool:
     """A path (or meant as one) rather than a Hub dataset name."""
     return spec.endswith(FILE_SUFFIXES) or spec.startswith((".", "/", "~")) or Path(spec).exists()
@@ -121,8 +155,9 @@ HUB_KWARGS = ("revision", "subfolder", "cache_dir", "token", "local_files_only")
 """``from_pretrained`` arguments that say where a model's files are: its config and tokenizer are read with them too."""
 
 
-DECIDED_BY_KEYS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
-"""``from_pretrained`` arguments that keys of their own decide (``bf16``, ``attn_implementation``, ...)."""
+DECIDED_BY_KEYS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code", "quantization_config")
+"""``from_pretrained`` arguments that keys of their own decide (``bf16``, ``attn_implementation``, ``load_in_4bit``,
+...)."""
 
 
 def source_kwargs(init_kwargs: dict | None, trust_remote_code: bool) -> dict:
@@ -143,7 +178,12 @@ def init_kwargs_problems(name: str, init_kwargs: dict | None, model: ModelConfig
         "attn_implementation": (model.attn_implementation, "attn_implementation"),
         "trust_remote_code": (model.trust_remote_code, "trust_remote_code"),
     }
-    return [
+    # a quantization given here would escape the checks of the stage and the reference that `load_in_4bit` gets
+    quantized = [
+        f"`{name}` sets quantization_config: set `load_in_4bit` (and `bnb_4bit_quant_type`, "
+        "`use_bnb_nested_quant`, `bnb_4bit_quant_storage`) instead"
+    ]
+    return (quantized if "quantization_config" in init_kwargs else []) + [
         f"`{name}` sets {key}={init_kwargs[key]!r}, but `{flag}` makes it {value!r}: set `{flag}` instead"
         for key, (value, flag) in own.items()
         if key in init_kwargs and str(init_kwargs[key]).removeprefix("torch.") != str(value)
@@ -189,6 +229,17 @@ class ModelConfig:
     """Start from this LoRA adapter (a peft directory or Hub id) instead of fresh adapters; implies ``use_peft``.
     The reference is then the base model without adapters (``reference: lora``) or the base model with this adapter,
     frozen (``reference: zero``/``precomputed``)."""
+    load_in_4bit: bool = False
+    """QLoRA: load the policy's base weights in 4 bits (bitsandbytes, ``pip install bitsandbytes``) and train LoRA
+    adapters on them; needs ``use_peft`` and ``reference: lora`` (the reference is this 4-bit base with the adapters
+    off). Any ZeRO stage (docs/deepspeed.md, "QLoRA")."""
+    bnb_4bit_quant_type: Bnb4bitQuantType = "nf4"
+    """With ``load_in_4bit``: the 4-bit data type, ``nf4`` (NormalFloat, QLoRA's) or ``fp4``."""
+    use_bnb_nested_quant: bool = False
+    """With ``load_in_4bit``: quantize the per-block scales too (bitsandbytes' double quantization, ~0.4 bit less
+    per weight)."""
+    bnb_4bit_quant_storage: str | None = None
+    """With ``load_in_4bit``: the dtype the packed 4-bit weights are stored in (unset: ``uint8``)."""
     freeze_vision_tower: bool = False
     """Vision-language models: keep the vision encoder's weights fixed (the projector and the language model train).
     Ignored for other models."""
@@ -228,6 +279,22 @@ class ModelConfig:
             (self.tiled_mlp_shards >= 1, "`tiled_mlp_shards` must be >= 1 (1: off)"),
             (not self.use_peft or self.lora_r >= 1, "`lora_r` must be >= 1"),
             (not self.use_peft or 0.0 <= self.lora_dropout < 1.0, "`lora_dropout` must be in [0, 1)"),
+            (
+                not self.load_in_4bit or self.use_peft,
+                "`load_in_4bit` freezes the base model in 4 bits, which cannot train: set `use_peft: true` (QLoRA)",
+            ),
+            (
+                self.bnb_4bit_quant_type in BNB_4BIT_QUANT_TYPES,
+                f"`bnb_4bit_quant_type` must be one of {BNB_4BIT_QUANT_TYPES} (got {self.bnb_4bit_quant_type!r})",
+            ),
+            (
+                self.bnb_4bit_quant_storage in (None, *BNB_4BIT_QUANT_STORAGE),
+                f"`bnb_4bit_quant_storage` must be one of {BNB_4BIT_QUANT_STORAGE} (got {self.bnb_4bit_quant_storage!r})",
+            ),
+            (
+                not self.load_in_4bit or importlib.util.find_spec("bitsandbytes") is not None,
+                "`load_in_4bit` needs bitsandbytes, which is not installed: `pip install bitsandbytes`",
+            ),
         ]
         return [message for ok, message in checks if not ok] + init_kwargs_problems(
             "model_init_kwargs", self.model_init_kwargs, self
@@ -251,11 +318,14 @@ class DataConfig:
     names none."""
     dataset_test_split: str = "test"
     """The split ``eval_dataset`` is read from, where a source has splits (UltraFeedback: ``test_prefs``) and its
-    entry names none."""
+    entry names none. Without ``eval_dataset`` and ``eval_split_ratio``, the training sources that have this split
+    are evaluated on it (as TRL's scripts do; a notice says so)."""
     dataset_probs: list[float] | None = None
     """Sampling probabilities for a list of datasets (OpenRLHF-style blending); unset: concatenated."""
-    eval_dataset: str | list[str | dict] | None = None
-    """Held-out pairs, any source above; evaluated every ``eval_steps`` and at the end."""
+    eval_dataset: str | list[str | dict] | dict | None = None
+    """Held-out pairs, any source above; evaluated every ``eval_steps`` and at the end. A mapping ``{name: source}``
+    evaluates several sets, each logged with the prefix ``eval_<name>_`` (``eval_<name>_loss``, as HF Trainer does
+    for a dict ``eval_dataset``); names are non-empty, without '/'."""
     eval_split_ratio: float = 0.0
     """Without ``eval_dataset``: hold this fraction of the training prompts out for evaluation (seeded; all pairs of a
     ranked row's prompt go to the same side)."""
@@ -306,9 +376,9 @@ class DataConfig:
 
     def problems(self) -> list[str]:
         checks = []
-        for name in ("dataset", "eval_dataset"):
+        for name, read in (("dataset", source_specs), ("eval_dataset", lambda v: sum(eval_sets(v).values(), []))):
             try:
-                specs = source_specs(getattr(self, name))
+                specs = read(getattr(self, name))
             except ValueError as e:
                 checks.append((False, f"`{name}`: {e}"))
                 continue
@@ -369,6 +439,15 @@ class ReferenceConfig:
     Nothing is stored for backward there, so it can be several times the training batch."""
     ref_offload: bool = False
     """Keep the reference engine's ZeRO-3 parameter shards in CPU memory."""
+    sync_ref_model: bool = False
+    """TR-DPO (TRL's name): every ``ref_model_sync_steps`` optimizer steps the reference becomes
+    ``ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference``, each rank mixing the shards it holds
+    (nothing gathered); the mixed reference is saved with each checkpoint. Needs ``reference: zero`` and full
+    fine-tuning (docs/deepspeed.md)."""
+    ref_model_mixup_alpha: float = 0.6
+    """TR-DPO: the policy's weight in the mix (TRL's default 0.6; 1: the reference becomes a copy of the policy)."""
+    ref_model_sync_steps: int = 512
+    """TR-DPO: optimizer steps between mixes (TRL's default)."""
 
     def __post_init__(self) -> None:
         if self.reference == "precomputed":
@@ -383,6 +462,14 @@ class ReferenceConfig:
             (
                 self.precompute_ref_batch_size is None or self.precompute_ref_batch_size >= 1,
                 "`precompute_ref_batch_size` must be >= 1 or unset",
+            ),
+            (0 < self.ref_model_mixup_alpha <= 1, "`ref_model_mixup_alpha` must be in (0, 1]"),
+            (self.ref_model_sync_steps >= 1, "`ref_model_sync_steps` must be >= 1"),
+            (
+                not self.sync_ref_model or (self.reference == "zero" and not self.precompute_ref_log_probs),
+                f"`sync_ref_model` changes the reference during training, so it needs a reference engine "
+                f"(`reference: zero`): with `reference: {self.reference}`"
+                f"{' and precomputed log-probs' if self.precompute_ref_log_probs else ''} there is none to mix into",
             ),
             (
                 not _missing_dir(self.ref_model_name_or_path),
@@ -539,11 +626,36 @@ class CheckpointConfig:
     """``auto`` (the newest checkpoint under ``output_dir/checkpoints``, if any) or a checkpoint directory."""
     save_merged_model: bool = False
     """With LoRA: also write the merged full model to ``output_dir/merged``."""
+    metric_for_best_model: str | None = None
+    """The eval metric that decides the best checkpoint (HF's): ``loss``, ``rewards/accuracies``, ... with or without
+    the ``eval_`` prefix; with named eval sets one set's, ``eval_<name>_loss``. Set (or implied by
+    ``load_best_model_at_end``: ``loss``), each checkpoint saved at an evaluation step is compared, the best is
+    recorded in the checkpoints' trainer state (it survives a resume), and ``save_total_limit`` never deletes it."""
+    greater_is_better: bool | None = None
+    """Whether a larger ``metric_for_best_model`` is better; unset: as HF, False for a metric ending in ``loss``,
+    else True."""
+    load_best_model_at_end: bool = False
+    """Export the best checkpoint's weights as the final model instead of the last (HF's): loaded into the engine
+    after training, before the export. Needs checkpoints at evaluation steps: ``save_steps`` a multiple of
+    ``eval_steps``. The final evaluation is still of the last weights."""
     max_time: str | int | None = None
     """Stop with a checkpoint before this much time has passed since the run started: seconds, or ``[D-]HH:MM:SS``
     as SLURM writes a time limit. Under SLURM the job's end (``SLURM_JOB_END_TIME``) is such a deadline too. The run
     stops at the first step boundary where one more step and a save might not fit before it, and is resumed like a
     preempted one (``--resume_from_checkpoint auto``)."""
+
+    @property
+    def best_metric(self) -> str | None:
+        """The full metric key that decides the best checkpoint (HF's ``eval_`` prefix added); None: none tracked."""
+        name = self.metric_for_best_model or ("loss" if self.load_best_model_at_end else None)
+        return None if name is None else name if name.startswith("eval_") else f"eval_{name}"
+
+    @property
+    def best_is_greater(self) -> bool:
+        """``greater_is_better``, defaulted as HF does."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not (self.best_metric or "").endswith("loss")
 
     @property
     def max_time_s(self) -> float | None:
@@ -625,6 +737,30 @@ class LoggingConfig:
 
 
 @dataclass
+class SamplesConfig:
+    """Replies to a few held-out prompts at each evaluation, to read next to the metrics (docs/outputs.md)."""
+
+    generate_during_eval: bool = False
+    """At each evaluation, the policy's greedy replies to the first ``generate_num_prompts`` distinct prompts of the
+    (first) eval set, and at the first evaluation the reference's, go to TensorBoard (text), wandb (a table) and
+    ``output_dir/samples.jsonl`` (TRL's former flag). Needs an eval set; not for vision-language models."""
+    generate_num_prompts: int = 4
+    """How many held-out prompts ``generate_during_eval`` answers."""
+    generate_max_new_tokens: int = 64
+    """The longest reply ``generate_during_eval`` generates, in tokens."""
+
+    def problems(self) -> list[str]:
+        checks = [
+            (self.generate_num_prompts >= 1, f"`generate_num_prompts` must be >= 1 (got {self.generate_num_prompts})"),
+            (
+                self.generate_max_new_tokens >= 1,
+                f"`generate_max_new_tokens` must be >= 1 (got {self.generate_max_new_tokens})",
+            ),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+@dataclass
 class ParallelConfig:
     """DeepSpeed and the process group."""
 
@@ -683,6 +819,7 @@ class DPOConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
@@ -721,11 +858,51 @@ class DPOConfig:
                 not self.checkpoint.save_merged_model or self.model.use_peft,
                 "`save_merged_model` needs `use_peft: true`",
             ),
+            (
+                not self.ref.sync_ref_model or not self.model.use_peft,
+                "`sync_ref_model` with `use_peft`: the policy's weights are the base plus adapters the reference "
+                "does not have, so the two cannot be mixed parameter by parameter (as in TRL): train all weights, "
+                "or turn `sync_ref_model` off",
+            ),
+            (
+                not self.ref.sync_ref_model or self.loss.needs_reference,
+                "`sync_ref_model` with a reference-free loss: there is no reference to sync",
+            ),
+            (
+                not self.model.load_in_4bit or not self.loss.needs_reference or self.ref.reference == "lora",
+                f"`load_in_4bit` with `reference: {self.ref.reference}`: a separate reference would load the model "
+                "again in full precision, not the 4-bit base the adapters train on (step 1 would not be at policy = "
+                "reference): set `reference: lora` (and `precompute_ref_log_probs: true` to score it once up front)",
+            ),
         ]
         problems += [message for ok, message in checks if not ok]
         problems += init_kwargs_problems("ref_model_init_kwargs", self.ref.ref_model_init_kwargs, self.model)
+        problems += self._best_model_problems()
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    def _best_model_problems(self) -> list[str]:
+        """The best checkpoint must be among the checkpoints (saved where evaluations run) and its metric one that an
+        evaluation logs."""
+        checkpoint, eval_steps, metric = self.checkpoint, self.logging.eval_steps, self.checkpoint.best_metric
+        problems = []
+        if checkpoint.load_best_model_at_end and not (
+            checkpoint.save_steps > 0 and eval_steps and checkpoint.save_steps % eval_steps == 0
+        ):
+            problems.append(
+                "`load_best_model_at_end` needs a checkpoint at evaluation steps: set `save_steps` > 0 to a multiple "
+                f"of `eval_steps` (got save_steps {checkpoint.save_steps}, eval_steps {eval_steps})"
+            )
+        try:
+            names = [name for name in eval_sets(self.data.eval_dataset) if name]
+        except ValueError:
+            names = []  # reported by the data section
+        if metric and names and not any(metric.startswith(eval_prefix(name)) for name in names):
+            problems.append(
+                f"`metric_for_best_model` {metric!r} names no eval set: with named sets it is one set's metric, "
+                f"e.g. `{eval_prefix(names[0])}loss` (sets: {', '.join(names)})"
+            )
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         """The flat keys a user types, with this run's values."""

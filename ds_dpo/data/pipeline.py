@@ -1,6 +1,6 @@
 """Preference data for a run: read every source, check every row, tokenize (cached), mix, split, report.
 
-    train, eval, report = load_preference_data(cfg.data, tokenizer, cfg.seed)
+    train, evals, report = load_preference_data(cfg.data, tokenizer, cfg.seed)   # evals: eval sets by name
 
 Every row problem is found here, before any model is built: with ``on_bad_rows: error`` the run stops listing the
 first offenders (file, row, field, reason) and the total; with ``skip`` they are dropped and counted. A source streams
@@ -33,9 +33,9 @@ import pyarrow.compute as pc
 from datasets.arrow_writer import ArrowWriter
 from datasets.fingerprint import Hasher
 
-from ds_dpo.config import DataConfig, SourceSpec, source_specs
+from ds_dpo.config import DataConfig, SourceSpec, eval_sets, source_specs
 from ds_dpo.data.formats import RowError, detect, has_images, normalize, pair_weight, response_pairs
-from ds_dpo.data.sources import DataError, RowProblem, read_source
+from ds_dpo.data.sources import DataError, RowProblem, read_source, split_names
 from ds_dpo.data.tokenization import encode_pair
 from ds_dpo.distributed import say
 
@@ -71,6 +71,9 @@ class DataReport:
     sources: list[SourceReport] = field(default_factory=list)
     train_pairs: int = 0
     eval_pairs: int = 0
+    """In all eval sets."""
+    eval_sets: dict[str, int] = field(default_factory=dict)
+    """Pairs per named eval set (``eval_dataset: {name: source}``)."""
 
     def format(self) -> str:
         lines = ["data report:"]
@@ -99,7 +102,10 @@ class DataReport:
                 )
             for part, q in s.lengths.items():
                 lines.append(f"    {part} tokens: " + ", ".join(f"{k} {v}" for k, v in q.items()))
-        lines.append(f"  train pairs: {self.train_pairs}, eval pairs: {self.eval_pairs}")
+        per_set = ", ".join(f"{name}: {n}" for name, n in self.eval_sets.items())
+        lines.append(
+            f"  train pairs: {self.train_pairs}, eval pairs: {self.eval_pairs}" + (f" ({per_set})" if per_set else "")
+        )
         return "\n".join(lines)
 
 
@@ -371,46 +377,53 @@ def _split_groups(pairs: datasets.Dataset, test_size: float, seed: int) -> tuple
     return tuple(pairs.select([i for g in split[side]["group"] for i in members[g]]) for side in ("train", "test"))
 
 
+def _test_splits(cfg: DataConfig) -> list[SourceSpec]:
+    """TRL's scripts' eval set when none is given: the ``dataset_test_split`` of each training source that has it
+    (and does not train on it)."""
+    split, found = cfg.dataset_test_split, []
+    for spec in source_specs(cfg.dataset):
+        if (spec.split or cfg.dataset_train_split) == split:
+            continue
+        try:
+            splits = split_names(spec.path, spec.config or cfg.dataset_config)
+        except Exception as e:  # the Hub client raises many types; the training split was read, so train without
+            say(f"notice: cannot list the splits of {spec.path} ({type(e).__name__}: {e}); no test split evaluated")
+            continue
+        if split in splits:
+            found.append(SourceSpec(spec.path, split, spec.config))
+    if found:
+        say(
+            f"notice: no `eval_dataset` or `eval_split_ratio`: evaluating the `{split}` split "
+            f"(`dataset_test_split`) of {', '.join(s.path for s in found)}"
+        )
+    return found
+
+
 def load_preference_data(
     cfg: DataConfig, tokenizer, seed: int, encoder_decoder: bool = False, processor=None
-) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
-    """The run's training and eval pairs (each with an ``index`` column) and the data report; ``encoder_decoder``:
-    tokenized for an encoder-decoder model; ``processor``: a vision-language model's (``ds_dpo.data.tokenization``)."""
+) -> tuple[datasets.Dataset, dict[str, datasets.Dataset], DataReport]:
+    """The run's training pairs, its eval sets by name (``""``: the one unnamed set; empty: nothing to evaluate),
+    each with an ``index`` column, and the data report; ``encoder_decoder``: tokenized for an encoder-decoder model;
+    ``processor``: a vision-language model's (``ds_dpo.data.tokenization``)."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; completions must be closed by one")
     report = DataReport()
-    train = _load_all(
-        source_specs(cfg.dataset),
-        cfg.dataset_probs,
-        cfg,
-        seed,
-        tokenizer,
-        report,
-        cfg.dataset_train_split,
-        encoder_decoder,
-        processor,
+    load = lambda specs, probs, split: _load_all(  # noqa: E731
+        specs, probs, cfg, seed, tokenizer, report, split, encoder_decoder, processor
     )
+    train = load(source_specs(cfg.dataset), cfg.dataset_probs, cfg.dataset_train_split)
     if cfg.max_samples is not None:
         train = train.select(range(min(cfg.max_samples, len(train))))
-    evals = None
-    if cfg.eval_dataset:
-        evals = _load_all(
-            source_specs(cfg.eval_dataset),
-            None,
-            cfg,
-            seed,
-            tokenizer,
-            report,
-            cfg.dataset_test_split,
-            encoder_decoder,
-            processor,
-        )
-    elif cfg.eval_split_ratio > 0:
-        train, evals = _split_groups(train, cfg.eval_split_ratio, seed)
+    sets = eval_sets(cfg.eval_dataset)
+    if not sets and not cfg.eval_split_ratio and (tests := _test_splits(cfg)):
+        sets = {"": tests}
+    evals = {name: load(specs, None, cfg.dataset_test_split) for name, specs in sets.items()}
+    if cfg.eval_split_ratio > 0:
+        train, evals[""] = _split_groups(train, cfg.eval_split_ratio, seed)
     train = train.add_column("index", np.arange(len(train)))
-    if evals is not None:
-        evals = evals.add_column("index", np.arange(len(evals)))
-    report.train_pairs, report.eval_pairs = len(train), 0 if evals is None else len(evals)
+    evals = {name: pairs.add_column("index", np.arange(len(pairs))) for name, pairs in evals.items()}
+    report.train_pairs, report.eval_pairs = len(train), sum(len(pairs) for pairs in evals.values())
+    report.eval_sets = {name: len(pairs) for name, pairs in evals.items() if name}
     return train, evals, report
 
 

@@ -72,6 +72,31 @@ def read_source(spec: str, split: str, config_name: str | None = None) -> Iterat
     return _numbered(_load_hub(spec, split, config_name))
 
 
+def split_names(spec: str, config_name: str | None = None) -> list[str]:
+    """The splits a source has: none for a file or a saved single dataset (which are read whatever split is asked);
+    a ``save_to_disk`` dataset dict's, or those ``datasets`` finds in a Hub dataset or a Hub-layout directory (from
+    its metadata or its data files' names, without reading the data)."""
+    path = Path(spec).expanduser()
+    if (path / "dataset_dict.json").is_file():
+        return json.loads((path / "dataset_dict.json").read_text())["splits"]
+    if looks_local(spec) and (not path.is_dir() or (path / "dataset_info.json").is_file()):
+        return []
+    import datasets
+
+    return _with_config(datasets.get_dataset_split_names, spec, config_name)
+
+
+def _with_config(load, name: str, config_name: str | None, **kwargs):
+    """``load(name, config_name, **kwargs)`` of ``datasets``; a ``config_name`` the dataset does not declare is its
+    subfolder (``data_dir``: HH-RLHF's ``harmless-base``)."""
+    try:
+        return load(name, config_name, **kwargs)
+    except ValueError as e:
+        if config_name is None or "BuilderConfig" not in str(e):
+            raise
+        return load(name, None, data_dir=config_name, **kwargs)
+
+
 def _open(path: Path):
     return (gzip.open if path.name.endswith(".gz") else open)(path, "rb")
 
@@ -127,17 +152,12 @@ def _load_from_disk(path: Path, split: str):
 
 
 def _load_hub(name: str, split: str, config_name: str | None):
-    """A Hub dataset, or a local directory in the Hub's layout, through ``datasets.load_dataset``; a
-    ``config_name`` the dataset does not declare is its subfolder (``data_dir``: HH-RLHF's ``harmless-base``)."""
+    """A Hub dataset, or a local directory in the Hub's layout, through ``datasets.load_dataset`` (``config_name``
+    as ``_with_config`` takes it)."""
     import datasets
 
     try:
-        try:
-            return datasets.load_dataset(name, config_name, split=split)
-        except ValueError as e:
-            if config_name is None or "BuilderConfig" not in str(e):
-                raise
-            return datasets.load_dataset(name, data_dir=config_name, split=split)
+        return _with_config(datasets.load_dataset, name, config_name, split=split)
     except ValueError as e:
         if "split" in str(e).lower():  # datasets: 'Unknown split "train". Should be one of [...]'
             raise DataError(

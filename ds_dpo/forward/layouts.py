@@ -51,6 +51,10 @@ fewer when shared responses are scored once), which of them each pair compares, 
     index        [B] long   row index in the dataset (keys precomputed reference log-probs)
     weight       [B] float  1 for a real pair, 0 for a filler that only keeps ranks in step
     pair_tokens  [B] long   prompt + chosen + prompt + rejected tokens (the pair's real tokens, in any layout)
+    distinct_tokens    [] long  the real pairs' distinct tokens: each distinct prompt once, each distinct response
+                                 to it once (the least any layout must compute; ``distinct_tokens``)
+    forward_positions  [] long  positions the forward computes: every row's, padding and repeated prompts included
+                                 (``seq2seq``: encoder and decoder positions)
     ref_chosen_logps, ref_rejected_logps  [B] float, only when the dataset carries precomputed reference log-probs
     pixel_values (+ pixel_attention_mask or image_sizes)  a vision-language model's images in the layout's order
         (``ds_dpo.data.images``)
@@ -386,6 +390,16 @@ def layout_for(padding_free: bool, prefix_sharing: bool) -> Layout:
     return SHARED if prefix_sharing else PACKED
 
 
+def distinct_tokens(rows: list[dict[str, Any]]) -> int:
+    """The distinct tokens of ``rows``: each distinct prompt (``prompt_blocks``) once, each distinct response to it
+    once; what the ``shared`` layout computes, the least any layout can."""
+    total = 0
+    for pairs in prompt_blocks(rows):
+        responses = {tuple(rows[i][f"{side}_input_ids"]) for i in pairs for side in ("chosen", "rejected")}
+        total += len(rows[pairs[0]]["prompt_input_ids"]) + sum(map(len, responses))
+    return total
+
+
 def collate_pairs(
     rows: list[dict[str, Any]], weights: list[float], pad_token_id: int, layout: Layout, vision=None
 ) -> dict[str, torch.Tensor]:
@@ -401,6 +415,8 @@ def collate_pairs(
         ],
         dtype=torch.long,
     )
+    batch["distinct_tokens"] = torch.tensor(distinct_tokens([row for row, w in zip(rows, weights) if w > 0]))
+    batch["forward_positions"] = torch.tensor(sum(batch[k].numel() for k in ("input_ids", "labels") if k in batch))
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         if column in rows[0]:
             batch[column] = torch.tensor([row[column] for row in rows], dtype=torch.float32)

@@ -3,10 +3,11 @@
 A checkpoint is ``output_dir/checkpoints/step-N``: DeepSpeed's own files (engine, optimizer, LR schedule) plus one
 ``trainer_state_rank{R}.json`` per rank (the ``TrainState``: step, epoch, position in the epoch, NaN streak, learning
 rate, the partial metric window; plus RNG states and the world size), plain JSON so that resuming unpickles nothing of
-ours. Once every rank has finished writing, rank 0 writes ``manifest.json`` (every file's size, and a checksum of
-each small one) and only then replaces ``checkpoints/latest`` (atomically): a crash, a kill or a full disk during a
-save leaves the previous checkpoint in place as the one to resume from; what a failed save left is skipped on resume and
-removed by the next save of that step.
+ours, and with ``sync_ref_model`` the mixed reference's shards (``reference/``, ``ReferenceSync``). Once every rank
+has finished writing, rank 0 writes ``manifest.json`` (every file's size, and a checksum of each small one) and only
+then replaces ``checkpoints/latest`` (atomically): a crash, a kill or a full disk during a save leaves the previous
+checkpoint in place as the one to resume from; what a failed save left is skipped on resume and removed by the next
+save of that step.
 
 Resuming with ``auto`` takes the newest checkpoint whose files match its manifest; one that does not (a save that
 never finished, a file truncated or damaged by a copy or a quota) is skipped with a message saying what is wrong,
@@ -14,14 +15,17 @@ and no whole checkpoint at all is an error that lists why each was refused. A ch
 whole. The manifest covers the files rank 0 sees: on node-local disks (no shared file system) each node's shards are
 its own to keep.
 
-``Checkpointer`` owns when to save, what goes in, which old checkpoints to delete, which one a run resumes from and
-its conversion when the world size changed. Exporting a model is ``ds_dpo.training.export``.
+``Checkpointer`` owns when to save, what goes in, which checkpoint is the best (``metric_for_best_model``, recorded
+in the trainer state, so a resumed run knows it) and loading it at the end (``load_best_model_at_end``), which old
+checkpoints to delete (never the best), which one a run resumes from and its conversion when the world size
+changed. Exporting a model is ``ds_dpo.training.export``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -33,8 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ds_dpo.config import CheckpointConfig
+from ds_dpo.config import CheckpointConfig, ConfigError
 from ds_dpo.distributed import any_rank, device, say
+from ds_dpo.training.reference import ReferenceSync
 from ds_dpo.training.state import TrainState
 
 TAG_PREFIX = "step-"
@@ -182,7 +187,7 @@ def universal_checkpoint(checkpoint: Path) -> Path:
     if torch.distributed.get_rank() == 0 and not (target / "zero").is_dir():
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run(
+        converted = subprocess.run(
             [
                 sys.executable,
                 "-m",
@@ -195,13 +200,29 @@ def universal_checkpoint(checkpoint: Path) -> Path:
                 "1",
                 "--num_merge_workers",
                 "1",
+                # ZeRO-1/2 checkpoints of a model without Megatron's tensor-parallel layout have no
+                # `universal_checkpoint_info`; DeepSpeed's default for that case (nothing to merge across TP ranks)
+                "--inject_missing_state",
             ],
-            check=True,
             capture_output=True,
+            text=True,
         )
+        if converted.returncode:
+            last = (converted.stderr.strip().splitlines() or ["no output"])[-1]
+            raise CheckpointError(
+                f"checkpoint {checkpoint} cannot be converted for another number of ranks by DeepSpeed's "
+                f"ds_to_universal ({last}); resume it on {read_state(checkpoint, 0)['world_size']} ranks"
+            )
         os.replace(tmp, target)
     torch.distributed.barrier()
     return target
+
+
+def _strict_weights(engine) -> bool:
+    """Whether a checkpoint's weights must match the model's key for key. Not with a 4-bit (QLoRA) base: its state
+    dict carries bitsandbytes' quantization state next to each 4-bit weight, which ``load_state_dict`` reports as
+    unexpected keys (the base never trains: the checkpoint holds the weights it was loaded with)."""
+    return not getattr(engine.module, "is_loaded_in_4bit", False)
 
 
 class Checkpointer:
@@ -212,6 +233,7 @@ class Checkpointer:
         self.cfg, self.world_size = cfg, world_size
         self.root = Path(output_dir) / "checkpoints"
         self.resume_from: Path | None = None
+        self._resume_written: Path | None = None
         self._resume_state: dict | None = None
 
     def prepare_resume(self, ds_config: dict) -> None:
@@ -234,15 +256,23 @@ class Checkpointer:
             path = universal_checkpoint(path)
             ds_config["checkpoint"] = {"load_universal": True}
         self.resume_from = path
+        self._resume_written = path.with_name(path.name.removesuffix(UNIVERSAL_SUFFIX))  # where our own files are
 
-    def restore(self, engine, state: TrainState) -> None:
-        """Collective: load the engine (weights, optimizer, LR schedule) and the run's state from the checkpoint
-        ``prepare_resume`` chose; nothing when starting fresh."""
+    def restore(self, engine, state: TrainState, reference_sync: ReferenceSync | None = None) -> None:
+        """Collective: load the engine (weights, optimizer, LR schedule), the run's state and a TR-DPO reference
+        (``reference_sync``) from the checkpoint ``prepare_resume`` chose; nothing when starting fresh."""
         if self.resume_from is None:
             return
-        loaded, _ = engine.load_checkpoint(str(self.resume_from.parent), tag=self.resume_from.name)
+        loaded, _ = engine.load_checkpoint(
+            str(self.resume_from.parent), tag=self.resume_from.name, load_module_strict=_strict_weights(engine)
+        )
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {self.resume_from}")
+        if reference_sync is not None and not reference_sync.load(self._resume_written):
+            say(
+                f"notice: {self._resume_written} holds no mixed reference (saved without `sync_ref_model`): the "
+                "reference starts from its initial weights"
+            )
         set_rng_state(self._resume_state["rng"])
         state.load_state_dict(self._resume_state)
         state.skipped_steps = engine.skipped_steps  # restored by DeepSpeed with the engine
@@ -251,9 +281,17 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return self.cfg.save_steps > 0 and step % self.cfg.save_steps == 0
 
-    def save(self, engine, state: TrainState) -> None:
+    def save(
+        self,
+        engine,
+        state: TrainState,
+        reference_sync: ReferenceSync | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
         """Collective: every rank writes its shards and its trainer state; once all are done, rank 0 writes the
-        manifest, moves ``latest`` to the new checkpoint and prunes those beyond ``save_total_limit``.
+        manifest, moves ``latest`` to the new checkpoint and prunes those beyond ``save_total_limit`` (never the best
+        checkpoint). ``metrics``: the evaluation of this step, if one ran; it decides whether this checkpoint is the
+        best (``metric_for_best_model``), which the saved trainer state records.
 
         Before writing, every rank checks that the disk has room for a checkpoint as large as the last one, and all
         stop together with CheckpointError if any has not: nothing is written and ``latest`` stays. A write that fails
@@ -261,6 +299,7 @@ class Checkpointer:
         watchdog stops the other ranks (``ds_dpo.watchdog``); the partial checkpoint has no manifest, so ``auto``
         resumes from ``latest``, and the next save of that step removes it."""
         started = time.perf_counter()
+        self._record_best(state, metrics)  # first: a metric the evaluation does not log stops before any write
         rank, tag = torch.distributed.get_rank(), f"{TAG_PREFIX}{state.step}"
         directory = self.root / tag
         if rank == 0 and directory.is_dir() and checkpoint_problem(directory) is not None:
@@ -276,6 +315,8 @@ class Checkpointer:
             directory.mkdir(parents=True, exist_ok=True)
             # DeepSpeed writes its own `latest` before the other ranks are known to be done; we move ours after.
             engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+            if reference_sync is not None:  # the TR-DPO reference has moved: it is part of the run's state
+                reference_sync.save(directory)
             payload = {**state.state_dict(), "rng": rng_state(), "world_size": self.world_size}
             (directory / f"trainer_state_rank{rank}.json").write_text(json.dumps(payload))
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
@@ -286,12 +327,70 @@ class Checkpointer:
             tmp = self.root / f"{LATEST}.tmp"
             tmp.write_text(tag)
             os.replace(tmp, self.root / LATEST)
-            if self.cfg.save_total_limit:  # the new checkpoint is whole: older ones may go
-                for old in self.tags()[: -self.cfg.save_total_limit]:
+            if self.cfg.save_total_limit:  # the new checkpoint is whole: older ones may go, except the best (HF's)
+                best = state.best and f"{TAG_PREFIX}{state.best['step']}"
+                for old in [t for t in self.tags()[: -self.cfg.save_total_limit] if t.name != best]:
                     shutil.rmtree(old)
                     shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
         torch.distributed.barrier()
         say(f"checkpoint {tag} saved in {time.perf_counter() - started:.2f} s")
+
+    def _record_best(self, state: TrainState, metrics: dict[str, float] | None) -> None:
+        """Make this step's checkpoint the best if its evaluation beats the best's (``metric_for_best_model``)."""
+        metric = self.cfg.best_metric
+        if metric is None or not metrics:
+            return
+        if metric not in metrics:
+            raise ConfigError(
+                f"`metric_for_best_model` is {metric!r}, which the evaluation does not log; it logs "
+                f"{', '.join(sorted(metrics))}"
+            )
+        value, best = metrics[metric], state.best if state.best and state.best["metric"] == metric else None
+        if not math.isfinite(value):  # a diverged evaluation is never the best, and would compare as such forever
+            return
+        if best is None or (value > best["value"] if self.cfg.best_is_greater else value < best["value"]):
+            state.best = {"step": state.step, "metric": metric, "value": value}
+
+    def load_best(self, engine, state: TrainState) -> None:
+        """Collective: load the best checkpoint's weights into ``engine`` (``load_best_model_at_end``) and say so;
+        where it cannot be, say why (the final model is then the last weights)."""
+        best = state.best
+        if best is None or best["metric"] != self.cfg.best_metric:
+            say(
+                "notice: load_best_model_at_end: no checkpoint was saved after an evaluation; the final model is the "
+                "last weights"
+            )
+            return
+        tag = f"{TAG_PREFIX}{best['step']}"
+        what = f"checkpoint {tag} ({best['metric']} {best['value']:.4f})"
+        if best["step"] == state.step:
+            say(f"load_best_model_at_end: the best is the last step's {what}: the final model is the last weights")
+            return
+        checkpoint = self.root / tag
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            raise CheckpointError(f"load_best_model_at_end: the best {what} cannot be loaded: {problem}")
+        written = read_state(checkpoint, 0)["world_size"]
+        if engine.load_universal_checkpoint():  # this run resumed on another world size: DeepSpeed loads that form
+            checkpoint = universal_checkpoint(checkpoint)
+        elif written != self.world_size:
+            say(
+                f"notice: load_best_model_at_end: the best {what} was written by {written} ranks, this run has "
+                f"{self.world_size}: the final model is the last weights; export the best with `python "
+                f"launch/export.py {checkpoint} OUT_DIR`"
+            )
+            return
+        # the whole checkpoint, as a resume loads it: under ZeRO the fp32 weights are the optimizer's partitions; the
+        # optimizer state comes along and is not used
+        loaded, _ = engine.load_checkpoint(
+            str(checkpoint.parent),
+            tag=checkpoint.name,
+            load_lr_scheduler_states=False,
+            load_module_strict=_strict_weights(engine),
+        )
+        if loaded is None:
+            raise CheckpointError(f"load_best_model_at_end: no DeepSpeed checkpoint in {checkpoint}")
+        say(f"load_best_model_at_end: loaded the best {what}; the final model is its weights")
 
     def _last_checkpoint_bytes(self) -> int:
         """The size of the newest checkpoint written, from its manifest (0 before the first)."""

@@ -4,12 +4,13 @@ from any saved checkpoint (``launch/export.py``)."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
 import torch
 
-from ds_dpo.config import make_config
+from ds_dpo.config import ModelConfig, make_config
 from ds_dpo.distributed import any_rank, device, zero3_disabled
 from ds_dpo.models import engines
 from ds_dpo.models.support import auto_class, is_vision_language
@@ -47,8 +48,33 @@ def export_hf_model(engine, processing_class, output_dir: str | Path, save_merge
 
 def _save_merged(peft_model, state_dict: dict[str, torch.Tensor], out: Path) -> None:
     """Rebuild the peft model unpartitioned on CPU from the gathered weights, merge the adapters, save."""
-    cpu_model = _cpu_model(peft_model.base_model.model.config, peft_model.peft_config["default"], state_dict)
+    config = copy.deepcopy(peft_model.base_model.model.config)
+    if hasattr(config, "quantization_config"):  # a QLoRA base is dequantized: the merged model is an ordinary one
+        del config.quantization_config
+    cpu_model = _cpu_model(config, peft_model.peft_config["default"], _dequantized(peft_model, state_dict))
     cpu_model.merge_and_unload().save_pretrained(out, safe_serialization=True)
+
+
+def _dequantized(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each 4-bit base weight (QLoRA) as the full-precision values the layer computes with, so
+    that the adapters merge into the very weights they were trained against and the merged model scores as the
+    trained one did (merging into the original checkpoint's weights would not). A model without 4-bit layers is
+    returned as it is."""
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return state_dict
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+
+    state_dict = dict(state_dict)
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            key = f"{name}.weight"
+            for extra in [k for k in state_dict if k.startswith(f"{key}.")]:  # its serialized quantization state
+                del state_dict[extra]
+            # the packed bytes come from the state dict (gathered under ZeRO-3); the quantization state, which
+            # ZeRO does not partition, from the layer
+            state_dict[key] = dequantize_4bit(state_dict[key], module.weight.quant_state)
+    return state_dict
 
 
 def _cpu_model(config, lora_config, state_dict: dict[str, torch.Tensor]):
@@ -79,11 +105,37 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, merge: boo
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     config = AutoConfig.from_pretrained(run.model_name_or_path, **run.source)
     lora = engines.lora_config(run, config.is_encoder_decoder) if run.use_peft else None
-    model = _cpu_model(config, lora, state_dict)
+    model = _qlora_model(run, config, lora, state_dict) if run.load_in_4bit else _cpu_model(config, lora, state_dict)
     model.save_pretrained(output_dir, safe_serialization=True)
     processing = AutoProcessor if is_vision_language(config) else AutoTokenizer
     tokenizer = processing.from_pretrained(run.model_name_or_path, **run.source)
     tokenizer.save_pretrained(output_dir)
     if merge and lora is not None:
-        model.merge_and_unload().save_pretrained(output_dir / "merged", safe_serialization=True)
+        if run.load_in_4bit:
+            _save_merged(model, model.state_dict(), output_dir / "merged")
+        else:
+            model.merge_and_unload().save_pretrained(output_dir / "merged", safe_serialization=True)
         tokenizer.save_pretrained(output_dir / "merged")
+
+
+def _qlora_model(run: ModelConfig, config, lora_config, state_dict: dict[str, torch.Tensor]):
+    """The QLoRA peft model of a checkpoint: its 4-bit base quantized again from the run's model (the base never
+    trains, and bitsandbytes quantizes deterministically; the checkpoint's copy of it lacks the quantization state),
+    its adapters from ``state_dict``."""
+    from peft import get_peft_model
+
+    dtype = torch.bfloat16 if run.bf16 else torch.float32
+    base = auto_class(config).from_pretrained(
+        run.model_name_or_path,
+        **run.source,
+        config=config,
+        dtype=dtype,
+        quantization_config=engines.quantization_config(run, dtype),
+    )
+    model = get_peft_model(base, lora_config)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    missing = [name for name in trainable if name not in state_dict]
+    if missing:
+        raise RuntimeError(f"checkpoint does not match the model (missing {missing[:5]})")
+    model.load_state_dict({name: state_dict[name] for name in trainable}, strict=False)
+    return model

@@ -5,11 +5,15 @@ Trainer writes it (so TRL users' dashboards match): one folder per run (``loggin
 ``train/<name>`` and ``eval/<name>``, a custom-scalars layout that puts the train and eval curves of each metric on
 one chart, and at each log histograms of the window's per-pair margins and rewards, tagged
 ``train/rewards/margins_histogram`` etc. (all ranks' pairs; a resumed run's first window has only the pairs after the
-resume); Weights & Biases, with the same tags and histograms, as HF's integration logs them.
+resume); Weights & Biases, with the same tags and histograms, as HF's integration logs them. Replies to held-out
+prompts (``generate_during_eval``, ``ds_dpo.training.samples``) go to TensorBoard's text tab
+(``eval/samples/policy/text_summary``, ``eval/samples/reference/text_summary``: a markdown table per evaluation), a
+wandb table (``eval/samples``) and ``output_dir/samples.jsonl``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -18,11 +22,20 @@ from pathlib import Path
 import torch
 
 from ds_dpo.training.metrics import PAIR_KEYS
+from ds_dpo.training.samples import Sample
 
 
 def tensorboard_tag(name: str) -> str:
     """HF Trainer's TensorBoard tag of a metric: ``eval_loss`` -> ``eval/loss``, ``loss`` -> ``train/loss``."""
     return f"eval/{name.removeprefix('eval_')}" if name.startswith("eval_") else f"train/{name}"
+
+
+def samples_markdown(samples: list[Sample]) -> str:
+    """A markdown table of prompts and replies, as TensorBoard's text tab renders it (cells on one line each)."""
+    cell = lambda text: text.replace("|", "\\|").replace("\n", "<br>") or " "  # noqa: E731
+    return "\n".join(
+        ["| prompt | reply |", "|---|---|", *(f"| {cell(s.prompt)} | {cell(s.completion)} |" for s in samples)]
+    )
 
 
 def histogram_tag(name: str) -> str:
@@ -55,6 +68,13 @@ class _TensorBoard:
             self.writer.add_histogram(histogram_tag(name), values, step)
         self.writer.flush()
 
+    def log_samples(self, step: int, samples: list[Sample]) -> None:
+        for model in dict.fromkeys(s.model for s in samples):
+            self.writer.add_text(
+                f"eval/samples/{model}", samples_markdown([s for s in samples if s.model == model]), step
+            )
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -62,10 +82,15 @@ class _TensorBoard:
 class _Jsonl:
     def __init__(self, path: Path):
         self.file = path.open("a")
+        self.samples_path = path.with_name("samples.jsonl")
 
     def log(self, step: int, metrics: dict[str, float], distributions: dict[str, torch.Tensor]) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
+
+    def log_samples(self, step: int, samples: list[Sample]) -> None:
+        with self.samples_path.open("a") as file:  # only runs that generate have the file
+            file.writelines(json.dumps(dataclasses.asdict(s)) + "\n" for s in samples)
 
     def close(self) -> None:
         self.file.close()
@@ -92,7 +117,7 @@ class _Wandb:
         )
         self.run.define_metric("train/global_step")
         self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
-        self.histogram = wandb.Histogram
+        self.histogram, self.table = wandb.Histogram, wandb.Table
 
     def log(self, step: int, metrics: dict[str, float], distributions: dict[str, torch.Tensor]) -> None:
         record = {tensorboard_tag(name): value for name, value in metrics.items()}
@@ -103,6 +128,11 @@ class _Wandb:
             }
         )
         self.run.log({**record, "train/global_step": step})
+
+    def log_samples(self, step: int, samples: list[Sample]) -> None:
+        fields = [f.name for f in dataclasses.fields(Sample)]
+        rows = [[getattr(s, f) for f in fields] for s in samples]
+        self.run.log({"eval/samples": self.table(columns=fields, data=rows), "train/global_step": step})
 
     def close(self) -> None:
         self.run.finish()
@@ -151,7 +181,9 @@ class MetricsLogger:
         distributions = {name: values for name, values in (distributions or {}).items() if values.numel()}
         for destination in self.destinations:
             destination.log(step, metrics, distributions)
-        prefix = "eval_" if any(k.startswith("eval_") for k in metrics) else ""
+        # a training log, or one eval set's: `eval_` or a named set's `eval_<name>_`
+        accuracy = next((k for k in metrics if k.endswith("rewards/accuracies")), "rewards/accuracies")
+        prefix = accuracy.removesuffix("rewards/accuracies")
         if f"{prefix}loss" in metrics:
             self.bar.set_postfix(
                 {
@@ -164,9 +196,17 @@ class MetricsLogger:
             self.bar.write(
                 f"step {step}: "
                 + ", ".join(
-                    f"{k} {v:.4f}" for k, v in metrics.items() if k.split("/")[0] in ("eval_loss", "eval_rewards")
+                    f"{k} {v:.4f}"
+                    for k, v in metrics.items()
+                    if k.removeprefix(prefix).split("/")[0] in ("loss", "rewards")
                 )
             )
+
+    def log_samples(self, step: int, samples: list[Sample]) -> None:
+        """Replies to held-out prompts (``EvalSamples.generate``)."""
+        if self.enabled:
+            for destination in self.destinations:
+                destination.log_samples(step, samples)
 
     def close(self) -> None:
         if self.enabled:

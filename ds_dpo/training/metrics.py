@@ -6,13 +6,16 @@ evaluation metrics carry an ``eval_`` prefix. Where they go is ``ds_dpo.training
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 from ds_dpo.forward.logprobs import PairLogps
+from ds_dpo.forward.scoring import unwrap_peft
 from ds_dpo.losses import PreferenceLossOutput
 
 # Pair-weighted means, then token-weighted sums, then the raw counters (new counters go last: a checkpoint's window
@@ -37,7 +40,65 @@ _KEYS = PAIR_KEYS + (
     "aux_pairs",
     "entropy",
     "chosen_top1",
+    "distinct_tokens",
+    "forward_positions",
 )
+
+# Peak dense bf16 tensor FLOP/s per GPU (vendor datasheets, without sparsity), by the words of
+# ``torch.cuda.get_device_name()``: the first entry whose words are all in the name (variants before the plain model).
+PEAK_BF16_FLOPS = (
+    (("h100", "pcie"), 756e12),
+    (("h100", "nvl"), 835e12),
+    (("h100",), 989e12),  # SXM (the name says "HBM3")
+    (("h200",), 989e12),
+    (("gh200",), 989e12),
+    (("b200",), 2250e12),
+    (("a100",), 312e12),
+    (("l40s",), 362e12),
+    (("l4",), 121e12),
+)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The peak dense bf16 FLOP/s of a GPU named ``device_name`` (``PEAK_BF16_FLOPS``); None when not in the table."""
+    words = set(re.split(r"[^a-z0-9]+", device_name.lower()))
+    return next((peak for model, peak in PEAK_BF16_FLOPS if words.issuperset(model)), None)
+
+
+def flops_per_position(params: int, trainable: int, reference_params: int) -> float:
+    """Model FLOPs of one training step per computed position (token): the policy's forward (2 per parameter: a
+    multiply and an add), its backward (2 per parameter for the activations' gradients, 2 per trainable parameter for
+    the weights'; 6 per parameter in full fine-tuning) and the reference's forward (2 per parameter; 0 when the
+    reference log-probs are precomputed or the loss needs none). Attention's own score and value products and
+    gradient-checkpointing recomputation are not counted (MFU, not hardware utilisation)."""
+    return 4.0 * params + 2.0 * trainable + 2.0 * reference_params
+
+
+def mfu(positions: float, seconds: float, per_position: float, devices: int, peak: float) -> float:
+    """Model FLOPs utilisation: the FLOPs of ``positions`` computed positions (``flops_per_position`` each) over
+    what ``devices`` GPUs of ``peak`` FLOP/s could do in ``seconds``."""
+    return positions * per_position / (seconds * devices * peak)
+
+
+@dataclass(frozen=True)
+class ModelFlops:
+    """What a training window's ``mfu`` needs besides its positions and time."""
+
+    per_position: float
+    """``flops_per_position`` of this run's models."""
+    peak: float
+    """The device's ``peak_bf16_flops``."""
+
+
+def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameters of ``model`` that multiply activations (a ZeRO-3 partitioned parameter counts its
+    whole size): all but an input embedding that is not also the output layer (a lookup, not a product)."""
+    size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+    causal_lm = unwrap_peft(model)
+    embedding, head = causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()
+    lookup = () if head is not None and head.weight is embedding.weight else tuple(embedding.parameters())
+    params = [p for p in model.parameters() if all(p is not q for q in lookup)]
+    return sum(map(size, params)), sum(size(p) for p in params if p.requires_grad)
 
 
 def peak_memory_mb() -> float:
@@ -51,7 +112,9 @@ def peak_memory_mb() -> float:
 class MetricAccumulator:
     """Sums per-pair statistics over micro-batches without a host sync; ``reduce`` is the one sync point."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, flops: ModelFlops | None = None):
+        """``flops``: log ``mfu`` (training windows on a GPU of known peak)."""
+        self.flops = flops
         self.sums = torch.zeros(len(_KEYS), dtype=torch.float64, device=device)
         self.pair_values: list[torch.Tensor] = []
         """This rank's [pairs, 3] margins, chosen and rejected rewards of the window, for the histograms."""
@@ -59,8 +122,9 @@ class MetricAccumulator:
         """The last ``reduce``'s per-pair values over all ranks, by metric name."""
         self.started = time.perf_counter()
 
-    def add(self, out: PreferenceLossOutput, policy: PairLogps, num_tokens: torch.Tensor) -> None:
-        """Add a micro-batch's real pairs; ``num_tokens`` counts their (non-padding) tokens."""
+    def add(self, out: PreferenceLossOutput, policy: PairLogps, tokens: torch.Tensor) -> None:
+        """Add a micro-batch's real pairs; ``tokens``: [3] their (non-padding) tokens, their distinct tokens and the
+        positions the forward computed (``collate_pairs``'s ``distinct_tokens`` and ``forward_positions``)."""
         cr, rr = out.chosen_rewards, out.rejected_rewards
         per_pair = torch.stack(
             [
@@ -83,7 +147,8 @@ class MetricAccumulator:
             aux = torch.cat([policy.aux_loss.detach().double().view(1) * pairs, pairs])
         token_sums = torch.stack([policy.entropy.sum(), policy.chosen_top1.sum()]).double()
         self.pair_values.append(torch.stack([cr - rr, cr, rr], dim=1).detach().float())
-        self.sums += torch.cat([per_pair.double().sum(-1), pairs, num_tokens.double().view(1), aux, token_sums])
+        real, counts = tokens.double().split([1, 2])
+        self.sums += torch.cat([per_pair.double().sum(-1), pairs, real, aux, token_sums, counts])
 
     def state_dict(self) -> list[float]:
         """The partial window's sums (a checkpoint taken between logs carries them over)."""
@@ -108,6 +173,16 @@ class MetricAccumulator:
         metrics[f"{prefix}num_tokens"] = s["tokens"]  # the window's; the training loop makes it the run's total
         metrics[f"{prefix}pairs_per_second"] = s["pairs"] / elapsed
         metrics[f"{prefix}tokens_per_second"] = s["tokens"] / elapsed
+        if s["forward_positions"]:  # the share of computed positions that were needed (docs/outputs.md)
+            metrics[f"{prefix}token_efficiency"] = s["distinct_tokens"] / s["forward_positions"]
+            if self.flops is not None:
+                metrics[f"{prefix}mfu"] = mfu(
+                    s["forward_positions"],
+                    elapsed,
+                    self.flops.per_position,
+                    torch.distributed.get_world_size(),
+                    self.flops.peak,
+                )
         if s["aux_pairs"]:
             metrics[f"{prefix}aux_loss"] = s["aux_loss"] / s["aux_pairs"]
         values = _gather_rows(

@@ -27,7 +27,7 @@ import torch
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ds_dpo import distributed
-from ds_dpo.config import ConfigError, DPOConfig, dump_config
+from ds_dpo.config import ConfigError, DPOConfig, dump_config, eval_prefix
 from ds_dpo.data import builtin
 from ds_dpo.data.images import VisionInputs, processor_problem
 from ds_dpo.data.pipeline import load_preference_data, token_lengths
@@ -48,15 +48,24 @@ from ds_dpo.plan import RunPlan, make_plan
 from ds_dpo.training.checkpoint import Checkpointer, last_whole_checkpoint
 from ds_dpo.training.export import export_hf_model
 from ds_dpo.training.loggers import MetricsLogger
-from ds_dpo.training.metrics import MetricAccumulator, peak_memory_mb
+from ds_dpo.training.metrics import (
+    MetricAccumulator,
+    ModelFlops,
+    flops_per_position,
+    matmul_params,
+    peak_bf16_flops,
+    peak_memory_mb,
+)
 from ds_dpo.training.preemption import PreemptionGuard
 from ds_dpo.training.reference import (
     AdapterReference,
     EngineReference,
     PrecomputedReference,
     Reference,
+    ReferenceSync,
     precompute_reference_logps,
 )
+from ds_dpo.training.samples import EvalSamples
 from ds_dpo.training.state import TrainState
 from ds_dpo.watchdog import Watchdog
 
@@ -90,7 +99,10 @@ class DPORecipe:
     vision: VisionInputs | None
     """Makes a vision-language batch's pixel tensors; None otherwise."""
     train_data: Any
-    eval_data: Any | None
+    eval_data: dict[str, Any]
+    """The eval sets by name (``""``: the one unnamed set; empty: nothing to evaluate)."""
+    samples: EvalSamples | None
+    """Replies to held-out prompts at each evaluation (``generate_during_eval``); None otherwise."""
     sampler: GlobalBatchSampler
     total_steps: int
     checkpointer: Checkpointer
@@ -98,6 +110,8 @@ class DPORecipe:
     """The policy's DeepSpeed engine."""
     reference: Reference | None
     """Where reference log-probs come from; None for reference-free losses."""
+    reference_sync: ReferenceSync | None
+    """Moves the reference engine towards the policy (TR-DPO, ``sync_ref_model``); None otherwise."""
     aux_loss_coef: float
     """Weight of a mixture-of-experts policy's router loss (0: none computed)."""
     state: TrainState
@@ -148,9 +162,22 @@ class DPORecipe:
             self.train_data, self.eval_data, report = load_preference_data(
                 cfg.data, self.tokenizer, cfg.seed, plan.encoder_decoder, self.processor
             )
+        self.samples = EvalSamples.for_run(  # prompts of the first eval set
+            cfg.samples,
+            next(iter(self.eval_data.values()), None),
+            self.tokenizer,
+            plan.vision,
+            plan.encoder_decoder,
+            self.device,
+        )
         if self.rank == 0:
             print(report.format(), flush=True)
             (self.output_dir / "data_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
+        if cfg.checkpoint.best_metric and not self.eval_data:
+            raise ConfigError(
+                "`metric_for_best_model`/`load_best_model_at_end` compare evaluations, and there are no eval pairs: "
+                "set `eval_dataset` or `eval_split_ratio`"
+            )
         optim, budget = cfg.optim, cfg.batch.max_tokens_per_batch
         pair_tokens = None
         if budget:  # token-budget micro-batches: what each pair costs a forward in this layout
@@ -177,8 +204,8 @@ class DPORecipe:
             dump_config(cfg, self.output_dir / "config.yaml")
         self._write_json("deepspeed_config.json", ds_config)
         self._setup_models(ds_config)
-        self.state = TrainState(MetricAccumulator(self.device))
-        self.checkpointer.restore(self.policy, self.state)
+        self.state = TrainState(MetricAccumulator(self.device, self._model_flops()))
+        self.checkpointer.restore(self.policy, self.state, self.reference_sync)
         self.logger = MetricsLogger(
             self.output_dir,
             self.rank,
@@ -221,11 +248,33 @@ class DPORecipe:
         self.policy = self._build_engine(ds_config, True, "deepspeed_config.json")
         self._check_scoring(self.policy, "policy")
         self.aux_loss_coef = self._router_aux_loss_coef()
+        self.reference_sync = None
+        if cfg.ref.sync_ref_model:
+            self.reference_sync = ReferenceSync(
+                self.policy, self.reference.engine, cfg.ref.ref_model_mixup_alpha, cfg.ref.ref_model_sync_steps
+            )
         if with_reference and cfg.ref.reference == "lora":
             self.reference = AdapterReference(self.policy, scoring)
             if cfg.ref.precompute_ref_log_probs:
                 self._precompute_reference()
         say(self.plan.describe(cfg))
+
+    def _model_flops(self) -> ModelFlops | None:
+        """What training windows need to log ``mfu``: on a GPU whose peak is in ``PEAK_BF16_FLOPS`` (a notice
+        otherwise); None on other devices."""
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        peak = peak_bf16_flops(name)
+        if peak is None:
+            say(f"notice: the peak bf16 FLOP/s of {name} is not in ds_dpo's table; no `mfu` is logged")
+            return None
+        params, trainable = matmul_params(self.policy.module)
+        if isinstance(self.reference, EngineReference):
+            reference_params = matmul_params(self.reference.engine.module)[0]
+        else:  # the LoRA base model runs all the policy's weights but its adapters; precomputed or none: nothing
+            reference_params = params - trainable if isinstance(self.reference, AdapterReference) else 0
+        return ModelFlops(flops_per_position(params, trainable, reference_params), peak)
 
     def _write_json(self, name: str, value: dict) -> None:
         if self.rank == 0:
@@ -264,8 +313,8 @@ class DPORecipe:
         return coef
 
     def _precompute_reference(self) -> None:
-        """Score both datasets once with the current reference (or read the scores from the cache); afterwards the
-        batches carry the log-probs."""
+        """Score the training pairs and every eval set once with the current reference (or read the scores from the
+        cache); afterwards the batches carry the log-probs."""
         score = lambda data: precompute_reference_logps(  # noqa: E731
             self.reference,
             data,
@@ -277,7 +326,7 @@ class DPORecipe:
             self.vision,
         )
         self.train_data = score(self.train_data)
-        self.eval_data = None if self.eval_data is None else score(self.eval_data)
+        self.eval_data = {name: score(data) for name, data in self.eval_data.items()}
         self.reference = PrecomputedReference()
 
     # --- training ---------------------------------------------------------------------------------------------------
@@ -287,14 +336,17 @@ class DPORecipe:
         signal or too many non-finite steps in a row."""
         state, cfg = self.state, self.cfg
         plans = self.sampler.plans(state.epoch, state.done_in_epoch)
+        evaluated: dict[str, float] = {}
         with PreemptionGuard(self.plan.deadline) as guard:
             while state.step < self.total_steps:
                 epoch, done_in_epoch, plan = next(plans)
                 self.train_step(plan)
                 state.finish_step(epoch, done_in_epoch, self.policy.skipped_steps)
+                if self.reference_sync is not None:
+                    self.reference_sync.after_step(state.step)
                 self.logger.advance()
                 if state.nan_streak >= cfg.optim.max_consecutive_nan_steps:
-                    self.checkpointer.save(self.policy, state)
+                    self.checkpointer.save(self.policy, state, self.reference_sync)
                     return TrainResult(
                         "non_finite",
                         state.step,
@@ -308,16 +360,19 @@ class DPORecipe:
                 last = state.step == self.total_steps
                 if state.step % cfg.logging.logging_steps == 0 or last:
                     self._log_train()
-                if cfg.logging.eval_steps and state.step % cfg.logging.eval_steps == 0 and not last:
-                    self.evaluate()
+                # the last step's evaluation is the final one; each comes before its step's save, which it may make
+                # the best checkpoint
+                eval_due = cfg.logging.eval_steps and state.step % cfg.logging.eval_steps == 0
+                evaluated = self.evaluate() if eval_due or last else {}
                 saved = self.checkpointer.due(state.step)
                 if saved:
-                    self.checkpointer.save(self.policy, state)
+                    self.checkpointer.save(self.policy, state, self.reference_sync, evaluated)
                 if guard.agreed_stop(self.device):
                     if not saved:
-                        self.checkpointer.save(self.policy, state)
+                        self.checkpointer.save(self.policy, state, self.reference_sync, evaluated)
                     return TrainResult(guard.reason, state.step)
-        return TrainResult("finished", state.step, self.evaluate())
+        # a run resumed from its last checkpoint has not evaluated its final weights yet
+        return TrainResult("finished", state.step, evaluated or self.evaluate())
 
     def train_step(self, plan: StepPlan) -> None:
         """One optimizer step over this rank's micro-batches of ``plan``; their statistics go to the state's window."""
@@ -370,7 +425,8 @@ class DPORecipe:
             )
         )
         if self.plan.sp is None or self.plan.sp.rank == 0:  # a sequence-parallel group's pairs count once
-            window.add(out, policy, (batch["pair_tokens"] * (batch["weight"] > 0)).sum())  # no host sync
+            tokens = (batch["pair_tokens"] * (batch["weight"] > 0)).sum()  # no host sync
+            window.add(out, policy, torch.stack([tokens, batch["distinct_tokens"], batch["forward_positions"]]))
         pair_weights = torch.tensor([weights[i] for i in real], dtype=out.losses.dtype, device=out.losses.device)
         loss = (out.losses * pair_weights).sum()
         if policy.aux_loss is None:
@@ -404,11 +460,20 @@ class DPORecipe:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss and reward metrics over the whole eval set, prefixed ``eval_``."""
-        if self.eval_data is None:
-            return {}
+        """Loss and reward metrics over each whole eval set, prefixed ``eval_`` (a named set's ``eval_<name>_``),
+        each set logged as it is done."""
+        metrics = {}
+        for name, data in self.eval_data.items():
+            metrics.update(self._evaluate_set(data, eval_prefix(name)))
+        if self.samples is not None:
+            self.logger.log_samples(
+                self.state.step, self.samples.generate(self.state.step, self.policy, self.reference)
+            )
+        return metrics
+
+    def _evaluate_set(self, data, prefix: str) -> dict[str, float]:
         sampler = GlobalBatchSampler(
-            len(self.eval_data),
+            len(data),
             self.cfg.logging.per_device_eval_batch_size,
             1,
             *self.plan.data_parallel,
@@ -418,18 +483,21 @@ class DPORecipe:
         window = MetricAccumulator(self.device)
         self.policy.eval()
         for plan in sampler.epoch(0):
-            batch = self._batch(self.eval_data, plan.micro_batches[0], plan.weights[0])
+            batch = self._batch(data, plan.micro_batches[0], plan.weights[0])
             self._micro_batch_loss(batch, plan.weights[0], window)
         self.policy.train()
-        metrics = window.reduce(prefix="eval_")
-        metrics["eval_num_tokens"] = self.state.num_tokens  # as TRL: training tokens at the time of the evaluation
+        metrics = window.reduce(prefix=prefix)
+        metrics[f"{prefix}num_tokens"] = self.state.num_tokens  # as TRL: training tokens at the time of the evaluation
         self.logger.log(self.state.step, metrics, window.distributions)
         return metrics
 
     # --- outputs ----------------------------------------------------------------------------------------------------
 
     def save(self) -> None:
-        """The final model as a Hugging Face directory in ``output_dir`` (collective)."""
+        """The final model as a Hugging Face directory in ``output_dir`` (collective): the last weights, or with
+        ``load_best_model_at_end`` the best checkpoint's."""
+        if self.cfg.checkpoint.load_best_model_at_end:
+            self.checkpointer.load_best(self.policy, self.state)
         export_hf_model(
             self.policy, self.processor or self.tokenizer, self.output_dir, self.cfg.checkpoint.save_merged_model
         )

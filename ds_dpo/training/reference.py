@@ -3,7 +3,7 @@
 Each reference answers one question, ``logps(batch) -> (chosen, rejected)``, both [B] and detached, so the training
 loop does not care which one it has. ``score_dataset`` runs any of them once over a dataset; the table is cached on
 disk (``cached_reference_logps``) and stored as columns, after which the ``PrecomputedReference`` reads them back
-from the batch.
+from the batch. ``ReferenceSync`` (TR-DPO) moves a reference engine towards the policy during training.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Protocol
 import datasets
 import torch
 from datasets.fingerprint import Hasher
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ds_dpo.config import DPOConfig
+from ds_dpo.config import ConfigError, DPOConfig
 from ds_dpo.data.pipeline import cache_root
 from ds_dpo.data.sampler import GlobalBatchSampler
 from ds_dpo.distributed import any_rank, say
@@ -61,6 +62,139 @@ class AdapterReference:
         finally:
             self.engine.train(was_training)
         return out.chosen, out.rejected
+
+
+class ReferenceSync:
+    """TR-DPO (Gorbatovski et al., 2024; TRL's ``sync_ref_model``): every ``every`` optimizer steps the reference
+    engine's weights become ``alpha * policy + (1 - alpha) * reference``.
+
+    The reference is ZeRO-3 over all ranks, and the policy either ZeRO-3 over the same ranks (the same model
+    partitioned the same way: each rank holds the same slice of both) or whole on every rank. So each rank mixes
+    only the reference partitions it holds, with the matching slice of the policy: nothing is gathered and no rank
+    needs more than its shards (TRL under ZeRO-3 gathers both models whole on every rank and mixes on rank 0). The
+    policy's partitions are its working copy after the step (bf16 where it trains in bf16), as TRL mixes the
+    module's parameters.
+
+    The mixed reference is run state: ``save`` writes each rank's partitions into a checkpoint and ``load`` puts them
+    back, also on another number of ranks."""
+
+    DIRECTORY = "reference"
+
+    def __init__(self, policy, reference, alpha: float, every: int):
+        self.alpha, self.every = alpha, every
+        for engine in (policy, reference):
+            offload = engine.zero_offload_param()
+            if offload is not None and offload.device == "nvme":
+                raise ConfigError(
+                    "`sync_ref_model` mixes parameter shards in memory: parameters offloaded to NVMe "
+                    "(`offload_param.device: nvme`) are not; offload them to `cpu`"
+                )
+            if engine.zero_optimization_stage() == 3 and (engine.zero_hpz_partition_size() or 1) > 1:
+                raise ConfigError(
+                    "`sync_ref_model` with ZeRO++ hierarchical partitions (`zero_hpz_partition_size`): their node-local "
+                    "copies would keep the reference's old weights; remove `zero_hpz_partition_size`"
+                )
+        self.group = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        self.pairs = _paired_parameters(policy.module, reference.module, self.group[0])
+
+    def after_step(self, step: int) -> bool:
+        """Mix when ``step`` (optimizer steps done) is a multiple of ``every``, as TRL's callback at a step's end."""
+        if step % self.every:
+            return False
+        self.mix()
+        return True
+
+    @torch.no_grad()
+    def mix(self) -> None:
+        for _, policy_param, shard, _ in self._shards():
+            mine = _local_slice(policy_param, shard.numel(), self.group[1])
+            # TRL's operation order (scale, then add the policy), for the same rounding
+            shard[: mine.numel()].mul_(1.0 - self.alpha).add_(mine.to(shard.device, shard.dtype), alpha=self.alpha)
+        self._refresh()
+
+    def _shards(self):
+        """(name, policy parameter, reference partition, reference parameter) of every parameter."""
+        return ((name, p, q.ds_tensor.view(-1), q) for name, p, q in self.pairs)
+
+    def _refresh(self) -> None:
+        """Persistent reference parameters (small ones ZeRO-3 keeps gathered) are whole copies of the partitions just
+        changed: gathered again, as DeepSpeed does after loading a checkpoint."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        whole = [q for _, _, q in self.pairs if q.ds_status == ZeroParamStatus.AVAILABLE]
+        if whole:
+            whole[0].partition(param_list=whole)
+            whole[0].all_gather(param_list=whole)
+
+    def save(self, checkpoint: Path) -> None:
+        """This rank's reference partitions into ``checkpoint/reference/rank{R}.safetensors``."""
+        world, rank = self.group
+        directory = checkpoint / self.DIRECTORY
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: shard.detach().cpu().contiguous() for name, _, shard, _ in self._shards()}
+        save_file(tensors, directory / f"rank{rank}.safetensors", metadata={"world_size": str(world)})
+
+    @torch.no_grad()
+    def load(self, checkpoint: Path) -> bool:
+        """The reference partitions ``save`` wrote into ``checkpoint`` (False: it has none, a checkpoint of a run
+        without ``sync_ref_model``). Written by another number of ranks, each parameter is put together from every
+        rank's file and this rank's slice taken."""
+        directory = checkpoint / self.DIRECTORY
+        files = sorted(directory.glob("rank*.safetensors"), key=lambda f: int(f.stem[len("rank") :]))
+        if not files:
+            return False
+        world, rank = self.group
+        if len(files) == world:
+            saved = load_file(files[rank])
+            for name, _, shard, _ in self._shards():
+                shard.copy_(saved[name])
+        else:
+            handles = [safe_open(f, "pt") for f in files]
+            for name, _, shard, ref_param in self._shards():
+                whole = torch.cat([h.get_tensor(name) for h in handles])[: ref_param.ds_numel]
+                mine = _local_slice(whole, shard.numel(), rank)
+                shard.zero_()[: mine.numel()].copy_(mine)
+        self._refresh()
+        return True
+
+
+def _paired_parameters(policy: torch.nn.Module, reference: torch.nn.Module, world: int) -> list:
+    """(name, policy parameter, reference parameter) for every parameter; ConfigError when the two models differ
+    (a ``ref_model_name_or_path`` of another architecture) or are not partitioned alike."""
+    ours = dict(policy.named_parameters())
+    theirs = dict(reference.named_parameters())
+    if ours.keys() != theirs.keys():
+        differ = sorted(ours.keys() ^ theirs.keys())
+        raise ConfigError(
+            f"`sync_ref_model` mixes the policy into the reference parameter by parameter, but their parameters "
+            f"differ ({len(differ)}, e.g. {differ[0]}): use a reference of the policy's architecture"
+        )
+    pairs = []
+    for name, q in theirs.items():
+        p = ours[name]
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        problem = (
+            f"{name} is {shape} in the policy, {tuple(q.ds_shape)} in the reference"
+            if shape != tuple(q.ds_shape)
+            else f"{name} is partitioned over another group of ranks in the policy"
+            if hasattr(p, "ds_tensor") and p.ds_tensor.numel() != q.ds_tensor.numel()
+            else None
+        )
+        if problem:
+            raise ConfigError(f"`sync_ref_model`: {problem}; they must be alike to be mixed shard by shard")
+        pairs.append((name, p, q))
+    if any(torch.distributed.get_world_size(q.ds_process_group) != world for _, _, q in pairs):
+        raise ConfigError("`sync_ref_model` needs the reference partitioned over all ranks")
+    return pairs
+
+
+def _local_slice(param: torch.Tensor, partition: int, rank: int) -> torch.Tensor:
+    """The elements of ``param`` that ZeRO-3 partition ``rank`` (of ``partition`` elements) holds: its own partition
+    when ``param`` is partitioned alike, else that range of the whole tensor (shorter at the end)."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor.view(-1)
+    flat = param.detach().reshape(-1)
+    return flat[rank * partition : (rank + 1) * partition]
 
 
 class PrecomputedReference:

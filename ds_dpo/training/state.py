@@ -29,6 +29,9 @@ class TrainState:
     """The learning rate the last update used (what the logs report)."""
     num_tokens: int = 0
     """Real tokens (prompt with each completion, as TRL counts them) trained on in the logged windows."""
+    best: dict | None = None
+    """The best checkpoint so far by ``metric_for_best_model``: ``{step, metric, value}`` (HF's
+    ``best_model_checkpoint``, ``best_metric``); None before one is saved after an evaluation."""
 
     def finish_step(self, epoch: int, done_in_epoch: int, skipped_steps: int) -> None:
         """Count one optimizer step of ``epoch``; ``skipped_steps`` is the engine's count after it."""
@@ -45,6 +48,7 @@ class TrainState:
             "nan_streak": self.nan_streak,
             "learning_rate": self.learning_rate,
             "num_tokens": self.num_tokens,
+            "best": self.best,
             "metric_window": self.window.state_dict(),
         }
 
@@ -52,4 +56,5 @@ class TrainState:
         self.step, self.epoch, self.done_in_epoch = state["step"], state["epoch"], state["done_in_epoch"]
         self.nan_streak = state.get("nan_streak", 0)
         self.learning_rate, self.num_tokens = state["learning_rate"], state.get("num_tokens", 0)
+        self.best = state.get("best")
         self.window.load_state_dict(state["metric_window"])

@@ -75,6 +75,12 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
         ({"model_name_or_path": "./nowhere", "dataset": "x.jsonl"}, "does not exist"),
         ({"model_name_or_path": "m"}, "give both"),
         ({"save_merged_model": True}, "needs `use_peft: true`"),
+        ({"load_in_4bit": True}, r"`load_in_4bit` .* set `use_peft: true` \(QLoRA\)"),
+        ({"load_in_4bit": True, "use_peft": True}, "`load_in_4bit` with `reference: zero`: .* set `reference: lora`"),
+        ({"load_in_4bit": True, "use_peft": True, "reference": "precomputed"}, "with `reference: precomputed`"),
+        ({"bnb_4bit_quant_type": "int4"}, r"`bnb_4bit_quant_type` must be one of \('nf4', 'fp4'\)"),
+        ({"bnb_4bit_quant_storage": "int8"}, "`bnb_4bit_quant_storage` must be one of"),
+        ({"model_init_kwargs": {"quantization_config": {}}}, "sets quantization_config: set `load_in_4bit`"),
         ({"loss_type": "exo_pair"}, "exo_pair needs label_smoothing > 0"),
         ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "loss_weights has 1 entries"),
         ({"loss_type": "aot", "f_divergence_type": "js_divergence"}, "not defined for \\['aot'\\]"),
@@ -86,6 +92,11 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
         ({"activation_offloading": True}, "needs `gradient_checkpointing: true`"),
         ({"tiled_mlp_shards": 0}, "`tiled_mlp_shards` must be >= 1"),
         ({"report_to": "tensorboard,mlflow"}, "`report_to` takes tensorboard, jsonl, wandb, all or none"),
+        ({"sync_ref_model": True, "reference": "precomputed"}, "`reference: precomputed` and precomputed log-probs"),
+        ({"sync_ref_model": True, "use_peft": True}, "the policy's weights are the base plus adapters"),
+        ({"sync_ref_model": True, "loss_type": "simpo"}, "reference-free loss: there is no reference to sync"),
+        ({"sync_ref_model": True, "ref_model_mixup_alpha": 0.0}, "`ref_model_mixup_alpha` must be in"),
+        ({"ref_model_sync_steps": 0}, "`ref_model_sync_steps` must be >= 1"),
     ],
 )
 def test_validation_messages(values, message):
@@ -336,3 +347,46 @@ def test_init_kwargs_that_contradict_their_own_keys_are_named():
     assert cfg.ref_init_kwargs == {"revision": "v2", "low_cpu_mem_usage": True}  # the same checkpoint: the same files
     other = make_config({"ref_model_name_or_path": "org/ref", "model_init_kwargs": {"revision": "v2"}})
     assert other.ref_init_kwargs == {}
+
+
+def test_named_eval_sets_and_the_best_checkpoint_keys_are_checked():
+    """``eval_dataset: {name: source}`` names eval sets (metric prefix ``eval_<name>_``, HF's); the best-checkpoint
+    keys take HF's names and defaults, and a best checkpoint that could not be among the checkpoints, or a metric no
+    set logs, is named at startup."""
+    from ds_dpo.config import eval_prefix, eval_sets
+
+    named = {"hh": "org/hh", "uf": [{"path": "org/uf", "split": "test_prefs"}, "org/more"]}
+    sets = eval_sets(named)
+    assert (
+        list(sets) == ["hh", "uf"]
+        and [s.path for s in sets["uf"]] == ["org/uf", "org/more"]
+        and sets["uf"][0].split == "test_prefs"
+    )
+    assert [s.path for s in eval_sets("a.jsonl")[""]] == ["a.jsonl"] and eval_sets(None) == {}
+    assert (eval_prefix(""), eval_prefix("hh")) == ("eval_", "eval_hh_")
+    for bad, message in (
+        ({"a/b": "x"}, "without '/'"),
+        ({"": "x"}, "non-empty"),
+        ({"a": []}, "set 'a' has no source"),
+        ({"a": [{"split": "test"}]}, "set 'a': entry 1 must be"),
+        ({"path": "x", "split": "test"}, r"one source with its own split is a list: \[\{path, split\}\]"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            make_config({"eval_dataset": bad}).validate()
+
+    best = make_config({"load_best_model_at_end": True, "save_steps": 20, "eval_steps": 10}).checkpoint
+    assert (best.best_metric, best.best_is_greater) == ("eval_loss", False)  # HF: `loss` when none is named
+    accuracy = make_config({"metric_for_best_model": "rewards/accuracies"}).checkpoint
+    assert (accuracy.best_metric, accuracy.best_is_greater) == ("eval_rewards/accuracies", True)
+    flipped = make_config({"metric_for_best_model": "eval_loss", "greater_is_better": True}).checkpoint
+    assert (flipped.best_metric, flipped.best_is_greater) == ("eval_loss", True)
+    assert make_config({}).checkpoint.best_metric is None
+    every_save_evaluated = "`load_best_model_at_end` needs a checkpoint at evaluation steps: set `save_steps`"
+    for values in ({"save_steps": 25, "eval_steps": 10}, {"save_steps": 0, "eval_steps": 10}, {"save_steps": 10}):
+        with pytest.raises(ConfigError, match=every_save_evaluated):
+            make_config({"load_best_model_at_end": True, **values}).validate()
+    make_config({"eval_dataset": named, "metric_for_best_model": "hh_loss"}).validate()  # `eval_` is added
+    with pytest.raises(ConfigError, match=r"`metric_for_best_model` 'eval_loss' names no eval set.*`eval_hh_loss`"):
+        make_config(
+            {"eval_dataset": named, "load_best_model_at_end": True, "save_steps": 10, "eval_steps": 10}
+        ).validate()

@@ -141,7 +141,7 @@ def test_mixing_splitting_sampling_and_column_mapping(tmp_path):
     with pytest.raises(DataError, match="field `chosen`: missing"):
         load(config(tmp_path, dataset=a), builtin.build_tokenizer())
     train, evals, report = load(config(tmp_path, dataset=a, eval_split_ratio=0.2, **keys), builtin.build_tokenizer())
-    assert (len(train), len(evals)) == (24, 6) and train["index"] == list(range(24))
+    assert (len(train), len(evals[""])) == (24, 6) and train["index"] == list(range(24))
     capped, _, _ = load(config(tmp_path, dataset=a, max_samples=5, **keys), builtin.build_tokenizer())
     assert len(capped) == 5
     c = write(tmp_path / "c.jsonl", [{"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in [GOOD] * 6])
@@ -190,7 +190,7 @@ def test_a_hub_layout_ultrafeedback_folder_trains_on_one_split_and_evaluates_on_
         ),
         tokenizer,
     )
-    assert (len(train), len(evals)) == (12, 3) and report.sources[0].format == "conversational"
+    assert (len(train), len(evals[""])) == (12, 3) and report.sources[0].format == "conversational"
     assert report.sources[0].bad_rows == {}
 
 
@@ -214,7 +214,7 @@ def test_each_source_of_a_mixture_reads_its_own_split(tmp_path):
     )
     cfg.validate()
     train, evals, report = load(cfg, builtin.build_tokenizer())
-    assert (len(train), len(evals)) == (5 + 3, 2) and len(report.sources) == 3
+    assert (len(train), len(evals[""])) == (5 + 3, 2) and len(report.sources) == 3
     for entry, problem in (
         ({"split": "train"}, "entry 1 must be a name or {path, split, config}"),
         ({"path": str(folder), "splits": "x"}, "entry 1 must be"),
@@ -222,6 +222,46 @@ def test_each_source_of_a_mixture_reads_its_own_split(tmp_path):
     ):
         with pytest.raises(ConfigError, match=re.escape(problem)):
             config(tmp_path, dataset=[entry]).validate()
+
+
+def test_named_eval_sets_and_a_training_sources_test_split(tmp_path, capsys):
+    """``eval_dataset: {name: source}`` loads each set, counted per set in the report. Without ``eval_dataset`` and
+    ``eval_split_ratio``, the training source's ``dataset_test_split`` is evaluated, as TRL's scripts do, with a
+    notice (a ``save_to_disk`` dataset dict and a Hub-layout folder; the split named by ``dataset_test_split``); a
+    plain file, which has no splits, is evaluated on nothing, as before."""
+    import datasets
+
+    from helpers.data import hub_layout
+
+    def rows(start, n):
+        return [
+            {"prompt": f"count up from {i} :", "chosen": f" {i + 1}", "rejected": f" {i - 1}"}
+            for i in range(start, start + n)
+        ]
+
+    tokenizer = builtin.build_tokenizer()
+    plain = write(tmp_path / "plain.jsonl", rows(10, 6))
+    _, evals, report = load(config(tmp_path, dataset=plain, eval_dataset={"a": plain, "b": [plain, plain]}), tokenizer)
+    assert {name: len(pairs) for name, pairs in evals.items()} == {"a": 6, "b": 12}
+    assert report.eval_sets == {"a": 6, "b": 12} and report.eval_pairs == 18
+    assert "eval pairs: 18 (a: 6, b: 12)" in report.format()
+    _, evals, report = load(config(tmp_path, dataset=plain), tokenizer)
+    assert evals == {} and report.eval_pairs == 0 and "notice" not in capsys.readouterr().out
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows(10, 6)), "test": datasets.Dataset.from_list(rows(50, 3))}
+    ).save_to_disk(str(saved))
+    train, evals, report = load(config(tmp_path, dataset=str(saved)), tokenizer)
+    assert (len(train), len(evals[""]), report.eval_pairs) == (6, 3, 3)
+    assert "notice: no `eval_dataset` or `eval_split_ratio`: evaluating the `test` split" in capsys.readouterr().out
+    _, evals, _ = load(config(tmp_path, dataset=str(saved), eval_split_ratio=0.5), tokenizer)
+    assert len(evals[""]) == 3  # the held-out half of the training split, not the test split
+
+    folder = hub_layout(tmp_path / "hub", {"train_prefs": rows(10, 5), "test_prefs": rows(50, 2)})
+    cfg = config(tmp_path, dataset=str(folder), dataset_train_split="train_prefs", dataset_test_split="test_prefs")
+    _, evals, _ = load(cfg, tokenizer)
+    assert len(evals[""]) == 2 and "`test_prefs` split" in capsys.readouterr().out
 
 
 def test_hh_rlhf_implicit_prompts(tmp_path, hh_data):
@@ -287,6 +327,7 @@ def test_ranked_rows_make_pairs_that_stay_together(tmp_path):
     train, evals, _ = load(
         config(tmp_path, dataset=path, response_pairing="all_pairs", eval_split_ratio=0.2), tokenizer
     )
+    evals = evals[""]
     assert (len(train), len(evals)) == (48, 12)
     assert not set(train["group"]) & set(evals["group"])  # a prompt's pairs are all on one side
     group = [train[i] for i in range(6)]

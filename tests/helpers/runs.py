@@ -120,7 +120,10 @@ def read_metrics(output_dir: Path, prefix: str = "") -> list[dict]:
 def stopped_at(whole: Path, step: int, run: Path) -> None:
     """``run``: the output directory of ``whole`` as a run that stopped after saving checkpoint ``step`` would have
     left it (no later checkpoints and metrics, no exported model), to resume without running that run."""
-    shutil.copytree(whole, run, ignore=shutil.ignore_patterns("*.safetensors", "events.*"))
+    exported = lambda folder, names: [  # noqa: E731  the final model's files, not a checkpoint's
+        n for n in names if Path(folder) == Path(whole) and n.endswith(".safetensors") or n.startswith("events.")
+    ]
+    shutil.copytree(whole, run, ignore=exported)
     checkpoints = run / "checkpoints"
     for later in checkpoints.glob("step-*"):
         if int(later.name.split("-")[1]) > step:

@@ -43,19 +43,26 @@ class FixedLogProbs(torch.nn.Module):
         )
 
 
-def build_trainer(model_dir: str, output_dir: str, ref_model=None, **config) -> DPOTrainer:
+def build_trainer(
+    model_dir: str, output_dir: str, ref_model=None, rows: list[dict] | None = None, **config
+) -> DPOTrainer:
+    """A TRL ``DPOTrainer`` of the built-in tokenizer and the model in ``model_dir`` on ``rows`` (default: 4 copies of
+    one pair), on CPU in fp32; ``config``: ``DPOConfig`` values."""
     tokenizer = builtin.build_tokenizer()
-    pairs = Dataset.from_list([{"prompt": "count up from 3 :", "chosen": " 4 5 6", "rejected": " 2 1 0"}] * 4)
+    rows = rows or [{"prompt": "count up from 3 :", "chosen": " 4 5 6", "rejected": " 2 1 0"}] * 4
     args = DPOConfig(
-        output_dir=output_dir,
-        report_to=[],
-        per_device_train_batch_size=2,
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
-        bf16=False,
-        **config,
+        **{
+            "output_dir": output_dir,
+            "report_to": [],
+            "per_device_train_batch_size": 2,
+            "use_cpu": True,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "bf16": False,
+            **config,
+        }
     )
+    pairs = Dataset.from_list(rows)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=pairs, processing_class=tokenizer)
 

@@ -129,7 +129,7 @@ def test_every_loss_type_trains_from_the_cli(loss_type, single_rank, builtin_fil
     events = EventAccumulator(str(tmp_path / "out" / "runs" / "out"), size_guidance={"histograms": 0}).Reload()
     margins = events.Histograms("train/rewards/margins_histogram")  # every real pair of each logged window, no filler
     assert [(h.step, h.histogram_value.num) for h in margins] == [(1, 4), (2, 4), (3, 2)]
-    assert events.Histograms("eval/rewards/chosen_histogram")[-1].histogram_value.num == len(recipe.eval_data)
+    assert events.Histograms("eval/rewards/chosen_histogram")[-1].histogram_value.num == len(recipe.eval_data[""])
 
 
 def test_pair_weights_step_like_repeated_pairs(single_rank, builtin_files, tmp_path):

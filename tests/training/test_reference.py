@@ -1,5 +1,8 @@
 """Reference modes on real DeepSpeed ZeRO-3 engines (one in-process CPU rank)."""
 
+import json
+
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -24,6 +27,7 @@ from ds_dpo.training.reference import (
     score_dataset,
     with_reference_columns,
 )
+from helpers.runs import cli, launch, losses, read_metrics, short_run, stopped_at
 
 
 def setup_run(files, **overrides):
@@ -188,3 +192,111 @@ def test_reference_cache_is_reused_and_invalidated_by_model_adapter_data_and_len
     assert precompute(adapter_name_or_path=adapters["a"])[0] == "read from cache"
     assert precompute(adapter_name_or_path=adapters["b"])[0] == "computed"
     assert precompute(adapter_name_or_path=adapters["a"], reference="lora")[0] == "read from cache"  # adapters off
+
+
+def reference_weights(checkpoint, like: dict) -> dict:
+    """The TR-DPO reference a checkpoint holds, put together from every rank's partitions (shapes from ``like``)."""
+    from safetensors.torch import load_file
+
+    files = sorted((checkpoint / "reference").glob("rank*.safetensors"))
+    parts = [load_file(f) for f in files]
+    return {
+        name: torch.cat([p[name] for p in parts])[: value.numel()].view(value.shape) for name, value in like.items()
+    }
+
+
+def policy_weights(checkpoint) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+@pytest.mark.slow  # two launched runs
+@pytest.mark.parametrize("preset", ["zero3", "zero2"])
+def test_tr_dpo_mixes_every_shard_in_place_and_resumes_exactly(preset, builtin_files, tmp_path):
+    """TR-DPO on 2 ranks (the policy ZeRO-3, partitioned like the reference, or ZeRO-2, whole on each rank), alpha
+    0.5, a mix every 2 steps: each checkpoint's reference (every rank's partitions, read back from the files) is
+    0.5 * the policy at that step + 0.5 * the reference before, from the initial weights on (1e-6); a run resumed
+    from step 2 on 1 rank (same global batch, the partitions regrouped) continues with the same losses and reaches
+    the same reference."""
+    from safetensors.torch import load_file
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(open(builtin_files["dataset"]).readlines()[:16]))
+    common = cli(
+        model_name_or_path=builtin_files["model_name_or_path"],
+        dataset=str(pairs),
+        max_steps=4,
+        logging_steps=1,
+        save_steps=2,
+        learning_rate="1e-2",
+        sync_ref_model="true",
+        ref_model_mixup_alpha=0.5,
+        ref_model_sync_steps=2,
+        dataset_cache_dir=str(tmp_path / "cache"),
+        deepspeed=f"ds_configs/{preset}.json",
+    )
+    two = tmp_path / "two"
+    proc = launch(*common, per_device_train_batch_size=4, output_dir=str(two))
+    assert "mixed with the policy every 2 steps" in proc.stdout
+    initial = load_file(f"{builtin_files['model_name_or_path']}/model.safetensors")
+    before = dict(initial)
+    for step in (2, 4):
+        checkpoint = two / "checkpoints" / f"step-{step}"
+        policy = policy_weights(checkpoint)
+        reference = reference_weights(checkpoint, policy)
+        for name, value in policy.items():
+            expected = 0.5 * before[name] + 0.5 * value
+            assert (reference[name] - expected).abs().max() <= 1e-6 * expected.abs().max(), (step, name)
+            assert (reference[name] - before[name]).abs().max() > 1e-4, (step, name)  # it moved
+        before = reference
+
+    one = tmp_path / "one"
+    stopped_at(two, 2, one)
+    proc = launch(*common, per_device_train_batch_size=8, output_dir=str(one), resume_from_checkpoint="auto", nprocs=1)
+    assert "resumed from" in proc.stdout
+    expected, got = losses(two)[2:], losses(one)[2:]
+    assert len(got) == 2 and max(abs(a - b) for a, b in zip(expected, got)) <= 1e-5 * max(map(abs, expected))
+    final = reference_weights(one / "checkpoints" / "step-4", before)
+    assert max((final[n] - before[n]).abs().max().item() for n in before) <= 1e-5
+
+
+def test_tr_dpo_loss_curve_equals_trl(single_rank, builtin_files, tmp_path):
+    """8 steps of TR-DPO (alpha 0.6, a mix every 2 steps; the same 4 pairs in every step's batch, so the data order
+    cannot differ) on one in-process ZeRO-3 rank: every step's loss equals TRL 1.16's DPOTrainer with
+    ``sync_ref_model`` on the same rows (1e-5 relative; seen 6e-7). The same run without the mix departs from TRL's
+    curve after the first mix (seen: 0.67 relative), so the comparison sees it."""
+    from helpers.trl_oracle import build_trainer
+
+    model_dir = builtin_files["model_name_or_path"]
+    lines = open(builtin_files["eval_dataset"]).readlines()[:4]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(lines))
+    tr_dpo = dict(sync_ref_model="true", ref_model_mixup_alpha=0.6, ref_model_sync_steps=2)
+
+    def ours(name, **keys):
+        recipe = short_run(model_dir, pairs, tmp_path / name, 8, **keys)
+        assert recipe.train().status == "finished"
+        recipe.cleanup()
+        return [r["loss"] for r in read_metrics(tmp_path / name)]
+
+    synced, fixed = ours("synced", **tr_dpo), ours("fixed")
+    trainer = build_trainer(
+        model_dir,
+        str(tmp_path / "trl"),
+        ref_model=AutoModelForCausalLM.from_pretrained(model_dir),
+        rows=[json.loads(line) for line in lines],
+        per_device_train_batch_size=4,
+        max_steps=8,
+        learning_rate=3e-3,  # short_run's
+        optim="adamw_torch",
+        sync_ref_model=True,
+        ref_model_mixup_alpha=0.6,
+        ref_model_sync_steps=2,
+    )
+    trainer.train()
+    expected = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(expected) == len(synced) == 8
+    for a, b in zip(synced, expected):
+        assert abs(a - b) <= 1e-5 * abs(b), (synced, expected)
+    assert max(abs(a - b) / abs(b) for a, b in zip(fixed, expected)) > 1e-3
