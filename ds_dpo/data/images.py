@@ -23,11 +23,18 @@ them at once. Two tensor layouts exist, told apart by the image processor's own 
 - Idefics3/SmolVLM-style [text rows, images, C, H, W] zero-padded per row, with ``pixel_attention_mask``
   [text rows, images, H, W] (an all-zero image is padding to the model).
 
-Served: models whose processor returns only ``input_ids``, ``attention_mask`` and ``IMAGE_KEYS``, and whose image
-processor batches images of several sizes as ds_dpo joins them (LLaVA, LLaVA-NeXT, Idefics3, SmolVLM, ...). A
-processor that returns more (Qwen2-VL's ``image_grid_thw`` and M-RoPE positions, Gemma-3's ``token_type_ids`` for
-bidirectional image attention, LLaVA-OneVision's ``batch_num_images``) describes images in a way these layouts do not
-carry: refused at startup (``processor_problem``), as is an image processor that batches otherwise.
+Gemma-3's processor also returns ``token_type_ids``, 1 exactly on the image soft tokens (one token id): the model's
+image tokens attend to each other bidirectionally within their image (``image_token_types``). Those ids are not
+stored: they follow from the token ids, and each batch makes them (``VisionInputs.token_types``,
+``ds_dpo.forward.layouts.collate_pairs``), for the model's own mask in a padded batch and for ds_dpo's masks of packed
+and prefix-shared rows (``ds_dpo.forward.attention``).
+
+Served: models whose processor returns only ``input_ids``, ``attention_mask``, ``IMAGE_KEYS`` and such
+``token_type_ids``, and whose image processor batches images of several sizes as ds_dpo joins them (LLaVA,
+LLaVA-NeXT, Idefics3, SmolVLM, Gemma-3, ...). A processor that returns more (Qwen2-VL's ``image_grid_thw`` and M-RoPE
+positions, LLaVA-OneVision's ``batch_num_images``) or ``token_type_ids`` that mark anything but one image token
+(PaliGemma's prefix/suffix types) describes images in a way these layouts do not carry: refused at startup
+(``processor_problem``), as is an image processor that batches otherwise.
 """
 
 from __future__ import annotations
@@ -75,22 +82,50 @@ def open_images(encoded: list[bytes]) -> list:
     return [Image.open(io.BytesIO(b)).convert("RGB") for b in encoded]
 
 
+def _probe(processor) -> dict[str, torch.Tensor]:
+    """The processor's output on its image token and one image."""
+    from PIL import Image
+
+    return processor(text=[processor.image_token], images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+
+
+def _marked_token(out: dict[str, torch.Tensor]) -> int | None:
+    """The one token id whose tokens ``out``'s ``token_type_ids`` mark 1 (and nothing else), else None."""
+    types, ids = out["token_type_ids"], out["input_ids"]
+    marked = ids[types == 1].unique()
+    if len(marked) != 1 or not torch.equal(types.long(), (ids == marked[0]).long()):
+        return None
+    return int(marked[0])
+
+
+def image_token_types(processor) -> int | None:
+    """The image token id whose tokens the processor's ``token_type_ids`` mark 1 (Gemma-3's image soft tokens, which
+    the model lets attend to each other bidirectionally within an image); None where it returns no
+    ``token_type_ids``. For a processor ``processor_problem`` accepts."""
+    out = _probe(processor)
+    return _marked_token(out) if "token_type_ids" in out else None
+
+
 def processor_problem(processor) -> str | None:
     """Why ds_dpo cannot lay out this processor's images (None: it can): from the processor's output on one image,
     and its image processor's on images of three sizes in two samples, which must equal ``VisionInputs``' joining of
     each sample's own output."""
     from PIL import Image
 
-    image_token = getattr(processor, "image_token", None)
-    if image_token is None:
+    if getattr(processor, "image_token", None) is None:
         return f"{type(processor).__name__} names no `image_token`"
-    out = processor(text=[image_token], images=[Image.new("RGB", (32, 32))], return_tensors="pt")
-    extra = sorted(set(out) - set(_TEXT_KEYS) - set(IMAGE_KEYS))
+    out = _probe(processor)
+    extra = sorted(set(out) - set(_TEXT_KEYS) - set(IMAGE_KEYS) - {"token_type_ids"})
     if extra:
         return (
             f"{type(processor).__name__} describes images with {', '.join(extra)} besides pixel_values, which "
-            "ds_dpo's batch layouts do not carry (served: LLaVA, LLaVA-NeXT, Idefics3, SmolVLM and others whose "
-            f"processor returns only {', '.join(IMAGE_KEYS[:-1])} and {IMAGE_KEYS[-1]})"
+            "ds_dpo's batch layouts do not carry (served: LLaVA, LLaVA-NeXT, Idefics3, SmolVLM, Gemma-3 and others "
+            f"whose processor returns only {', '.join(IMAGE_KEYS)} and token_type_ids that mark image tokens)"
+        )
+    if "token_type_ids" in out and _marked_token(out) is None:
+        return (
+            f"{type(processor).__name__} returns token_type_ids that do not mark exactly its image tokens, which "
+            "ds_dpo's batch layouts do not carry (served: token_type_ids 1 on the image tokens only, as Gemma-3's)"
         )
     # sizes whose tile grids differ (LLaVA-NeXT), a sample of two images (Idefics3 pads the other sample's row)
     samples = [[(240, 240, "red")], [(240, 700, "green"), (700, 240, "blue")]]
@@ -122,10 +157,12 @@ def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
 class VisionInputs:
     """The pixel tensors of a micro-batch from its pairs' encoded images, made with the model's image processor."""
 
-    def __init__(self, image_processor):
+    def __init__(self, image_processor, image_token_types: int | None = None):
         from PIL import Image
 
         self.image_processor = image_processor
+        self.image_token_types = image_token_types
+        """The image token id the model's ``token_type_ids`` mark (``image_token_types``; Gemma-3), or None."""
         probe = self._process([Image.new("RGB", (32, 32))] * 2)["pixel_values"]
         self.per_text_row = len(probe) == 1  # Idefics3-style: one sample's two images in one [1, images, ...] row
 
@@ -142,6 +179,13 @@ class VisionInputs:
         [n, tiles, C, H, W] with ``image_sizes`` [n, 2]; Idefics3-style with ``pixel_attention_mask`` [n, H, W]."""
         out = self._process(open_images(encoded))
         return {k: v[0] for k, v in out.items()} if self.per_text_row else out
+
+    def token_types(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``token_type_ids`` of a batch's token ids as the processor makes them (1 on the image tokens), for models
+        whose image tokens attend bidirectionally within an image; empty for others."""
+        if self.image_token_types is None:
+            return {}
+        return {"token_type_ids": (input_ids == self.image_token_types).long()}
 
     def __call__(self, images: list[list[bytes]], text_rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """The pixel tensors of pairs whose images are ``images`` (one list per pair, maybe empty; ``shared``: per

@@ -21,6 +21,13 @@ of them behaves exactly like sdpa/eager (padded batches, generation) until a for
 ``Layout.model_inputs`` then passes a ``Blocks`` and, as the ``attention_mask``, a stride-0 stand-in that
 transformers hands through untouched and no kernel reads.
 
+Image tokens that attend bidirectionally (Gemma-3: the tokens its processor's ``token_type_ids`` mark, each image's
+run of soft tokens) are given as ``image`` (``image_groups``: each run of them its own group, -1 for other tokens):
+a token of an image may then also attend to the later tokens of its own image, in every mask here, exactly as the
+model's own mask does (``create_masks_for_vision_model``: full layers ``causal or same image``, sliding layers that
+and the window, so an image's later tokens are always within the window). A group holding image tokens takes its
+mask instead of sdpa's causal path.
+
 flash-attention needs no mask at all: its varlen kernel takes sequence boundaries (``cu_seqlens``), separately for
 queries and keys. A prefix-shared block becomes the query runs ``prompt + response 1``, ``response 2``, ...,
 whose keys are ``prompt + response k`` (``shared_varlen_inputs``: the prompt's keys and values are gathered once per
@@ -75,7 +82,9 @@ class Blocks:
     additive_dtype: torch.dtype | None = None
     """None: bool masks (sdpa); else additive float masks in this dtype (eager)."""
     several: frozenset[int] = frozenset()
-    """The groups that hold more than one block."""
+    """The groups that take their mask: those that hold more than one block or image tokens (``image``)."""
+    image: torch.Tensor | None = None
+    """[S] image group of each token (``image_groups``), -1 for text; None: no bidirectional image tokens."""
     _masks: dict = field(default_factory=dict, repr=False)
     _runs: list[tuple[int, list[int]] | None] | None = field(default=None, repr=False)
 
@@ -86,6 +95,7 @@ class Blocks:
         branch: torch.Tensor,
         position_ids: torch.Tensor,
         additive_dtype: torch.dtype | None = None,
+        image: torch.Tensor | None = None,
     ) -> Blocks:
         seg = segment[0]
         starts = [0] + (torch.nonzero(seg[1:] != seg[:-1]).flatten() + 1).tolist()
@@ -96,14 +106,19 @@ class Blocks:
                 several.add(len(bounds) - 1)
             else:
                 bounds.append((start, end))
-        return cls(bounds, seg, branch[0], position_ids[0], additive_dtype, frozenset(several))
+        if image is not None:  # groups with image tokens take their mask (one copy to the host for the row)
+            image = image[0]
+            before = [0, *(image >= 0).cumsum(0).tolist()]  # image tokens before each position
+            several.update(i for i, (s, e) in enumerate(bounds) if before[e] > before[s])
+            image = image if before[-1] else None
+        return cls(bounds, seg, branch[0], position_ids[0], additive_dtype, frozenset(several), image)
 
     def causal_runs(self) -> list[tuple[int, list[int]] | None]:
         """Per group of one block, ``(prompt, runs)`` token counts for the mask-free sdpa path: the block's first
         ``runs[0]`` tokens (its prompt and first response) attend causally among themselves; each further run (a
         response of a prefix-shared block) attends to the first ``prompt`` tokens and causally among itself. A block
         with one response (a packed sequence, a padded row) is one causal run. None for a group of several blocks
-        (it takes its mask)."""
+        (it takes its mask), or one that holds image tokens."""
         if self._runs is None:
             branch = self.branch.tolist()  # one copy to the host for the whole row, not one per group
             self._runs = [
@@ -125,6 +140,7 @@ class Blocks:
                 self.position_ids[None, s:e],
                 sliding_window,
                 chunk,
+                None if self.image is None else self.image[None, s:e],
             )
         return self._masks[group, sliding_window, chunk]
 
@@ -137,15 +153,20 @@ def packed_attention_mask(
     position_ids: torch.Tensor | None = None,
     sliding_window: int | None = None,
     chunk: int | None = None,
+    image: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[1, 1, S, S] mask from [1, S] ``segment``/``branch``: causal within a segment, responses blind to each other,
-    and (both need ``position_ids``) with ``sliding_window`` no key that many positions or more before the query, with
-    ``chunk`` no key outside the query's chunk (positions ``n * chunk`` to ``(n + 1) * chunk - 1``).
+    """[1, 1, S, S] mask from [1, S] ``segment``/``branch``: causal within a segment (with ``image``, [1, S]
+    ``image_groups``: or within the query's own image), responses blind to each other, and (both need
+    ``position_ids``) with ``sliding_window`` no key that many positions or more before the query, with ``chunk`` no
+    key outside the query's chunk (positions ``n * chunk`` to ``(n + 1) * chunk - 1``).
 
     Bool (True = may attend) for sdpa, else additive float in ``dtype`` (0 or the dtype's minimum)."""
     seg, kind = segment[0], branch[0]
     same = seg.unsqueeze(1) == seg.unsqueeze(0)
     causal = torch.ones(same.shape, dtype=torch.bool, device=seg.device).tril()
+    if image is not None:
+        group = image[0]
+        causal |= (group.unsqueeze(1) == group.unsqueeze(0)) & (group.unsqueeze(1) >= 0)
     allowed = same & causal & ~_across_responses(kind.unsqueeze(1), kind.unsqueeze(0))
     if sliding_window is not None:
         pos = position_ids[0]
@@ -165,15 +186,20 @@ def flex_block_mask(
     position_ids: torch.Tensor,
     sliding_window: int | None = None,
     chunk: int | None = None,
+    image: torch.Tensor | None = None,
 ) -> BlockMask:
     """``packed_attention_mask`` as FlexAttention's block mask, for ``attn_implementation: flex_attention``: kept per
     128 x 128 tile, and the tiles where nothing may attend (other sequences, another response's tokens) are skipped
     by the kernel, so attention costs about the sum over sequence blocks. transformers hands a 4D ``BlockMask``
     through to its flex kernel as it is."""
     seg, kind, pos = segment[0], branch[0], position_ids[0]
+    group = None if image is None else image[0]
 
     def mask_mod(batch, head, q, k):
-        allowed = (seg[q] == seg[k]) & (q >= k) & ~_across_responses(kind[q], kind[k])
+        causal = q >= k
+        if group is not None:
+            causal = causal | ((group[q] == group[k]) & (group[q] >= 0))
+        allowed = (seg[q] == seg[k]) & causal & ~_across_responses(kind[q], kind[k])
         if sliding_window is not None:
             allowed = allowed & (pos[q] - pos[k] < sliding_window)
         if chunk is not None:
@@ -183,6 +209,14 @@ def flex_block_mask(
     length = seg.numel()
     # compiled on GPU, where the mask is then built tile by tile; torch's plain path elsewhere
     return create_block_mask(mask_mod, 1, None, length, length, device=seg.device, _compile=seg.is_cuda)
+
+
+def image_groups(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] each run of consecutive tokens of type 1 (an image's tokens) numbered 0, 1, ... along its row, -1 for
+    the other tokens: transformers' ``get_block_sequence_ids_for_mask`` (Gemma-3)."""
+    is_image = token_type_ids == 1
+    starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+    return torch.where(is_image, starts.long().cumsum(1) - 1, -1)
 
 
 def _eager_kernel(module: torch.nn.Module):

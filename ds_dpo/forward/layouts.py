@@ -58,6 +58,10 @@ fewer when shared responses are scored once), which of them each pair compares, 
     ref_chosen_logps, ref_rejected_logps  [B] float, only when the dataset carries precomputed reference log-probs
     pixel_values (+ pixel_attention_mask or image_sizes)  a vision-language model's images in the layout's order
         (``ds_dpo.data.images``)
+    token_type_ids  like input_ids, 1 on image tokens, for models whose image tokens attend bidirectionally within
+        their image (Gemma-3): the model's own mask reads them in a padded batch; a packed or shared row keeps them
+        out of the model and puts each image's bidirectional attention into its own masks
+        (``ds_dpo.forward.attention.image_groups``)
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ from ds_dpo.forward.attention import (
     Blocks,
     attention_chunk,
     flex_block_mask,
+    image_groups,
     is_block_attention,
     packed_attention_mask,
     shared_varlen_inputs,
@@ -253,13 +258,18 @@ def _padding_free_inputs(batch: dict[str, torch.Tensor], config, dtype: torch.dt
     mask (or one per layer type): ds_dpo's blocks with a stand-in, a FlexAttention block mask, or a dense mask."""
     attn = config._attn_implementation
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], **_pixels(batch, dtype)}
+    image = image_groups(batch["token_type_ids"]) if "token_type_ids" in batch else None
     if is_varlen(attn):
+        if image is not None:
+            raise ValueError(f"{attn} cannot attend bidirectionally within images in a padding-free row")
         # a shared block holding several responses reads its prompt's keys once per response
         several = shared and bool((batch["branch"] > 1).any())
         return inputs | (shared_varlen_inputs(batch["segment"], batch["branch"]) if several else {})
     if is_block_attention(attn):  # per-block kernels: no row-wide mask exists
         additive = None if attn.endswith("sdpa") else dtype
-        inputs["ds_dpo_blocks"] = Blocks.of_row(batch["segment"], batch["branch"], batch["position_ids"], additive)
+        inputs["ds_dpo_blocks"] = Blocks.of_row(
+            batch["segment"], batch["branch"], batch["position_ids"], additive, image
+        )
         stand_in = stand_in_mask(batch["input_ids"].shape[1], batch["input_ids"].device)
         _, per_layer_type = sliding_window(config)
         inputs["attention_mask"] = (
@@ -267,10 +277,10 @@ def _padding_free_inputs(batch: dict[str, torch.Tensor], config, dtype: torch.dt
         )
         return inputs
     if attn == "flex_attention":  # a block mask: masked tiles are skipped, not computed
-        mask = functools.partial(flex_block_mask, batch["segment"], batch["branch"], batch["position_ids"])
+        mask = functools.partial(flex_block_mask, batch["segment"], batch["branch"], batch["position_ids"], image=image)
     else:
         mask = functools.partial(
-            packed_attention_mask, batch["segment"], batch["branch"], attn, dtype, batch["position_ids"]
+            packed_attention_mask, batch["segment"], batch["branch"], attn, dtype, batch["position_ids"], image=image
         )
     window, per_layer_type = sliding_window(config)
     chunk = attention_chunk(config.get_text_config())
@@ -322,7 +332,8 @@ class Layout:
     def model_inputs(self, batch: dict[str, torch.Tensor], config, dtype: torch.dtype) -> dict:
         """The keyword arguments for the forward of a model with ``config`` (its ``_attn_implementation`` picks how
         a padding-free row's blocks are kept apart)."""
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **_pixels(batch, dtype)}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **_pixels(batch, dtype)}
+        return inputs | ({"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {})
 
 
 class _Padded(Layout):
@@ -423,4 +434,5 @@ def collate_pairs(
     if vision is not None:
         image_rows, text_rows = layout.image_rows(rows)
         batch.update(vision([row["images"] for row in image_rows], text_rows))
+        batch.update(vision.token_types(batch["input_ids"]))
     return batch

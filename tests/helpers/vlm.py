@@ -29,7 +29,7 @@ TEMPLATE = (
     "{% if part['type'] == 'image' %} <image>{% elif part['type'] == 'text' %} {{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %} END_OF_TURN {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
 )
-FAMILIES = ("llava", "llava_next", "idefics3")
+FAMILIES = ("llava", "llava_next", "idefics3", "gemma3")
 
 
 def _tokenizer(special: list[str]):
@@ -108,6 +108,58 @@ def build(family: str, out: Path, seed: int = 0) -> str:
             vision_feature_select_strategy="default",
         )
         model_class = LlavaNextForConditionalGeneration
+    elif family == "gemma3":
+        from transformers import (
+            AutoTokenizer,
+            Gemma3Config,
+            Gemma3ForConditionalGeneration,
+            Gemma3Processor,
+            Gemma3TextConfig,
+            SiglipVisionConfig,
+        )
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        # the processor's image token is <start_of_image>, which it expands to "\n\n<start_of_image>", 4 soft
+        # tokens, "<end_of_image>\n\n"; its token_type_ids mark the soft tokens (bidirectional within each image)
+        names = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+        _tokenizer(list(names.values())).save_pretrained(out / "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer", extra_special_tokens=names)
+        template = TEMPLATE.replace("END_OF_TURN", "{{ eos_token }}").replace("<image>", "<start_of_image>")
+        processor = Gemma3Processor(
+            Gemma3ImageProcessorPil(size={"height": 28, "width": 28}),
+            tokenizer,
+            image_seq_length=4,
+            chat_template=template,
+        )
+        # a sliding window of 3 positions: shorter than an image's 4 soft tokens, so it cuts through images
+        text = Gemma3TextConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention"],
+            **TEXT,
+        )
+        vision = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=7,
+        )
+        config = Gemma3Config(
+            text_config=text,
+            vision_config=vision,
+            mm_tokens_per_image=4,  # 4 x 4 patches pooled to 2 x 2
+            boi_token_index=tokenizer.convert_tokens_to_ids(names["boi_token"]),
+            eoi_token_index=tokenizer.convert_tokens_to_ids(names["eoi_token"]),
+            image_token_index=tokenizer.convert_tokens_to_ids(names["image_token"]),
+        )
+        model_class = Gemma3ForConditionalGeneration
     else:
         from transformers import (
             Idefics3Config,
@@ -145,7 +197,10 @@ def build(family: str, out: Path, seed: int = 0) -> str:
         )
         model_class = Idefics3ForConditionalGeneration
     torch.manual_seed(seed)
-    model_class(config).save_pretrained(out)
+    model = model_class(config)
+    if family == "gemma3":  # its projector starts at zero: every image token would be zero, and its attention moot
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.05)
+    model.save_pretrained(out)
     processor.save_pretrained(out)
     return str(out)
 

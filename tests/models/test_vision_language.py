@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from ds_dpo.config import make_config
-from ds_dpo.data.images import VisionInputs, image_bytes, open_images, processor_problem
+from ds_dpo.data.images import VisionInputs, image_bytes, image_token_types, open_images, processor_problem
 from ds_dpo.data.pipeline import DataError, load_preference_data
 from ds_dpo.data.tokenization import load_processor
 from ds_dpo.forward.layouts import LAYOUTS, PADDED, SHARED, collate_pairs
@@ -33,6 +33,12 @@ def load_pairs(model_dir, data, cache, **values):
     cfg = make_config({"model_name_or_path": model_dir, "dataset": data, "dataset_cache_dir": str(cache), **values})
     train, _, report = load_preference_data(cfg.data, processor.tokenizer, 0, processor=processor)
     return processor, train, report
+
+
+def vision_inputs(processor):
+    """The run's ``VisionInputs`` (``token_type_ids`` too where the processor marks image tokens: Gemma-3)."""
+    assert processor_problem(processor) is None
+    return VisionInputs(processor.image_processor, image_token_types(processor))
 
 
 @pytest.fixture(scope="module", params=vlm.FAMILIES)
@@ -108,7 +114,7 @@ def test_every_layout_scores_and_trains_like_the_models_own_forward(tiny_vlm, tm
     vision tower's included) the padded full-logit path's; the vision tower sees each pair's images twice in padded
     and packed rows, once in shared ones."""
     model_dir, processor, rows = tiny_vlm
-    vision = VisionInputs(processor.image_processor)
+    vision = vision_inputs(processor)
     raw = vlm.rows(tmp_path)
     weights = torch.tensor([1.0, 2.0, 3.0, 4.0])
     expected_grad = None
@@ -148,7 +154,7 @@ def test_pairs_of_one_prompt_and_its_images_share_one_pass_of_them(tiny_vlm):
     second pass of its image; the same prompt ids with another image (of the same size) are another block. Log-probs
     equal the padded batch's (each pair in full)."""
     model_dir, processor, rows = tiny_vlm
-    vision = VisionInputs(processor.image_processor)
+    vision = vision_inputs(processor)
     third = {
         **rows[0],
         "index": 4,
@@ -179,6 +185,43 @@ def test_pairs_of_one_prompt_and_its_images_share_one_pass_of_them(tiny_vlm):
         torch.testing.assert_close(getattr(shared, side), getattr(padded, side), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+def test_gemma3_image_attention_in_the_dense_and_flex_masks(tmp_path, monkeypatch):
+    """Gemma-3 loaded so that packed and shared rows take ds_dpo's other masks: the dense row-wide masks (plain sdpa:
+    one per layer type), the block attention's additive per-group masks (eager) and FlexAttention block masks
+    (forward only, uncompiled: torch has no FlexAttention backward on CPU), each image's tokens attending to each other
+    within the sliding window: log-probs equal the padded batch's (the model's own mask from ``token_type_ids``)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from transformers import masking_utils
+    from transformers.integrations import flex_attention as hf_flex
+
+    monkeypatch.setattr(
+        hf_flex,
+        "compile_friendly_flex_attention",
+        lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs),
+    )
+    monkeypatch.setattr(
+        masking_utils, "create_block_mask", lambda *args, _compile=False, **kwargs: create_block_mask(*args, **kwargs)
+    )
+    model_dir = vlm.build("gemma3", tmp_path / "model")
+    data = write_rows(tmp_path / "pairs.jsonl", vlm.rows(tmp_path / "images"))
+    processor, train, _ = load_pairs(model_dir, data, tmp_path / "cache")
+    rows, vision = [train[i] for i in range(len(train))], vision_inputs(processor)
+
+    def scores(attn, layout):
+        model = install_token_scoring(AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation=attn))
+        with torch.no_grad():
+            batch = collate_pairs(rows, [1.0] * 4, processor.tokenizer.pad_token_id, layout, vision)
+            out = concatenated_forward(model.eval(), batch, Scoring(layout, 4))
+        return torch.cat([out.chosen, out.rejected])
+
+    expected = scores("sdpa", PADDED)
+    blocks = attention_setting(AutoConfig.from_pretrained(model_dir), "ds_dpo_blocks_eager")
+    for attn in ("sdpa", blocks, "flex_attention"):
+        for layout in (LAYOUTS["packed"], SHARED):
+            torch.testing.assert_close(scores(attn, layout), expected, rtol=1e-5, atol=1e-5, msg=f"{attn} {layout}")
+
+
 def test_freezing_the_vision_tower_freezes_exactly_it(tiny_vlm):
     model = load_model(tiny_vlm[0], SHARED)
     vision = {
@@ -192,11 +235,12 @@ def test_freezing_the_vision_tower_freezes_exactly_it(tiny_vlm):
     assert all(p.requires_grad == (id(p) not in vision) for p in model.parameters())
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "gemma3"])
 def test_the_first_step_log_probs_equal_trl(family, tmp_path):
     """TRL 1.16's DPOTrainer (processor as processing_class, conversational rows with one image each, its vision
-    collator) on the tiny LLaVA and LLaVA-NeXT (images of 5 and 3 tiles in one batch): the per-sequence policy
-    log-probs of its first step equal ds_dpo's prefix-shared batch of the same rows (token ids identical), to 1e-6."""
+    collator) on the tiny LLaVA, LLaVA-NeXT (images of 5 and 3 tiles in one batch) and Gemma-3 (TRL passes its
+    token_type_ids, so the model attends bidirectionally within each image): the per-sequence policy log-probs of its
+    first step equal ds_dpo's prefix-shared batch of the same rows (token ids identical), to 1e-6."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -239,6 +283,8 @@ def test_the_first_step_log_probs_equal_trl(family, tmp_path):
         processing_class=processor,
     ).train()
     inputs = captured["inputs"]
+    # Gemma-3: TRL 1.16 hands the processor's token_type_ids to the model (the model's own bidirectional image mask)
+    assert ("token_type_ids" in inputs) == (family == "gemma3")
     trl_logps = (captured["logps"] * inputs["completion_mask"][:, 1:]).sum(1)
     # TRL shuffles: find each of its sequences among ours by its token ids
     ours = {}
@@ -257,7 +303,7 @@ def test_the_first_step_log_probs_equal_trl(family, tmp_path):
         [1.0] * 4,
         processor.tokenizer.pad_token_id,
         SHARED,
-        VisionInputs(processor.image_processor),
+        vision_inputs(processor),
     )
     with torch.no_grad():
         out = concatenated_forward(model, batch, Scoring(SHARED, 1024))
@@ -265,22 +311,36 @@ def test_the_first_step_log_probs_equal_trl(family, tmp_path):
 
 
 def test_processors_that_describe_images_otherwise_are_refused(tmp_path, monkeypatch):
-    """Gemma-3's processor (its token_type_ids mark image tokens for bidirectional attention) is refused by the key
-    ds_dpo does not carry; LLaVA-NeXT's is served (as every family's is at the start of the recipe tests), but not
-    with an image processor that pads tiles in front (the model reads each image's first tiles): its batches differ
-    from ds_dpo's joined pairs."""
+    """Gemma-3's processor is served: its token_type_ids mark exactly its image soft tokens (``image_token_types``);
+    token_type_ids that mark anything else (PaliGemma's prefix and suffix types) and keys ds_dpo does not carry
+    (LLaVA-OneVision's batch_num_images) are refused. LLaVA-NeXT's is served (as every family's is at the start of the
+    recipe tests), but not with an image processor that pads tiles in front (the model reads each image's first
+    tiles): its batches differ from ds_dpo's joined pairs."""
     import numpy as np
-    from transformers import AutoProcessor, AutoTokenizer, Gemma3Processor
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    from transformers import AutoProcessor
 
-    names = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
-    vlm._tokenizer(list(names.values())).save_pretrained(tmp_path / "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer", extra_special_tokens=names)
-    gemma = Gemma3Processor(Gemma3ImageProcessorPil(size={"height": 28, "width": 28}), tokenizer, image_seq_length=4)
-    assert processor_problem(gemma) == (
-        "Gemma3Processor describes images with token_type_ids besides pixel_values, which ds_dpo's batch layouts do "
-        "not carry (served: LLaVA, LLaVA-NeXT, Idefics3, SmolVLM and others whose processor returns only "
-        "pixel_values, pixel_attention_mask and image_sizes)"
+    gemma = AutoProcessor.from_pretrained(vlm.build("gemma3", tmp_path / "gemma3"))
+    assert processor_problem(gemma) is None
+    assert image_token_types(gemma) == gemma.tokenizer.convert_tokens_to_ids("<image_soft_token>")
+
+    class Changed:  # the processor, its output changed
+        def __init__(self, change):
+            self.change = change
+
+        def __getattr__(self, name):
+            return getattr(gemma, name)
+
+        def __call__(self, *args, **kwargs):
+            return self.change(gemma(*args, **kwargs))
+
+    prefix_types = Changed(lambda out: {**out, "token_type_ids": torch.ones_like(out["input_ids"])})
+    assert processor_problem(prefix_types).startswith(
+        "Changed returns token_type_ids that do not mark exactly its image tokens"
+    )
+    more = Changed(lambda out: {**out, "batch_num_images": torch.tensor([1])})
+    assert processor_problem(more).startswith(
+        "Changed describes images with batch_num_images besides pixel_values, which ds_dpo's batch layouts do not "
+        "carry (served: LLaVA, LLaVA-NeXT, Idefics3, SmolVLM, Gemma-3"
     )
     processor = AutoProcessor.from_pretrained(vlm.build("llava_next", tmp_path / "model"))
     assert processor_problem(processor) is None

@@ -103,7 +103,7 @@ def test_vision_language_models_train_and_export(family, options, single_rank, t
     processor) loads with plain transformers and scores like the engine."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ds_dpo.data.images import VisionInputs
+    from ds_dpo.data.images import VisionInputs, image_token_types
     from helpers import vlm
 
     model_dir = vlm.build(family, tmp_path / "model")
@@ -120,7 +120,7 @@ def test_vision_language_models_train_and_export(family, options, single_rank, t
         [1.0] * 4,
         processor.tokenizer.pad_token_id,
         PADDED,
-        VisionInputs(processor.image_processor),
+        VisionInputs(processor.image_processor, image_token_types(processor)),
     )
     with torch.no_grad():
         plain = concatenated_forward(exported, batch, Scoring(PADDED, 0))
@@ -134,12 +134,19 @@ def test_vision_language_models_train_and_export(family, options, single_rank, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "kind, family", [("encoder-decoder", "t5"), ("vision-language", "llava"), ("vision-language", "llava_next")]
+    "kind, family",
+    [
+        ("encoder-decoder", "t5"),
+        ("vision-language", "llava"),
+        ("vision-language", "llava_next"),
+        ("vision-language", "gemma3"),
+    ],
 )
 def test_two_zero3_ranks_reproduce_one_rank_for(kind, family, single_rank, builtin_files, tmp_path):
     """Under ZeRO-3, 2 launched ranks x half the pairs give the loss curve of 1 rank (in-process) x all of them
-    (1e-6): T5 (chunked log-probs on one, full logits on the other), LLaVA and LLaVA-NeXT (the vision tower sharded
-    too; one rank's micro-batch may hold no image while the other's does, or images of other tile counts)."""
+    (1e-6): T5 (chunked log-probs on one, full logits on the other), LLaVA, LLaVA-NeXT and Gemma-3 (the vision tower
+    sharded too; one rank's micro-batch may hold no image while the other's does, or images of other tile counts;
+    Gemma-3's image tokens attending bidirectionally within each image, its sliding window cutting through them)."""
     from helpers import vlm
 
     if kind == "encoder-decoder":
@@ -163,6 +170,8 @@ def test_two_zero3_ranks_reproduce_one_rank_for(kind, family, single_rank, built
         "3e-3",
     ]
     recipe = set_up(*common, *one, per_device_train_batch_size=str(pairs), output_dir=str(tmp_path / "one"))
+    if family == "gemma3":  # its batches carry the token_type_ids of its image tokens (bidirectional attention)
+        assert recipe.vision.image_token_types == recipe.tokenizer.convert_tokens_to_ids("<image_soft_token>")
     assert recipe.train().status == "finished"
     recipe.cleanup()
     launch(*common, *two, per_device_train_batch_size=str(pairs // 2), output_dir=str(tmp_path / "two"), nprocs=2)
