@@ -66,6 +66,17 @@ CONFIGS = {
     "ds_dpo packed, precomputed reference": ("ds_dpo", {"prefix_sharing": False, "reference": "precomputed"}),
     "ds_dpo packed + prefix sharing": ("ds_dpo", {}),
     "ds_dpo packed + prefix sharing, precomputed reference": ("ds_dpo", {"reference": "precomputed"}),
+    # TRL 1.16 checkpoints by default, ds_dpo does not: these match it
+    "ds_dpo packed + prefix sharing, gradient checkpointing": ("ds_dpo", {"gradient_checkpointing": True}),
+    "ds_dpo packed + prefix sharing, gradient checkpointing, ZeRO off": (
+        "ds_dpo",
+        {"gradient_checkpointing": True, "deepspeed": "ds_configs/ddp.json"},
+    ),
+    # a large vocabulary (Gemma 3: 262k) makes each chunk of full-vocabulary logits large: a smaller chunk
+    "ds_dpo packed + prefix sharing, gradient checkpointing, logps_chunk_size 256": (
+        "ds_dpo",
+        {"gradient_checkpointing": True, "logps_chunk_size": 256},
+    ),
 }
 
 
@@ -77,9 +88,17 @@ def model_dirs(work: Path, model: Path | None) -> tuple[Path, Path]:
     return (model, model) if model else (work / "policy", work / "reference")
 
 
-def prepare(data: Path, work: Path, num_pairs: int, vocab_size: int, seed: int, model: Path | None) -> list[dict]:
-    """Tokenizer, policy and reference directories (unless ``model``) and ``pairs.jsonl`` under ``work``; returns
-    the pairs."""
+def prepare(
+    data: Path,
+    work: Path,
+    num_pairs: int,
+    vocab_size: int,
+    seed: int,
+    model: Path | None,
+    max_length: int = MAX_LENGTH,
+) -> list[dict]:
+    """Tokenizer, policy and reference directories (unless ``model``) and ``pairs.jsonl`` under ``work`` (pairs cut
+    to ``max_length``, prompts to at most half of it); returns the pairs."""
     import gzip
 
     import torch
@@ -111,8 +130,8 @@ def prepare(data: Path, work: Path, num_pairs: int, vocab_size: int, seed: int, 
             "model_name_or_path": str(model_dirs(work, model)[0]),
             "dataset": str(data),
             "on_bad_rows": "skip",
-            "max_length": MAX_LENGTH,
-            "max_prompt_length": MAX_PROMPT_LENGTH,
+            "max_length": max_length,
+            "max_prompt_length": min(MAX_PROMPT_LENGTH, max_length // 2),
             "dataset_cache_dir": str(work / "cache"),
         }
     )
@@ -550,13 +569,14 @@ def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line
             f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
             "",
             f"- Machine: {machine_line}.",
-            f"- Data: {data}, tokenized and truncated by ds_dpo (`max_length` {MAX_LENGTH}, `max_prompt_length` "
-            f"{MAX_PROMPT_LENGTH}); {len(pairs)} pairs in one seeded order (median prompt {median[0]:.0f}, chosen "
+            f"- Data: {data}, tokenized and truncated by ds_dpo (`max_length` {args.max_length}, `max_prompt_length` "
+            f"{min(MAX_PROMPT_LENGTH, args.max_length // 2)}); {len(pairs)} pairs in one seeded order (median prompt {median[0]:.0f}, chosen "
             f"{median[1]:.0f}, rejected {median[2]:.0f} tokens).",
             f"- Model: {model}; fp32; AdamW; {processes}.",
             f"- Step: {PAIRS_PER_STEP} pairs; {args.warmup} warm-up steps, then {args.steps} timed steps per run; "
             f"{args.repeats} rounds, all configurations interleaved; each run in fresh processes. ds_dpo: "
-            "DeepSpeed ZeRO-3 engine (the default preset) around policy and reference.",
+            "DeepSpeed ZeRO-3 engines (the default preset) around policy and reference, except where a row says "
+            "ZeRO off (`ds_configs/ddp.json`: the policy whole, the reference still a ZeRO-3 inference engine).",
             "- pairs/s: median over rounds. Peak MiB: the process's peak resident set size over its whole life (imports, "
             "model setup, reference precomputation, steps), the largest over the processes. Step MiB: how far the "
             "resident set size rose during the steps above what it was before the first one (activations, logits, "
@@ -662,6 +682,9 @@ def main() -> None:
     )
     parser.add_argument("--nproc", type=int, default=1, choices=(1, 2, 4, 8), help="processes (ranks) per run")
     parser.add_argument("--only", nargs="*", help="run only these configurations (names as in the table)")
+    parser.add_argument(
+        "--max_length", type=int, default=MAX_LENGTH, help="pairs cut to this many tokens (prompts to half of it)"
+    )
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.work, args.model, args.total_steps)
@@ -670,7 +693,9 @@ def main() -> None:
 
     total = args.warmup + args.steps
     args.work.mkdir(parents=True, exist_ok=True)
-    pairs = prepare(args.data, args.work, total * PAIRS_PER_STEP, args.vocab_size, args.seed, args.model)
+    pairs = prepare(
+        args.data, args.work, total * PAIRS_PER_STEP, args.vocab_size, args.seed, args.model, args.max_length
+    )
     results = round_robin(
         args.only or list(CONFIGS),
         lambda name: run_config(name, args.work, args.model, total, args.nproc),

