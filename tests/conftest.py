@@ -59,3 +59,22 @@ def attention_kernels():
     hooks.install()
     yield
     hooks.uninstall()
+
+
+@pytest.fixture
+def uncompiled_flex(monkeypatch):
+    """transformers compiles FlexAttention, which inductor cannot do on this CPU (torch 2.13: a C++ compile error);
+    torch's plain kernel computes the same attention from the same block mask. The padded path's block masks are
+    built uncompiled too (the same mask; compiling it costs ~20 s here)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from transformers import masking_utils
+    from transformers.integrations import flex_attention as hf_flex
+
+    monkeypatch.setattr(
+        hf_flex,
+        "compile_friendly_flex_attention",
+        lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs),
+    )
+    monkeypatch.setattr(
+        masking_utils, "create_block_mask", lambda *args, _compile=False, **kwargs: create_block_mask(*args, **kwargs)
+    )

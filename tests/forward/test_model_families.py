@@ -4,7 +4,7 @@ the model's own forward; and the startup self-check that catches a fast path tha
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 from ds_dpo.forward import attention as ds_dpo_attention
@@ -86,24 +86,6 @@ def test_every_layout_trains_like_the_plain_padded_path(family):
         torch.testing.assert_close(
             grad, expected, rtol=0, atol=1e-5 * expected.abs().max().item(), msg=lambda m: f"{family} {used}: {m}"
         )
-
-
-@pytest.fixture
-def uncompiled_flex(monkeypatch):
-    """transformers compiles FlexAttention, which inductor cannot do on this CPU (torch 2.13: a C++ compile error);
-    torch's plain kernel computes the same attention from the same block mask. The padded path's block masks are
-    built uncompiled too (the same mask; compiling it costs ~20 s here)."""
-    from transformers import masking_utils
-    from transformers.integrations import flex_attention as hf_flex
-
-    monkeypatch.setattr(
-        hf_flex,
-        "compile_friendly_flex_attention",
-        lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs),
-    )
-    monkeypatch.setattr(
-        masking_utils, "create_block_mask", lambda *args, _compile=False, **kwargs: create_block_mask(*args, **kwargs)
-    )
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*")

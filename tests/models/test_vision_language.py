@@ -186,23 +186,11 @@ def test_pairs_of_one_prompt_and_its_images_share_one_pass_of_them(tiny_vlm):
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*")
-def test_gemma3_image_attention_in_the_dense_and_flex_masks(tmp_path, monkeypatch):
+def test_gemma3_image_attention_in_the_dense_and_flex_masks(tmp_path, uncompiled_flex):
     """Gemma-3 loaded so that packed and shared rows take ds_dpo's other masks: the dense row-wide masks (plain sdpa:
     one per layer type), the block attention's additive per-group masks (eager) and FlexAttention block masks
     (forward only, uncompiled: torch has no FlexAttention backward on CPU), each image's tokens attending to each other
     within the sliding window: log-probs equal the padded batch's (the model's own mask from ``token_type_ids``)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    from transformers import masking_utils
-    from transformers.integrations import flex_attention as hf_flex
-
-    monkeypatch.setattr(
-        hf_flex,
-        "compile_friendly_flex_attention",
-        lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value, **kwargs),
-    )
-    monkeypatch.setattr(
-        masking_utils, "create_block_mask", lambda *args, _compile=False, **kwargs: create_block_mask(*args, **kwargs)
-    )
     model_dir = vlm.build("gemma3", tmp_path / "model")
     data = write_rows(tmp_path / "pairs.jsonl", vlm.rows(tmp_path / "images"))
     processor, train, _ = load_pairs(model_dir, data, tmp_path / "cache")
