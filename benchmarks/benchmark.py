@@ -59,6 +59,7 @@ MODEL = dict(
 CONFIGS = {
     "TRL DPOTrainer (default)": ("trl", {}),
     "TRL DPOTrainer, precompute_ref_log_probs": ("trl", {"precompute_ref_log_probs": True}),
+    "TRL DPOTrainer, gradient checkpointing off": ("trl", {"gradient_checkpointing": False}),
     "ds_dpo padded, full logits": ("ds_dpo", {"padding_free": False, "logps_chunk_size": 0}),
     "ds_dpo padded": ("ds_dpo", {"padding_free": False}),
     "ds_dpo padded, precomputed reference": ("ds_dpo", {"padding_free": False, "reference": "precomputed"}),
@@ -71,6 +72,11 @@ CONFIGS = {
     "ds_dpo packed + prefix sharing, gradient checkpointing, ZeRO off": (
         "ds_dpo",
         {"gradient_checkpointing": True, "deepspeed": "ds_configs/ddp.json"},
+    ),
+    "ds_dpo packed + prefix sharing, deepspeed auto": ("ds_dpo", {"deepspeed": "auto"}),
+    "ds_dpo packed + prefix sharing, gradient checkpointing, deepspeed auto": (
+        "ds_dpo",
+        {"gradient_checkpointing": True, "deepspeed": "auto"},
     ),
     # a large vocabulary (Gemma 3: 262k) makes each chunk of full-vocabulary logits large: a smaller chunk
     "ds_dpo packed + prefix sharing, gradient checkpointing, logps_chunk_size 256": (
@@ -505,6 +511,27 @@ def machine() -> str:
     )
 
 
+def checkpointing(name: str) -> bool:
+    """Whether a configuration recomputes activations: TRL 1.16's default is on, ds_dpo's off."""
+    trainer, options = CONFIGS[name]
+    return options.get("gradient_checkpointing", trainer == "trl")
+
+
+def matched_trl(name: str, ran: dict) -> str | None:
+    """The TRL row of this run that ``name`` is compared with: TRL at the same gradient checkpointing, nothing else
+    changed (None: not in this run)."""
+    return next(
+        (
+            n
+            for n in ran
+            if CONFIGS[n][0] == "trl"
+            and set(CONFIGS[n][1]) <= {"gradient_checkpointing"}
+            and checkpointing(n) == checkpointing(name)
+        ),
+        None,
+    )
+
+
 def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line: str) -> str:
     base = "TRL DPOTrainer (default)"
     rows, summary = [], {}
@@ -518,12 +545,28 @@ def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line
             "eff": efficiency(pairs, *CONFIGS[name]),
         }
     trl = summary[base]
-    for name, s in summary.items():
+    # matched rows first: each against TRL at the same gradient checkpointing, the others against TRL's default
+    ordered = sorted(summary, key=lambda n: (matched_trl(n, summary) is None, CONFIGS[n][0] == "ds_dpo"))
+    for name in ordered:
+        s, against = summary[name], matched_trl(name, summary) or base
+        t = summary[against]
         rows.append(
-            f"| {name} | {s['pairs_s']:.2f} | {s['pairs_s'] / trl['pairs_s']:.2f}x | {s['peak']:.0f} | "
-            f"{s['peak'] / trl['peak']:.2f}x | {s['step']:.0f} | {s['step'] / trl['step']:.2f}x | "
-            f"{s['eff']:.1%} | {s['loss']:.7f} | {s['loss'] - trl['loss']:+.1e} |"
+            f"| {name} | {'on' if checkpointing(name) else 'off'} | {against} | {s['pairs_s']:.2f} | "
+            f"{s['pairs_s'] / t['pairs_s']:.2f}x | {s['peak']:.0f} | {s['peak'] / t['peak']:.2f}x | {s['step']:.0f} | "
+            f"{s['step'] / t['step']:.2f}x | {s['eff']:.1%} | {s['loss']:.7f} | {s['loss'] - t['loss']:+.1e} |"
         )
+    matched = []
+    for on in (True, False):
+        group = [n for n in summary if CONFIGS[n][0] == "ds_dpo" and checkpointing(n) == on]
+        against = matched_trl(group[0], summary) if group else None
+        if against:
+            fast = max(group, key=lambda n: summary[n]["pairs_s"])
+            lean = min(group, key=lambda n: summary[n]["peak"])
+            matched.append(
+                f"- gradient checkpointing {'on' if on else 'off'} in both: ds_dpo's fastest row ({fast}) "
+                f"{summary[fast]['pairs_s'] / summary[against]['pairs_s']:.1f}x TRL's pairs/s; its leanest ({lean}) "
+                f"{summary[lean]['peak'] / summary[against]['peak']:.2f}x TRL's peak memory"
+            )
     best = max((n for n in summary if CONFIGS[n][0] == "ds_dpo"), key=lambda n: summary[n]["pairs_s"])
     b, trl_pre = summary[best], summary.get("TRL DPOTrainer, precompute_ref_log_probs")
     headline = (
@@ -576,7 +619,8 @@ def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line
             f"- Step: {PAIRS_PER_STEP} pairs; {args.warmup} warm-up steps, then {args.steps} timed steps per run; "
             f"{args.repeats} rounds, all configurations interleaved; each run in fresh processes. ds_dpo: "
             "DeepSpeed ZeRO-3 engines (the default preset) around policy and reference, except where a row says "
-            "ZeRO off (`ds_configs/ddp.json`: the policy whole, the reference still a ZeRO-3 inference engine).",
+            "ZeRO off (`ds_configs/ddp.json`: the policy whole, the reference still a ZeRO-3 inference engine) or "
+            "deepspeed auto (the estimator's pick, printed at startup: ZeRO-0 on one process, ZeRO-2 on several).",
             "- pairs/s: median over rounds. Peak MiB: the process's peak resident set size over its whole life (imports, "
             "model setup, reference precomputation, steps), the largest over the processes. Step MiB: how far the "
             "resident set size rose during the steps above what it was before the first one (activations, logits, "
@@ -585,9 +629,13 @@ def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line
             "reference forward unless precomputed).",
             f"- Step-1 loss: sigmoid DPO, beta 0.1, the first step's pairs; {loss_note}.",
             "",
-            "| configuration | pairs/s | vs TRL | peak MiB | vs TRL | step MiB | vs TRL | efficiency | step-1 loss "
-            "| vs TRL |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "Matched settings (each ds_dpo row against the TRL row with the same gradient checkpointing):",
+            "",
+            *matched,
+            "",
+            "| configuration | checkpointing | compared with | pairs/s | vs TRL | peak MiB | vs TRL | step MiB | vs TRL "
+            "| efficiency | step-1 loss | vs TRL |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
             headline,

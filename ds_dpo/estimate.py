@@ -25,7 +25,7 @@ routing imbalance (experts are counted as dense weights; their activations as ``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -183,7 +183,7 @@ def own_model_states(shape: ModelShape, setup: Setup, work: Workload) -> tuple[f
     """DeepSpeed's accounting, for any precision and trainable share. Per trainable parameter, besides its weight:
     bf16 keeps fp32 master weights, fp32 gradients and Adam's two moments (16 bytes; ZeRO-1/2 also a 16-bit gradient
     in the partition: 18); fp32 keeps gradients and the moments (12), and under ZeRO-1/2 a master copy of its
-    partition as well (16: stage 1/2 clone the weights where ZeRO-3 reuses fp32 ones). Frozen parameters (a LoRA
+    partition as well (16: stage 1/2 clone the weights where ZeRO-3 reuses fp32 ones; stage 0 keeps none: 12). Frozen parameters (a LoRA
     base) hold their weight only. ZeRO-3 gathers the largest layer's weights and gradients whole."""
     weight = 2 if work.bf16 else 4
     trainable = shape.params if work.trainable_params is None else work.trainable_params
@@ -196,7 +196,7 @@ def own_model_states(shape: ModelShape, setup: Setup, work: Workload) -> tuple[f
             + (0 if setup.offload_optimizer else states / world)
         )
     else:
-        states = (18 if work.bf16 else 16) * trainable
+        states = (18 if work.bf16 else 16 if setup.zero_stage else 12) * trainable
         device = weight * shape.params + (0 if setup.offload_optimizer else states / (world if setup.zero_stage else 1))
     cpu = states + (weight * shape.params if setup.offload_params else 0)
     return device, cpu / nodes if setup.offload_optimizer else 0.0
@@ -241,6 +241,37 @@ def estimate(shape: ModelShape, setup: Setup, work: Workload) -> Estimate:
     chunk = min(work.logps_chunk_size, scored) if work.logps_chunk_size else scored
     parts["logits"] = 3 * 4 * chunk * shape.vocab
     return Estimate(setup, parts, cpu)
+
+
+# ``deepspeed: auto``'s candidates and their presets.
+AUTO_PRESETS = {
+    Setup(0): "ds_configs/ddp.json",
+    Setup(2): "ds_configs/zero2.json",
+    Setup(3): "ds_configs/zero3.json",
+    Setup(3, offload_optimizer=True, offload_params=True): "ds_configs/zero3_offload.json",
+}
+
+
+def auto_setup(shape: ModelShape, work: Workload, checkpointing: bool, budget: float) -> tuple[Setup, Estimate, bool]:
+    """``deepspeed: auto``'s pick for ``budget`` bytes per device: the setup, its estimate, and whether it fits (the
+    last candidate, offloading everything, when nothing does)."""
+    # With the run's own gradient checkpointing. On one rank ZeRO partitions nothing and its stages only add copies
+    # (flat fp32 partitions beside the weights): plain DeepSpeed (stage 0) is the leanest and fastest, and offload
+    # the way out. On several, ZeRO-2 moves as many bytes as plain data parallelism (reduce-scatter + all-gather =
+    # all-reduce) and keeps 1/world of the optimizer states, so it goes first; ZeRO-3, then offload, when the model
+    # states do not fit.
+    stages = [0, "offload"] if work.world == 1 else [2, 3, "offload"]
+    candidates = [s for s in AUTO_PRESETS if (s.zero_stage if not s.offload_params else "offload") in stages]
+    for setup in candidates:
+        setup = replace(setup, gradient_checkpointing=checkpointing)
+        found = estimate(shape, setup, work)
+        if found.total <= budget:
+            return setup, found, True
+    return setup, found, False
+
+
+def auto_preset(setup: Setup) -> str:
+    return AUTO_PRESETS[replace(setup, gradient_checkpointing=False)]
 
 
 def table(estimates: list[Estimate], budget_gb: float) -> str:

@@ -12,6 +12,9 @@ import os
 import time
 from dataclasses import dataclass
 
+import torch
+
+from ds_dpo import estimate
 from ds_dpo.config import ConfigError, DPOConfig
 from ds_dpo.forward import sequence_parallel
 from ds_dpo.forward.attention import is_block_attention
@@ -19,6 +22,10 @@ from ds_dpo.forward.layouts import SEQ2SEQ, SHARED, Layout, is_varlen
 from ds_dpo.forward.logprobs import Scoring
 from ds_dpo.forward.sequence_parallel import SequenceParallel
 from ds_dpo.models.support import ModelSupport, inspect_model
+
+AUTO_RESERVE = 4 * estimate.GiB
+"""Kept free by ``deepspeed: auto`` (as ``launch/estimate.py``'s default): the CUDA context, allocator fragmentation,
+what the estimate does not model."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,8 @@ class RunPlan:
     """How every forward scores a micro-batch (layout, chunked log-probs, LD-DPO, the sequence-parallel group)."""
     data_parallel: tuple[int, int]
     """(size, rank) of the data-parallel dimension: sequence-parallel groups count as one rank."""
+    deepspeed: str | dict
+    """The policy's DeepSpeed config (file or mapping): the configured one, or ``deepspeed: auto``'s pick."""
     notices: tuple[str, ...] = ()
     """Where the run differs from what was configured, and why (printed once at startup)."""
     deadline: float | None = None
@@ -117,15 +126,44 @@ def make_plan(cfg: DPOConfig, world_size: int, device_type: str) -> RunPlan:
         raise ConfigError("; ".join(problems))
     sp = sequence_parallel.initialize(sp_size)
     scoring = Scoring(layout, cfg.batch.logps_chunk_size, cfg.loss.ld_alpha, sp)
-    notices = tuple(n for n in (*support.notices, layout_notice, attention_notice) if n)
+    deepspeed, deepspeed_notice = cfg.parallel.deepspeed, None
+    if deepspeed == "auto":
+        deepspeed, deepspeed_notice = _auto_deepspeed(cfg, support, world_size, device_type)
+    notices = tuple(n for n in (*support.notices, layout_notice, attention_notice, deepspeed_notice) if n)
     return RunPlan(
         support,
         layout,
         attn_implementation,
         scoring,
         sequence_parallel.data_parallel(sp),
+        deepspeed,
         notices,
         _deadline(cfg.checkpoint.max_time_s),
+    )
+
+
+def _auto_deepspeed(cfg: DPOConfig, support: ModelSupport, world_size: int, device_type: str) -> tuple[str, str]:
+    """``deepspeed: auto``: the preset the estimator picks for this device's memory (``estimate.auto_setup``), and the
+    startup line that says which and why."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if device_type == "cuda":
+        budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory - AUTO_RESERVE
+        where = "GPU"
+    else:  # CPU processes of a node share its memory
+        budget = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / local - AUTO_RESERVE
+        where = f"CPU process ({local} per node)"
+    try:
+        work = estimate.workload(cfg, support.config, world_size, local, device=device_type)
+        shape = estimate.ModelShape.of(support.config)
+    except (ConfigError, ValueError) as e:  # encoder-decoders; configs AutoModelForCausalLM does not build
+        preset = estimate.auto_preset(estimate.Setup(0 if world_size == 1 else 2))
+        return preset, f"deepspeed auto: {preset} (not estimated: {e})"
+    setup, found, fits = estimate.auto_setup(shape, work, cfg.model.gradient_checkpointing, budget)
+    preset = estimate.auto_preset(setup)
+    verdict = "fits" if fits else "nothing fits, the most offloaded setup"
+    return preset, (
+        f"deepspeed auto: {preset} ({setup.describe()}; ~{found.total / estimate.GiB:.1f} GiB per {where} estimated "
+        f"for the longest rows, {budget / estimate.GiB:.1f} GiB available: {verdict})"
     )
 
 

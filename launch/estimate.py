@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     from transformers import AutoConfig
 
     from ds_dpo.data import builtin
-    from ds_dpo.estimate import CANDIDATES, ModelShape, estimate, setup_of, table, workload
+    from ds_dpo.estimate import CANDIDATES, ModelShape, auto_setup, estimate, setup_of, table, workload
 
     if cfg.builtin:
         cfg = cfg.replace(**builtin.materialize(Path(cfg.output_dir) / "builtin", cfg.seed))
@@ -63,7 +63,10 @@ def main(argv: list[str]) -> int:
         return 2
     shape = ModelShape.of(config)
     budget = args.gpu_memory_gb - args.reserve_gb
-    own = setup_of(cfg, cfg.parallel.deepspeed_json())
+    if cfg.parallel.deepspeed == "auto":  # what the run would pick on these GPUs
+        own = auto_setup(shape, work, cfg.model.gradient_checkpointing, budget * 2**30)[0]
+    else:
+        own = setup_of(cfg, cfg.parallel.deepspeed_json())
     by_setup = {s: estimate(shape, s, work) for s in dict.fromkeys([own, *CANDIDATES])}  # the configured one first
     estimates = list(by_setup.values())
     print(

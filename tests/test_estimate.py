@@ -14,6 +14,8 @@ from ds_dpo.estimate import (
     ModelShape,
     Setup,
     Workload,
+    auto_preset,
+    auto_setup,
     estimate,
     lora_params,
     model_states,
@@ -84,6 +86,26 @@ def test_fp32_and_lora_states_by_hand():
     )
     # ZeRO-2 in bf16 keeps every 16-bit weight and 18 bytes of states per parameter, partitioned
     assert model_states(shape, Setup(2), work(world=4, trainable_params=10))[0] == 2 * 1000 + 18 * 10 / 4
+
+
+def test_auto_picks_the_first_setup_that_fits_plain_deepspeed_on_one_rank():
+    """``deepspeed: auto``: on one rank plain DeepSpeed (ZeRO-0; in fp32 12 bytes of states per parameter, no
+    partition copy) and, when it does not fit, everything offloaded; on several ranks ZeRO-2, ZeRO-3, offload."""
+    shape = ModelShape.of(LlamaConfig(**LLAMA_8B))
+    assert own_model_states(shape, Setup(0), work(world=1, bf16=False))[0] == (4 + 12) * shape.params
+    picks = {}
+    for world, budget_gb in [(1, 200), (1, 40), (8, 80), (8, 30), (8, 10), (8, 4)]:
+        setup, found, fits = auto_setup(shape, work(world=world, pairs=1), True, budget_gb * 2**30)
+        assert setup.gradient_checkpointing and fits == (found.total <= budget_gb * 2**30)
+        picks[world, budget_gb] = (auto_preset(setup), fits)
+    assert picks == {
+        (1, 200): ("ds_configs/ddp.json", True),
+        (1, 40): ("ds_configs/zero3_offload.json", True),
+        (8, 80): ("ds_configs/zero2.json", True),
+        (8, 30): ("ds_configs/zero3.json", True),
+        (8, 10): ("ds_configs/zero3_offload.json", True),
+        (8, 4): ("ds_configs/zero3_offload.json", False),
+    }
 
 
 def test_rows_by_layout_and_sequence_parallel():

@@ -7,7 +7,8 @@ imports one that imports it back (function-level imports included, so that neith
     data                       reading, normalising, tokenizing pairs; the sampler
     forward                    batch layouts, attention, sequence parallelism, scoring and log-probs
     models                     what a model family supports; DeepSpeed configs and engines
-    plan, estimate             the run plan decided once at setup; the memory estimator
+    estimate                   the memory estimator
+    plan                       the run plan decided once at setup (``deepspeed: auto`` asks the estimator)
     training                   the recipe's loop and what it owns: state, reference, metrics, checkpoints
 """
 
@@ -21,7 +22,8 @@ LAYERS = [
     {"data"},
     {"forward"},
     {"models"},
-    {"plan", "estimate"},
+    {"estimate"},
+    {"plan"},
     {"training"},
 ]
 

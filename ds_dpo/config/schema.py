@@ -766,7 +766,10 @@ class ParallelConfig:
 
     deepspeed: str | dict = "ds_configs/zero3.json"
     """DeepSpeed JSON file (relative paths: cwd, then the repo's presets) or the same as an inline mapping;
-    ``"auto"`` values in it are filled from this config."""
+    ``"auto"`` values in it are filled from this config. ``auto``: the preset the memory estimator picks at startup
+    for this device and world size (docs/deepspeed.md, "deepspeed: auto"): plain DeepSpeed (ZeRO-0) on one rank,
+    ZeRO-2 on several, ZeRO-3 and then offload only where the model states do not fit; printed, and dumped with the
+    run."""
     ddp_timeout: int = 1800
     """Seconds any collective may wait (HF's name): a dead rank fails the job instead of hanging it."""
     heartbeat_timeout: int = 60
@@ -785,6 +788,8 @@ class ParallelConfig:
         """The DeepSpeed config as written (``"auto"`` values still in it)."""
         if isinstance(self.deepspeed, dict):
             return copy.deepcopy(self.deepspeed)
+        if self.deepspeed == "auto":
+            raise ConfigError("`deepspeed: auto` is decided at startup, from the model and the world size")
         try:
             return json.loads(resolve_path(self.deepspeed).read_text())
         except json.JSONDecodeError as e:
@@ -793,7 +798,7 @@ class ParallelConfig:
     def problems(self) -> list[str]:
         checks = [
             (
-                isinstance(self.deepspeed, dict) or resolve_path(self.deepspeed).is_file(),
+                isinstance(self.deepspeed, dict) or self.deepspeed == "auto" or resolve_path(self.deepspeed).is_file(),
                 f"DeepSpeed config `{self.deepspeed}` not found (presets: {preset_names()})",
             ),
             (self.ddp_timeout >= 1, "`ddp_timeout` must be >= 1 second"),

@@ -142,6 +142,8 @@ class DPORecipe:
         self.plan = plan = make_plan(self.cfg, self.world_size, self.device.type)
         if plan.support.attn_implementation != self.cfg.model.attn_implementation:  # what the class can run
             self.cfg = self.cfg.replace(attn_implementation=plan.support.attn_implementation)
+        if plan.deepspeed != self.cfg.parallel.deepspeed:  # `deepspeed: auto`'s pick, dumped with the run
+            self.cfg = self.cfg.replace(deepspeed=plan.deepspeed)
         cfg = self.cfg
         for notice in plan.notices:
             say(f"notice: {notice}")

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ds_dpo.data.pipeline import load_tokenized
@@ -285,3 +286,22 @@ def test_the_policy_trains_in_train_mode_so_checkpointing_applies(single_rank, b
     recipe.train_step(next(recipe.sampler.plans())[2])
     recipe.cleanup()
     assert recipe.policy.module.training and len(checkpointed) == len(layers)
+
+
+def test_deepspeed_auto_runs_plain_deepspeed_on_one_rank(single_rank, builtin_files, tmp_path, capsys):
+    """`deepspeed: auto` on one rank: the estimator's pick (ZeRO-0) is announced, built, and dumped with the run."""
+    recipe = set_up(
+        model_name_or_path=builtin_files["model_name_or_path"],
+        dataset=builtin_files["dataset"],
+        max_steps=1,
+        per_device_train_batch_size=2,
+        save_steps=0,
+        deepspeed="auto",
+        output_dir=str(tmp_path),
+    )
+    recipe.train_step(next(recipe.sampler.plans())[2])
+    recipe.cleanup()
+    assert "notice: deepspeed auto: ds_configs/ddp.json (ZeRO-0," in capsys.readouterr().out
+    assert recipe.policy.zero_optimization_stage() == 0 and math.isfinite(recipe.state.window.reduce()["loss"])
+    assert json.loads((tmp_path / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == 0
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["deepspeed"]["zero_optimization"]["stage"] == 0
