@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -392,8 +393,14 @@ def print_result(times: list[float], first_loss: float, memory: PeakRSS, **extra
     )
 
 
+class OutOfMemory(Exception):
+    """A run the kernel killed (SIGKILL: the machine's memory ran out); the table says so instead of a number."""
+
+
 def read_result(name: str, returncode: int, log: Path) -> dict:
     """What ``print_result`` printed into ``log``; a worker that failed raises with the end of its output."""
+    if returncode == -signal.SIGKILL:
+        raise OutOfMemory(name)
     out = log.read_text()
     results = [line for line in out.splitlines() if line.startswith("RESULT ")]
     if returncode != 0 or not results:
@@ -468,9 +475,10 @@ def run_config(name: str, work: Path, model: Path | None, total_steps: int, npro
                     text=True,
                 )
             )
-    ranks = []
-    for r, (proc, log) in enumerate(zip(procs, logs)):
-        ranks.append(read_result(f"{name} rank {r}", proc.wait(), log))
+    codes = [proc.wait() for proc in procs]
+    if -signal.SIGKILL in codes:  # the other ranks then fail on the lost peer: the kill is the cause
+        raise OutOfMemory(name)
+    ranks = [read_result(f"{name} rank {r}", code, log) for r, (code, log) in enumerate(zip(codes, logs))]
     return {
         "times": ranks[0]["times"],
         "first_loss": statistics.mean(r["first_loss"] for r in ranks),
@@ -535,7 +543,10 @@ def matched_trl(name: str, ran: dict) -> str | None:
 def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line: str) -> str:
     base = "TRL DPOTrainer (default)"
     rows, summary = [], {}
+    out_of_memory = [name for name, runs in results.items() if not runs]  # killed in every round
     for name, runs in results.items():
+        if not runs:
+            continue
         rates = [PAIRS_PER_STEP * args.steps / sum(r["times"][args.warmup :]) for r in runs]
         summary[name] = {
             "pairs_s": statistics.median(rates),
@@ -555,6 +566,10 @@ def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line
             f"{s['pairs_s'] / t['pairs_s']:.2f}x | {s['peak']:.0f} | {s['peak'] / t['peak']:.2f}x | {s['step']:.0f} | "
             f"{s['step'] / t['step']:.2f}x | {s['eff']:.1%} | {s['loss']:.7f} | {s['loss'] - t['loss']:+.1e} |"
         )
+    rows += [
+        f"| {name} | {'on' if checkpointing(name) else 'off'} | | killed: out of memory | | | | | | | | |"
+        for name in out_of_memory
+    ]
     matched = []
     for on in (True, False):
         group = [n for n in summary if CONFIGS[n][0] == "ds_dpo" and checkpointing(n) == on]
@@ -567,6 +582,11 @@ def report(results: dict[str, list[dict]], pairs: list[dict], args, machine_line
                 f"{summary[fast]['pairs_s'] / summary[against]['pairs_s']:.1f}x TRL's pairs/s; its leanest ({lean}) "
                 f"{summary[lean]['peak'] / summary[against]['peak']:.2f}x TRL's peak memory"
             )
+    matched += [
+        f"- gradient checkpointing {'on' if checkpointing(name) else 'off'}: {name} ran out of memory on this "
+        "machine (killed by the kernel)"
+        for name in out_of_memory
+    ]
     best = max((n for n in summary if CONFIGS[n][0] == "ds_dpo"), key=lambda n: summary[n]["pairs_s"])
     b, trl_pre = summary[best], summary.get("TRL DPOTrainer, precompute_ref_log_probs")
     headline = (
@@ -661,6 +681,8 @@ def memory_breakdown(results: dict[str, list[dict]]) -> list[str]:
         "|---|---|---|",
     ]
     for name, runs in results.items():
+        if not runs:  # killed: out of memory
+            continue
         phases = runs[0]["phases"]
         previous, cells = 0.0, []
         for phase, rss in phases.items():
@@ -692,7 +714,11 @@ def round_robin(names: list[str], run, args, pairs_per_step: int) -> dict[str, l
     results: dict[str, list[dict]] = {name: [] for name in names}
     for round_ in range(args.repeats):
         for name in names:
-            result = run(name)
+            try:
+                result = run(name)
+            except OutOfMemory:
+                print(f"round {round_ + 1}/{args.repeats} {name}: killed, out of memory", flush=True)
+                continue
             results[name].append(result)
             rate = pairs_per_step * args.steps / sum(result["times"][args.warmup :])
             print(
