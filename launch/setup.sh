@@ -4,6 +4,11 @@
 #   bash launch/setup.sh test     # runtime + test extra (pytest, trl as oracle)
 #   bash launch/setup.sh test latest   # the same in .venv-latest, with the newest transformers release instead of
 #                                      # the pinned one (and what it pulls in, e.g. `kernels`); .venv is left alone
+#   bash launch/setup.sh test vision   # the same in .venv-vision, with torch 2.14.1 and torchvision 0.29.1 (a CUDA
+#                                      # build, ~5.5 GB, that runs on CPU too): transformers builds the processors of
+#                                      # Qwen2-VL, 2.5-VL and 3-VL only with torchvision (their video processor), and
+#                                      # torchvision's wheels do not load against the CPU build of torch; .venv is left
+#                                      # alone
 # A torch already in .venv is kept (a CUDA build stays). Otherwise: with an NVIDIA GPU, the default torch from PyPI;
 # without one, the CPU build torch==2.13.0+cpu (from a local wheel where pip is configured with one, else from the
 # PyTorch CPU index), never a multi-GB CUDA build.
@@ -16,10 +21,16 @@ if [ "${2:-}" = "latest" ]; then
   # Every pin but transformers', whose newest release is taken (what a user installing ds_dpo today gets).
   venv=.venv-latest constraints=$venv/constraints.txt
   mkdir -p "$venv" && grep -v '^transformers==' launch/constraints.txt > "$constraints"
+elif [ "${2:-}" = "vision" ]; then
+  # torch pinned with torchvision, so that installing ds_dpo and its test extra can never change either
+  venv=.venv-vision constraints=$venv/constraints.txt
+  mkdir -p "$venv" && { cat launch/constraints.txt; printf 'torch==2.14.1\ntorchvision==0.29.1\n'; } > "$constraints"
 fi
 [ -x $venv/bin/python ] || "$PY" -m venv $venv
 PIP=($venv/bin/python -m pip install --quiet)
-if ! $venv/bin/python -c "import torch" 2>/dev/null; then
+if [ "$venv" = .venv-vision ]; then
+  $venv/bin/python -c "import torchvision" 2>/dev/null || "${PIP[@]}" -c "$constraints" torch torchvision
+elif ! $venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "${PIP[@]}" "torch>=2.4,<=2.14.1"
   else

@@ -277,6 +277,9 @@ def _with_images(
 def _images(row: dict[str, Any]) -> list[bytes]:
     from ds_dpo.data.images import image_bytes
 
+    for key in ("videos", "video"):
+        if row.get(key) is not None:  # else the model would train on the video's text without it
+            raise RowError(key, "videos are not served: ds_dpo lays out images only")
     images = row.get("images")
     name = "images"
     if images is None and row.get("image") is not None:

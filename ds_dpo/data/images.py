@@ -29,12 +29,22 @@ stored: they follow from the token ids, and each batch makes them (``VisionInput
 ``ds_dpo.forward.layouts.collate_pairs``), for the model's own mask in a padded batch and for ds_dpo's masks of packed
 and prefix-shared rows (``ds_dpo.forward.attention``).
 
-Served: models whose processor returns only ``input_ids``, ``attention_mask``, ``IMAGE_KEYS`` and such
-``token_type_ids``, and whose image processor batches images of several sizes as ds_dpo joins them (LLaVA,
-LLaVA-NeXT, Idefics3, SmolVLM, Gemma-3, ...). A processor that returns more (Qwen2-VL's ``image_grid_thw`` and M-RoPE
-positions, LLaVA-OneVision's ``batch_num_images``) or ``token_type_ids`` that mark anything but one image token
-(PaliGemma's prefix/suffix types) describes images in a way these layouts do not carry: refused at startup
-(``processor_problem``), as is an image processor that batches otherwise.
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL describe images by patches: ``pixel_values`` [patches of all images, C * T * P * P]
+(each image resized to a multiple of its patch grid, so images of different sizes give different patch and token counts)
+and ``image_grid_thw`` [images, 3] (each image's temporal, height and width patch counts), joined along their first
+dimension in token order as the other families' tensors. Their language model places tokens by 3D positions (M-RoPE): an
+image's tokens at (temporal, row, column) from where the image starts, the text after it from one past the image's
+largest extent in patches (after the merge), not from its token count. The processor's ``mm_token_type_ids`` (1 on the
+image tokens) let the model compute those positions itself in a padded batch; like ``token_type_ids`` they follow from
+the token ids and each batch makes them. A packed or prefix-shared row carries each sequence's 3D positions instead,
+computed by ds_dpo as the model computes them for that sequence alone (``ds_dpo.forward.layouts``).
+
+Served: models whose processor returns only ``input_ids``, ``attention_mask``, ``IMAGE_KEYS``, such ``token_type_ids``
+and ``mm_token_type_ids`` that mark the image tokens, and whose image processor batches images of several sizes as
+ds_dpo joins them (LLaVA, LLaVA-NeXT, Idefics3, SmolVLM, Gemma-3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, ...). A processor that
+returns more (LLaVA-OneVision's ``batch_num_images``) or type ids that mark anything but one image token (PaliGemma's
+prefix/suffix types) describes images in a way these layouts do not carry: refused at startup (``processor_problem``),
+as is an image processor that batches otherwise. A row with videos is a bad row (``ds_dpo.data.formats``).
 """
 
 from __future__ import annotations
@@ -45,9 +55,11 @@ from typing import Any
 
 import torch
 
-IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "image_sizes")
+IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw")
 """What a processor may return about images besides the token ids: what ds_dpo's layouts carry."""
 _TEXT_KEYS = ("input_ids", "attention_mask")
+_TYPE_KEYS = {"token_type_ids": "Gemma-3", "mm_token_type_ids": "Qwen2-VL"}
+"""Type ids a processor may return about its image tokens, each with a family that does: 1 on the image tokens."""
 
 
 def image_bytes(value: Any) -> bytes:
@@ -89,9 +101,9 @@ def _probe(processor) -> dict[str, torch.Tensor]:
     return processor(text=[processor.image_token], images=[Image.new("RGB", (32, 32))], return_tensors="pt")
 
 
-def _marked_token(out: dict[str, torch.Tensor]) -> int | None:
-    """The one token id whose tokens ``out``'s ``token_type_ids`` mark 1 (and nothing else), else None."""
-    types, ids = out["token_type_ids"], out["input_ids"]
+def _marked_token(out: dict[str, torch.Tensor], key: str = "token_type_ids") -> int | None:
+    """The one token id whose tokens ``out[key]`` marks 1 (and nothing else), else None."""
+    types, ids = out[key], out["input_ids"]
     marked = ids[types == 1].unique()
     if len(marked) != 1 or not torch.equal(types.long(), (ids == marked[0]).long()):
         return None
@@ -106,6 +118,14 @@ def image_token_types(processor) -> int | None:
     return _marked_token(out) if "token_type_ids" in out else None
 
 
+def mrope_image_token(processor) -> int | None:
+    """The image token id of a model that places its image tokens by 3D positions from ``image_grid_thw`` (Qwen2-VL,
+    Qwen2.5-VL, Qwen3-VL: the processor's ``mm_token_type_ids`` mark those tokens), else None. For a processor
+    ``processor_problem`` accepts."""
+    out = _probe(processor)
+    return _marked_token(out, "mm_token_type_ids") if "image_grid_thw" in out else None
+
+
 def processor_problem(processor) -> str | None:
     """Why ds_dpo cannot lay out this processor's images (None: it can): from the processor's output on one image,
     and its image processor's on images of three sizes in two samples, which must equal ``VisionInputs``' joining of
@@ -115,17 +135,25 @@ def processor_problem(processor) -> str | None:
     if getattr(processor, "image_token", None) is None:
         return f"{type(processor).__name__} names no `image_token`"
     out = _probe(processor)
-    extra = sorted(set(out) - set(_TEXT_KEYS) - set(IMAGE_KEYS) - {"token_type_ids"})
+    extra = sorted(set(out) - set(_TEXT_KEYS) - set(IMAGE_KEYS) - set(_TYPE_KEYS))
     if extra:
         return (
             f"{type(processor).__name__} describes images with {', '.join(extra)} besides pixel_values, which "
-            "ds_dpo's batch layouts do not carry (served: LLaVA, LLaVA-NeXT, Idefics3, SmolVLM, Gemma-3 and others "
-            f"whose processor returns only {', '.join(IMAGE_KEYS)} and token_type_ids that mark image tokens)"
+            "ds_dpo's batch layouts do not carry (served: LLaVA, LLaVA-NeXT, Idefics3, SmolVLM, Gemma-3, Qwen2-VL, "
+            f"Qwen2.5-VL, Qwen3-VL and others whose processor returns only {', '.join(IMAGE_KEYS)} and "
+            "token_type_ids or mm_token_type_ids that mark image tokens)"
         )
-    if "token_type_ids" in out and _marked_token(out) is None:
+    for key in _TYPE_KEYS:
+        if key in out and _marked_token(out, key) is None:
+            return (
+                f"{type(processor).__name__} returns {key} that do not mark exactly its image tokens, which "
+                f"ds_dpo's batch layouts do not carry (served: {key} 1 on the image tokens only, as "
+                f"{_TYPE_KEYS[key]}'s)"
+            )
+    if "image_grid_thw" in out and "mm_token_type_ids" not in out:
         return (
-            f"{type(processor).__name__} returns token_type_ids that do not mark exactly its image tokens, which "
-            "ds_dpo's batch layouts do not carry (served: token_type_ids 1 on the image tokens only, as Gemma-3's)"
+            f"{type(processor).__name__} returns image_grid_thw but no mm_token_type_ids, from which its model "
+            "places the image tokens (3D positions)"
         )
     # sizes whose tile grids differ (LLaVA-NeXT), a sample of two images (Idefics3 pads the other sample's row)
     samples = [[(240, 240, "red")], [(240, 700, "green"), (700, 240, "blue")]]
@@ -157,12 +185,16 @@ def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
 class VisionInputs:
     """The pixel tensors of a micro-batch from its pairs' encoded images, made with the model's image processor."""
 
-    def __init__(self, image_processor, image_token_types: int | None = None):
+    def __init__(self, image_processor, image_token_types: int | None = None, mrope_image_token: int | None = None):
         from PIL import Image
 
         self.image_processor = image_processor
         self.image_token_types = image_token_types
         """The image token id the model's ``token_type_ids`` mark (``image_token_types``; Gemma-3), or None."""
+        self.mrope_image_token = mrope_image_token
+        """The image token id of a model with 3D positions (``mrope_image_token``; Qwen2-VL), or None."""
+        self.merge_size = getattr(image_processor, "merge_size", 1)
+        """Patches merged into one image token along each side (``image_grid_thw`` counts patches)."""
         probe = self._process([Image.new("RGB", (32, 32))] * 2)["pixel_values"]
         self.per_text_row = len(probe) == 1  # Idefics3-style: one sample's two images in one [1, images, ...] row
 
@@ -181,11 +213,15 @@ class VisionInputs:
         return {k: v[0] for k, v in out.items()} if self.per_text_row else out
 
     def token_types(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``token_type_ids`` of a batch's token ids as the processor makes them (1 on the image tokens), for models
-        whose image tokens attend bidirectionally within an image; empty for others."""
-        if self.image_token_types is None:
-            return {}
-        return {"token_type_ids": (input_ids == self.image_token_types).long()}
+        """The type ids of a batch's token ids as the processor makes them (1 on the image tokens): ``token_type_ids``
+        for models whose image tokens attend bidirectionally within an image, ``mm_token_type_ids`` for models that
+        place them by 3D positions; empty for others."""
+        out = {}
+        if self.image_token_types is not None:
+            out["token_type_ids"] = (input_ids == self.image_token_types).long()
+        if self.mrope_image_token is not None:
+            out["mm_token_type_ids"] = (input_ids == self.mrope_image_token).int()
+        return out
 
     def __call__(self, images: list[list[bytes]], text_rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """The pixel tensors of pairs whose images are ``images`` (one list per pair, maybe empty; ``shared``: per

@@ -56,12 +56,16 @@ fewer when shared responses are scored once), which of them each pair compares, 
     forward_positions  [] long  positions the forward computes: every row's, padding and repeated prompts included
                                  (``seq2seq``: encoder and decoder positions)
     ref_chosen_logps, ref_rejected_logps  [B] float, only when the dataset carries precomputed reference log-probs
-    pixel_values (+ pixel_attention_mask or image_sizes)  a vision-language model's images in the layout's order
-        (``ds_dpo.data.images``)
+    pixel_values (+ pixel_attention_mask, image_sizes or image_grid_thw)  a vision-language model's images in the
+        layout's order (``ds_dpo.data.images``)
     token_type_ids  like input_ids, 1 on image tokens, for models whose image tokens attend bidirectionally within
         their image (Gemma-3): the model's own mask reads them in a padded batch; a packed or shared row keeps them
         out of the model and puts each image's bidirectional attention into its own masks
         (``ds_dpo.forward.attention.image_groups``)
+    mm_token_type_ids  like input_ids, 1 on image tokens, for models that place them by 3D positions (M-RoPE:
+        Qwen2-VL, Qwen2.5-VL, Qwen3-VL): a padded batch hands them to the model, which computes its positions from them
+    mrope_position_ids  [3, 1, S] such a model's positions in a packed or shared row (``mrope_positions``): each
+        sequence's as the model computes them for it alone, a shared block's responses continuing from its prompt's
 """
 
 from __future__ import annotations
@@ -249,6 +253,37 @@ def sliding_window(config) -> tuple[int | None, bool]:
     return window, "sliding_attention" in layer_types and len(layer_types) > 1
 
 
+def mrope_positions(batch: dict[str, torch.Tensor], image_token: int, merge_size: int) -> torch.Tensor:
+    """[3, 1, S] (temporal, height, width) positions of a padding-free row of a model with 3D positions (Qwen2-VL,
+    Qwen2.5-VL, Qwen3-VL), each sequence's as the model's ``get_rope_index`` makes them for that sequence alone. The
+    tokens of an image with a grid of t x h x w merged patches sit at (start + i, start + j, start + k) for its patch
+    (i, j, k), start being where the image begins; the text after it continues from start + max(h, w), so every token
+    after an image moves by max(h, w) - t * h * w from its 1D position. The move lasts to the end of the image's
+    sequence (packed) or block (shared, where every response continues from its prompt's positions, as in the plain
+    forward of prompt + response): up to the next token at position 0. ``batch["image_grid_thw"]`` lists the images in
+    the order their tokens appear in the row, as every layout lays them out."""
+    ids, positions = batch["input_ids"][0], batch["position_ids"][0]
+    image_at = (ids == image_token).nonzero().flatten().tolist()
+    starts = (positions == 0).nonzero().flatten().tolist() + [len(ids)]
+    shift = torch.zeros_like(positions)
+    grids, k = [], 0
+    for t, h, w in batch["image_grid_thw"].tolist() if "image_grid_thw" in batch else []:
+        h, w = h // merge_size, w // merge_size
+        first, n = image_at[k], t * h * w
+        if image_at[k + n - 1] != first + n - 1:
+            raise ValueError(f"an image of {n} tokens is not one run of image tokens at position {first} of the row")
+        grids.append((first, int(positions[first] + shift[first]), (t, h, w)))
+        shift[first + n : next(s for s in starts if s > first)] += max(h, w) - n
+        k += n
+    if k != len(image_at):
+        raise ValueError(f"{len(image_at)} image tokens in the row for images of {k} tokens")
+    out = (positions + shift).expand(3, -1).clone()
+    for first, start, (t, h, w) in grids:
+        grid = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        out[:, first : first + t * h * w] = torch.stack(grid).reshape(3, -1) + start
+    return out[:, None]
+
+
 def _pixels(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: batch[k].to(dtype) if batch[k].is_floating_point() else batch[k] for k in IMAGE_KEYS if k in batch}
 
@@ -258,6 +293,8 @@ def _padding_free_inputs(batch: dict[str, torch.Tensor], config, dtype: torch.dt
     mask (or one per layer type): ds_dpo's blocks with a stand-in, a FlexAttention block mask, or a dense mask."""
     attn = config._attn_implementation
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], **_pixels(batch, dtype)}
+    if "mrope_position_ids" in batch:  # [4, 1, S]: the 1D positions first, which the model's kernels read as any's
+        inputs["position_ids"] = torch.cat([batch["position_ids"][None], batch["mrope_position_ids"]])
     image = image_groups(batch["token_type_ids"]) if "token_type_ids" in batch else None
     if is_varlen(attn):
         if image is not None:
@@ -333,7 +370,7 @@ class Layout:
         """The keyword arguments for the forward of a model with ``config`` (its ``_attn_implementation`` picks how
         a padding-free row's blocks are kept apart)."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **_pixels(batch, dtype)}
-        return inputs | ({"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {})
+        return inputs | {k: batch[k] for k in ("token_type_ids", "mm_token_type_ids") if k in batch}
 
 
 class _Padded(Layout):
@@ -435,4 +472,7 @@ def collate_pairs(
         image_rows, text_rows = layout.image_rows(rows)
         batch.update(vision([row["images"] for row in image_rows], text_rows))
         batch.update(vision.token_types(batch["input_ids"]))
+        if layout.padding_free and vision.mrope_image_token is not None:
+            batch["mrope_position_ids"] = mrope_positions(batch, vision.mrope_image_token, vision.merge_size)
+            del batch["mm_token_type_ids"]  # the model's only use of them is to compute these positions
     return batch

@@ -29,7 +29,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from ds_dpo import distributed
 from ds_dpo.config import ConfigError, DPOConfig, dump_config, eval_prefix
 from ds_dpo.data import builtin
-from ds_dpo.data.images import VisionInputs, image_token_types, processor_problem
+from ds_dpo.data.images import VisionInputs, image_token_types, mrope_image_token, processor_problem
 from ds_dpo.data.pipeline import load_preference_data, token_lengths
 from ds_dpo.data.sampler import GlobalBatchSampler, StepPlan
 from ds_dpo.data.tokenization import load_processor, load_tokenizer
@@ -156,7 +156,9 @@ class DPORecipe:
             problem = processor_problem(self.processor)
             if problem:
                 raise ConfigError(f"{plan.support.class_name}: {problem}")
-            self.vision = VisionInputs(self.processor.image_processor, image_token_types(self.processor))
+            self.vision = VisionInputs(
+                self.processor.image_processor, image_token_types(self.processor), mrope_image_token(self.processor)
+            )
             self.tokenizer = self.processor.tokenizer
         else:
             self.tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.source, cfg.data.chat_template)

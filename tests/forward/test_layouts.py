@@ -131,3 +131,54 @@ def test_block_attention_inputs_hold_no_row_wide_mask(monkeypatch):
     assert blocks.causal_runs() == [(3, [5, 3]), (0, [2, 1])]  # prompt + chosen, then rejected over the prompt
     for i, (s, e) in enumerate(blocks.bounds):
         assert (blocks.mask(i, None)[0, 0] == full[s:e, s:e]).all() and not full[s:e, e:].any()
+
+
+def test_mrope_positions_are_each_sequences_own_in_packed_and_shared_rows():
+    """Qwen2-VL's 3D positions (M-RoPE) of packed and prefix-shared rows equal the model's own ``get_rope_index`` on
+    each sequence alone: pairs with 2, 0 and 1 images of grids whose largest side (in merged patches) is less than
+    their token count, so the text after each image moves back; the shared row's rejected response continues from its
+    prompt's positions as in the forward of prompt + rejected."""
+    from transformers import Qwen2VLConfig, Qwen2VLModel
+
+    from ds_dpo.forward.layouts import mrope_positions
+
+    start, image, end = 50, 51, 52
+    grids = [(1, 10, 12), (1, 14, 6), (1, 4, 4)]  # 30, 21 and 4 tokens; sides 6, 7 and 2
+
+    def picture(grid):
+        t, h, w = grid
+        return [start] + [image] * (t * h * w // 4) + [end]
+
+    rows = [
+        {"prompt_input_ids": [1, *picture(grids[0]), 2, *picture(grids[1]), 3], "images": [0, 1]},
+        {"prompt_input_ids": [4, 5], "images": []},
+        {"prompt_input_ids": [*picture(grids[2]), 6], "images": [2]},
+    ]
+    rows = [
+        {**row, "index": i, "chosen_input_ids": [7, 8, 9][: i + 1], "rejected_input_ids": [10, 11]}
+        for i, row in enumerate(rows)
+    ]
+    config = Qwen2VLConfig(
+        text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 64},
+        vision_config={"depth": 1, "embed_dim": 8, "hidden_size": 16, "num_heads": 2},
+        image_token_id=image,
+    )
+    model = Qwen2VLModel(config)
+
+    def own(row, side):
+        ids = torch.tensor([row["prompt_input_ids"] + row[f"{side}_input_ids"]])
+        thw = torch.tensor([grids[i] for i in row["images"]]) if row["images"] else None
+        return model.get_rope_index(ids, (ids == image).int(), thw)[0][:, 0]
+
+    packed = [own(row, side) for row in rows for side in ("chosen", "rejected")]
+    shared = [
+        torch.cat([own(row, "chosen"), own(row, "rejected")[:, len(row["prompt_input_ids"]) :]], 1) for row in rows
+    ]
+    for layout, expected in ((PACKED, packed), (SHARED, shared)):
+        batch = collate_pairs(rows, [1.0] * 3, pad_token_id=0, layout=layout)
+        per_sequence = 1 if layout is SHARED else 2
+        order = [g for row in rows for _ in range(per_sequence) for g in row["images"]]  # images in token order
+        batch["image_grid_thw"] = torch.tensor([grids[g] for g in order])
+        got = mrope_positions(batch, image, merge_size=2)
+        assert got.shape == (3, 1, batch["input_ids"].shape[1])
+        assert torch.equal(got[:, 0], torch.cat(expected, 1)), layout

@@ -29,7 +29,28 @@ TEMPLATE = (
     "{% if part['type'] == 'image' %} <image>{% elif part['type'] == 'text' %} {{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %} END_OF_TURN {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
 )
-FAMILIES = ("llava", "llava_next", "idefics3", "gemma3")
+FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+"""Families with 3D positions (M-RoPE), whose processors transformers builds only with torchvision (their video
+processor): ``bash launch/setup.sh test vision`` makes ``.venv-vision``, where their tests run."""
+
+
+def has_torchvision() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def param(family: str, *values, before: tuple = ()):
+    """A pytest parameter of ``before``, ``family`` and ``values`` (the test's other arguments), skipped where the
+    family's processor cannot be built."""
+    import pytest
+
+    needs = pytest.mark.skipif(
+        family in MROPE_FAMILIES and not has_torchvision(),
+        reason=f"{family}'s processor needs torchvision (bash launch/setup.sh test vision; run with .venv-vision)",
+    )
+    return pytest.param(*before, family, *values, marks=needs)
 
 
 def _tokenizer(special: list[str]):
@@ -160,6 +181,8 @@ def build(family: str, out: Path, seed: int = 0) -> str:
             image_token_index=tokenizer.convert_tokens_to_ids(names["image_token"]),
         )
         model_class = Gemma3ForConditionalGeneration
+    elif family in MROPE_FAMILIES:
+        tokenizer, processor, config, model_class = _qwen_vl(family)
     else:
         from transformers import (
             Idefics3Config,
@@ -203,6 +226,79 @@ def build(family: str, out: Path, seed: int = 0) -> str:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return str(out)
+
+
+def _qwen_vl(family: str):
+    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL with its own processor classes (its video processor too, which needs
+    torchvision): patches of 4 px, 2 x 2 of them merged into an image token, images resized to multiples of 8 px of 64
+    to 48 x 48 pixels, so the rows' images (``SHAPES``) have 24, 16, 24 and 16 tokens on grids of 4 x 6, 8 x 2, 6 x 4
+    and 2 x 8 merged patches (the text after each moves back by 18 or 8 positions); each image between vision start and
+    end tokens, as Qwen's template puts it."""
+    import transformers
+
+    names = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}
+    name = names[family]
+    tokenizer = _tokenizer(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"])
+    template = TEMPLATE.replace("END_OF_TURN", "{{ eos_token }}").replace(
+        "<image>", "<|vision_start|><|image_pad|><|vision_end|>"
+    )
+    pixels = dict(
+        patch_size=4, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 64, "longest_edge": 48 * 48}
+    )
+    processor = getattr(transformers, f"{name}Processor")(
+        image_processor=transformers.Qwen2VLImageProcessor(**pixels),
+        tokenizer=tokenizer,
+        video_processor=getattr(transformers, f"{'Qwen3VL' if family == 'qwen3_vl' else 'Qwen2VL'}VideoProcessor")(
+            **pixels
+        ),
+        chat_template=template,
+    )
+    ids = {
+        f"{key}_token_id": tokenizer.convert_tokens_to_ids(token)
+        for key, token in (
+            ("image", "<|image_pad|>"),
+            ("video", "<|video_pad|>"),
+            ("vision_start", "<|vision_start|>"),
+            ("vision_end", "<|vision_end|>"),
+        )
+    }
+    # head_dim 16: 8 rotary frequencies, 2 for the temporal position, 3 each for the row and the column (Qwen3-VL:
+    # interleaved)
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    if family == "qwen3_vl":
+        rope["mrope_interleaved"] = True
+    text = getattr(transformers, f"{name}TextConfig")(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rope_parameters=rope,
+        **({"head_dim": 16} if family == "qwen3_vl" else {}),
+        **TEXT,
+    )
+    vision = dict(depth=2, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        vision.update(embed_dim=32, hidden_size=TEXT["hidden_size"], mlp_ratio=2)
+    elif family == "qwen3_vl":  # position embeddings of a 12 x 12 patch grid, interpolated to each image's; the
+        # first layer's merged features also added to the language model's first layer (deepstack)
+        vision.update(
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=TEXT["hidden_size"],
+            num_position_embeddings=144,
+            deepstack_visual_indexes=[0],
+        )
+    else:  # windows of 2 x 2 merged patches in its first layer, the whole image in its second
+        vision.update(
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=TEXT["hidden_size"],
+            window_size=16,
+            fullatt_block_indexes=[1],
+        )
+    vision = getattr(transformers, f"{name}VisionConfig")(**vision)
+    config = getattr(transformers, f"{name}Config")(text_config=text, vision_config=vision, **ids)
+    return tokenizer, processor, config, getattr(transformers, f"{name}ForConditionalGeneration")
 
 
 def _text(tokenizer):

@@ -1,7 +1,8 @@
-"""Vision-language models (tiny random LLaVA, LLaVA-NeXT and Idefics3 built offline with their processors): rows
-with images through the data pipeline, every layout's log-probs and gradients against the model's own forward on one
-sequence at a time, the vision tower run once per pair in the prefix-shared layout, TRL 1.16 parity, processors
-refused at startup, and bad image rows."""
+"""Vision-language models (tiny random LLaVA, LLaVA-NeXT, Idefics3, Gemma-3, Qwen2-VL, Qwen2.5-VL and Qwen3-VL
+built offline with their processors; the Qwen ones where torchvision is installed, ``.venv-vision``): rows with images
+through the data pipeline, every layout's log-probs and gradients against the model's own forward on one sequence at a
+time, the vision tower run once per pair in the prefix-shared layout, TRL 1.16 parity, processors refused at startup,
+and bad image rows."""
 
 import json
 import re
@@ -11,7 +12,14 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from ds_dpo.config import make_config
-from ds_dpo.data.images import VisionInputs, image_bytes, image_token_types, open_images, processor_problem
+from ds_dpo.data.images import (
+    VisionInputs,
+    image_bytes,
+    image_token_types,
+    mrope_image_token,
+    open_images,
+    processor_problem,
+)
 from ds_dpo.data.pipeline import DataError, load_preference_data
 from ds_dpo.data.tokenization import load_processor
 from ds_dpo.forward.layouts import LAYOUTS, PADDED, SHARED, collate_pairs
@@ -36,12 +44,13 @@ def load_pairs(model_dir, data, cache, **values):
 
 
 def vision_inputs(processor):
-    """The run's ``VisionInputs`` (``token_type_ids`` too where the processor marks image tokens: Gemma-3)."""
+    """The run's ``VisionInputs`` (``token_type_ids`` too where the processor marks image tokens: Gemma-3; 3D positions
+    of Qwen2-VL's)."""
     assert processor_problem(processor) is None
-    return VisionInputs(processor.image_processor, image_token_types(processor))
+    return VisionInputs(processor.image_processor, image_token_types(processor), mrope_image_token(processor))
 
 
-@pytest.fixture(scope="module", params=vlm.FAMILIES)
+@pytest.fixture(scope="module", params=[vlm.param(f) for f in vlm.FAMILIES])
 def tiny_vlm(request, tmp_path_factory):
     """The family's model directory, processor and tokenized pairs (1, 2, 1 and 0 images)."""
     root = tmp_path_factory.mktemp(request.param)
@@ -223,7 +232,7 @@ def test_freezing_the_vision_tower_freezes_exactly_it(tiny_vlm):
     assert all(p.requires_grad == (id(p) not in vision) for p in model.parameters())
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "gemma3"])
+@pytest.mark.parametrize("family", [vlm.param(f) for f in ("llava", "llava_next", "gemma3", *vlm.MROPE_FAMILIES)])
 def test_the_first_step_log_probs_equal_trl(family, tmp_path):
     """TRL 1.16's DPOTrainer (processor as processing_class, conversational rows with one image each, its vision
     collator) on the tiny LLaVA, LLaVA-NeXT (images of 5 and 3 tiles in one batch) and Gemma-3 (TRL passes its
@@ -338,7 +347,39 @@ def test_processors_that_describe_images_otherwise_are_refused(tmp_path, monkeyp
         return [np.pad(x, ((most - len(x), 0), (0, 0), (0, 0), (0, 0))) for x in pixel_values]
 
     monkeypatch.setattr(processor.image_processor, "_pad_for_batching", pad_in_front)
-    assert processor_problem(processor).startswith("LlavaNextImageProcessorPil batches images otherwise than ds_dpo")
+    # the PIL image processor it was saved with, or its torchvision twin where torchvision is installed
+    assert processor_problem(processor).startswith(
+        f"{type(processor.image_processor).__name__} batches images otherwise than ds_dpo"
+    )
+
+
+@pytest.mark.parametrize("family", [vlm.param(f) for f in vlm.MROPE_FAMILIES])
+def test_processors_with_3d_positions_are_served_by_their_image_token(family, tmp_path):
+    """The Qwen VLs' processors (built with their real classes, video processor included) are served:
+    their ``mm_token_type_ids`` mark exactly the image token, from which a padded batch's model computes its 3D
+    positions and ds_dpo those of packed and shared rows; without them, or marking more, they are refused."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(vlm.build(family, tmp_path / "model"))
+    assert processor_problem(processor) is None and image_token_types(processor) is None
+    assert mrope_image_token(processor) == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    class Changed:  # the processor, its output changed
+        def __init__(self, change):
+            self.change = change
+
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+        def __call__(self, *args, **kwargs):
+            return self.change(processor(*args, **kwargs))
+
+    untyped = Changed(lambda out: {k: v for k, v in out.items() if k != "mm_token_type_ids"})
+    assert processor_problem(untyped).startswith("Changed returns image_grid_thw but no mm_token_type_ids")
+    every_token = Changed(lambda out: {**out, "mm_token_type_ids": torch.ones_like(out["input_ids"])})
+    assert processor_problem(every_token).startswith(
+        "Changed returns mm_token_type_ids that do not mark exactly its image tokens"
+    )
 
 
 @pytest.mark.parametrize(
@@ -359,6 +400,7 @@ def test_processors_that_describe_images_otherwise_are_refused(tmp_path, monkeyp
             lambda row, d: {**row, "chosen": [{"role": "assistant", "content": [{"type": "image"}]}]},
             "field `chosen`: image parts belong in the prompt",
         ),
+        (lambda row, d: {**row, "videos": [str(d / "clip.mp4")]}, "field `videos`: videos are not served"),
     ],
 )
 def test_bad_image_rows_are_named_before_training(change, where, tmp_path):

@@ -11,6 +11,7 @@ from ds_dpo.forward.layouts import PADDED, SEQ2SEQ, SHARED, collate_pairs
 from ds_dpo.forward.logprobs import Scoring, concatenated_forward
 from ds_dpo.forward.scoring import install_token_scoring
 from ds_dpo.training.recipe import DPORecipe
+from helpers import vlm
 from helpers.models import save_tiny_model
 from helpers.runs import SHORT, cli, launch, losses, read_metrics, set_up, short_run
 
@@ -94,6 +95,7 @@ def test_encoder_decoder_models_train_with_each_reference_and_export(
         ("llava", []),  # a ZeRO-3 reference engine
         ("llava_next", []),  # the same, images of several sizes (tiles, feature counts) and its image_newline
         ("idefics3", ["--precompute_ref_log_probs", "true", "--freeze_vision_tower", "true"]),
+        *(vlm.param(family, []) for family in vlm.MROPE_FAMILIES),  # 3D positions from each image's patch grid
     ],
 )
 def test_vision_language_models_train_and_export(family, options, single_rank, tmp_path):
@@ -103,8 +105,7 @@ def test_vision_language_models_train_and_export(family, options, single_rank, t
     processor) loads with plain transformers and scores like the engine."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ds_dpo.data.images import VisionInputs, image_token_types
-    from helpers import vlm
+    from ds_dpo.data.images import VisionInputs, image_token_types, mrope_image_token
 
     model_dir = vlm.build(family, tmp_path / "model")
     data = tmp_path / "pairs.jsonl"
@@ -120,7 +121,7 @@ def test_vision_language_models_train_and_export(family, options, single_rank, t
         [1.0] * 4,
         processor.tokenizer.pad_token_id,
         PADDED,
-        VisionInputs(processor.image_processor, image_token_types(processor)),
+        VisionInputs(processor.image_processor, image_token_types(processor), mrope_image_token(processor)),
     )
     with torch.no_grad():
         plain = concatenated_forward(exported, batch, Scoring(PADDED, 0))
@@ -128,7 +129,9 @@ def test_vision_language_models_train_and_export(family, options, single_rank, t
         torch.cat([plain.chosen, plain.rejected]), torch.cat([engine.chosen, engine.rejected]), rtol=1e-5, atol=1e-5
     )
     original = dict(AutoModelForImageTextToText.from_pretrained(model_dir).named_parameters())
-    moved = [n for n, p in exported.named_parameters() if "vision" in n and not torch.equal(p, original[n])]
+    tower = next(m for m in exported.modules() if getattr(m, "config", None) is exported.config.vision_config)
+    vision = {id(p) for p in tower.parameters()}  # the tower's parameter names differ: vision_tower, visual, ...
+    moved = [n for n, p in exported.named_parameters() if id(p) in vision and not torch.equal(p, original[n])]
     assert bool(moved) != ("--freeze_vision_tower" in options)
 
 
@@ -140,15 +143,15 @@ def test_vision_language_models_train_and_export(family, options, single_rank, t
         ("vision-language", "llava"),
         ("vision-language", "llava_next"),
         ("vision-language", "gemma3"),
+        *(vlm.param(family, before=("vision-language",)) for family in vlm.MROPE_FAMILIES),
     ],
 )
 def test_two_zero3_ranks_reproduce_one_rank_for(kind, family, single_rank, builtin_files, tmp_path):
     """Under ZeRO-3, 2 launched ranks x half the pairs give the loss curve of 1 rank (in-process) x all of them
     (1e-6): T5 (chunked log-probs on one, full logits on the other), LLaVA, LLaVA-NeXT and Gemma-3 (the vision tower
     sharded too; one rank's micro-batch may hold no image while the other's does, or images of other tile counts;
-    Gemma-3's image tokens attending bidirectionally within each image, its sliding window cutting through them)."""
-    from helpers import vlm
-
+    Gemma-3's image tokens attending bidirectionally within each image, its sliding window cutting through them;
+    Qwen2-VL's and Qwen2.5-VL's 3D positions)."""
     if kind == "encoder-decoder":
         model = save_tiny_model(family, builtin_files["model_name_or_path"], tmp_path / "model")
         data, pairs, steps = builtin_files["dataset"], 8, 4
