@@ -211,6 +211,10 @@ class ModelConfig:
     """With ``gradient_checkpointing``: each decoder layer's checkpointed input waits for backward in pinned CPU
     memory instead of on the GPU (DeepSpeed's ``CheckpointHiddenStatesOffload``; nothing to move on a CPU-only
     run). For long rows (docs/sequence_parallel.md)."""
+    torch_compile: bool = False
+    """Compile each decoder layer of the policy and the reference once (``torch.compile`` of every layer in place,
+    with dynamic shapes, so packed rows of every length share the compiled code), and the chunked output head's
+    per-chunk log-probs. The first steps pay the compilation (docs/torch_compile.md)."""
     tiled_mlp_shards: int = 1
     """Run each decoder layer's dense MLP on this many slices of its tokens (DeepSpeed's ``TiledMLP``): its
     [tokens, intermediate] activations exist for one slice at a time, for one more MLP forward per layer. 1: off.

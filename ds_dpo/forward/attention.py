@@ -276,6 +276,10 @@ def _causal_sdpa_runs(module, query, key, value, p: int, lengths: list[int], **k
 
 
 def block_attention(inner: str):
+    # With `torch_compile` the decoder layers around this are compiled; the per-block loop runs on the row's block
+    # bounds (host-side lists that change with every micro-batch), which dynamo would otherwise trace as constants
+    # and recompile for every new row. Left out of the graph, it runs as it does uncompiled, between two graphs.
+    @torch.compiler.disable
     def attention(
         module,
         query,

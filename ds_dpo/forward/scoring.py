@@ -101,6 +101,8 @@ class ChunkedTokenStats(torch.nn.Module):
     def __init__(self, output_layer: torch.nn.Linear):
         super().__init__()
         object.__setattr__(self, "output_layer", output_layer)  # not a submodule: its weights stay the model's
+        self.chunk_stats = _head_token_stats
+        """One chunk's statistics (``compile_chunks`` replaces it with its compiled form)."""
         for param in output_layer.parameters():
             if hasattr(param, "ds_id"):  # a ZeRO-3 partitioned parameter
                 register_external_parameter(self, param)
@@ -113,10 +115,16 @@ class ChunkedTokenStats(torch.nn.Module):
         chunks = []
         for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size)):
             if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-                chunks.append(checkpoint(_head_token_stats, h, weight, bias, y, head, with_wpo, use_reentrant=False))
+                chunks.append(checkpoint(self.chunk_stats, h, weight, bias, y, head, with_wpo, use_reentrant=False))
             else:
-                chunks.append(_head_token_stats(h, weight, bias, y, head, with_wpo))
+                chunks.append(self.chunk_stats(h, weight, bias, y, head, with_wpo))
         return TokenStats(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks)))
+
+    def compile_chunks(self) -> None:
+        """Compile the per-chunk function (``torch_compile``): the [chunk, V] logits, their log-softmax and the
+        statistics fuse into fewer passes over the chunk. The loop over chunks stays outside, so a micro-batch's
+        number of chunks never recompiles it; dynamic shapes cover the last, shorter chunk of every micro-batch."""
+        self.chunk_stats = torch.compile(_head_token_stats, dynamic=True)
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:

@@ -27,6 +27,7 @@ from transformers.models.auto.configuration_auto import model_type_to_module_nam
 from ds_dpo.config import DPOConfig, ModelConfig
 from ds_dpo.config.schema import DECIDED_BY_KEYS, source_kwargs
 from ds_dpo.models.activation_memory import tile_mlps
+from ds_dpo.models.compilation import compile_layers
 from ds_dpo.models.ds_config import zero_stage
 from ds_dpo.models.support import attention_setting, auto_class, moe_block_classes
 
@@ -232,6 +233,8 @@ def build_engine(
         if cfg.model.adapter_name_or_path and cfg.ref.ref_model_name_or_path is None:
             model = _with_adapter(cfg, model, trainable=False)
         model.requires_grad_(False)
+        if cfg.model.torch_compile:
+            compile_layers(model)
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
         engine.eval()
         return Built(engine, ds_config, hf_ds)
@@ -243,6 +246,8 @@ def build_engine(
         model = _with_adapter(cfg, model, trainable=True)
         if cfg.model.disable_dropout:  # the adapters' dropout too, as TRL does after wrapping the model with peft
             _disable_dropout(model)
+    if cfg.model.torch_compile:  # last: the layers are compiled as they will run, adapters and checkpointing included
+        compile_layers(model, cfg.model.router_aux_loss_coef)
     optim = cfg.optim
 
     def lr_schedule(optimizer):
