@@ -84,6 +84,10 @@ CONFIGS = {
         "ds_dpo",
         {"gradient_checkpointing": True, "logps_chunk_size": 256},
     ),
+    "ds_dpo packed + prefix sharing, gradient checkpointing, deepspeed auto, logps_chunk_size 256": (
+        "ds_dpo",
+        {"gradient_checkpointing": True, "deepspeed": "auto", "logps_chunk_size": 256},
+    ),
 }
 
 
