@@ -266,18 +266,23 @@ def test_moe_models_train_on_two_ranks_with_their_router_loss(family, reference,
         assert any(c.endswith(block) for c in leaf), (name, leaf)
 
 
-def test_the_policy_trains_in_train_mode_so_checkpointing_applies(single_rank, builtin_files, tmp_path):
-    """from_pretrained returns an eval-mode model, where transformers skips gradient checkpointing: the policy must be
-    put in train mode, else `gradient_checkpointing: true` silently keeps every activation (seen before the fix)."""
-    recipe = set_up(
+def one_step_on_builtin(builtin_files: dict, out, **keys):
+    """An in-process recipe set up for one step of 2 pairs of the built-in task, with ``keys``."""
+    return set_up(
         model_name_or_path=builtin_files["model_name_or_path"],
         dataset=builtin_files["dataset"],
         max_steps=1,
         per_device_train_batch_size=2,
         save_steps=0,
-        gradient_checkpointing=True,
-        output_dir=str(tmp_path),
+        output_dir=str(out),
+        **keys,
     )
+
+
+def test_the_policy_trains_in_train_mode_so_checkpointing_applies(single_rank, builtin_files, tmp_path):
+    """from_pretrained returns an eval-mode model, where transformers skips gradient checkpointing: the policy must be
+    put in train mode, else `gradient_checkpointing: true` silently keeps every activation (seen before the fix)."""
+    recipe = one_step_on_builtin(builtin_files, tmp_path, gradient_checkpointing=True)
     layers = recipe.policy.module.model.layers
     checkpointed = []
     for layer in layers:
@@ -290,15 +295,7 @@ def test_the_policy_trains_in_train_mode_so_checkpointing_applies(single_rank, b
 
 def test_deepspeed_auto_runs_plain_deepspeed_on_one_rank(single_rank, builtin_files, tmp_path, capsys):
     """`deepspeed: auto` on one rank: the estimator's pick (ZeRO-0) is announced, built, and dumped with the run."""
-    recipe = set_up(
-        model_name_or_path=builtin_files["model_name_or_path"],
-        dataset=builtin_files["dataset"],
-        max_steps=1,
-        per_device_train_batch_size=2,
-        save_steps=0,
-        deepspeed="auto",
-        output_dir=str(tmp_path),
-    )
+    recipe = one_step_on_builtin(builtin_files, tmp_path, deepspeed="auto")
     recipe.train_step(next(recipe.sampler.plans())[2])
     recipe.cleanup()
     assert "notice: deepspeed auto: ds_configs/ddp.json (ZeRO-0," in capsys.readouterr().out
