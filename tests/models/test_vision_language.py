@@ -307,6 +307,19 @@ def test_the_first_step_log_probs_equal_trl(family, tmp_path):
     torch.testing.assert_close(torch.cat([out.chosen, out.rejected]), trl_logps, rtol=1e-6, atol=1e-6)
 
 
+class Changed:
+    """A processor whose output ``change`` alters (what a processor of another kind would return)."""
+
+    def __init__(self, processor, change):
+        self.processor, self.change = processor, change
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.change(self.processor(*args, **kwargs))
+
+
 def test_processors_that_describe_images_otherwise_are_refused(tmp_path, monkeypatch):
     """Gemma-3's processor is served: its token_type_ids mark exactly its image soft tokens (``image_token_types``);
     token_type_ids that mark anything else (PaliGemma's prefix and suffix types) and keys ds_dpo does not carry
@@ -320,21 +333,11 @@ def test_processors_that_describe_images_otherwise_are_refused(tmp_path, monkeyp
     assert processor_problem(gemma) is None
     assert image_token_types(gemma) == gemma.tokenizer.convert_tokens_to_ids("<image_soft_token>")
 
-    class Changed:  # the processor, its output changed
-        def __init__(self, change):
-            self.change = change
-
-        def __getattr__(self, name):
-            return getattr(gemma, name)
-
-        def __call__(self, *args, **kwargs):
-            return self.change(gemma(*args, **kwargs))
-
-    prefix_types = Changed(lambda out: {**out, "token_type_ids": torch.ones_like(out["input_ids"])})
+    prefix_types = Changed(gemma, lambda out: {**out, "token_type_ids": torch.ones_like(out["input_ids"])})
     assert processor_problem(prefix_types).startswith(
         "Changed returns token_type_ids that do not mark exactly its image tokens"
     )
-    more = Changed(lambda out: {**out, "batch_num_images": torch.tensor([1])})
+    more = Changed(gemma, lambda out: {**out, "batch_num_images": torch.tensor([1])})
     assert processor_problem(more).startswith(
         "Changed describes images with batch_num_images besides pixel_values, which ds_dpo's batch layouts do not "
         "carry (served: LLaVA, LLaVA-NeXT, Idefics3, SmolVLM, Gemma-3"
@@ -364,19 +367,9 @@ def test_processors_with_3d_positions_are_served_by_their_image_token(family, tm
     assert processor_problem(processor) is None and image_token_types(processor) is None
     assert mrope_image_token(processor) == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
-    class Changed:  # the processor, its output changed
-        def __init__(self, change):
-            self.change = change
-
-        def __getattr__(self, name):
-            return getattr(processor, name)
-
-        def __call__(self, *args, **kwargs):
-            return self.change(processor(*args, **kwargs))
-
-    untyped = Changed(lambda out: {k: v for k, v in out.items() if k != "mm_token_type_ids"})
+    untyped = Changed(processor, lambda out: {k: v for k, v in out.items() if k != "mm_token_type_ids"})
     assert processor_problem(untyped).startswith("Changed returns image_grid_thw but no mm_token_type_ids")
-    every_token = Changed(lambda out: {**out, "mm_token_type_ids": torch.ones_like(out["input_ids"])})
+    every_token = Changed(processor, lambda out: {**out, "mm_token_type_ids": torch.ones_like(out["input_ids"])})
     assert processor_problem(every_token).startswith(
         "Changed returns mm_token_type_ids that do not mark exactly its image tokens"
     )
