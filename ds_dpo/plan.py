@@ -19,7 +19,7 @@ from ds_dpo.config import ConfigError, DPOConfig
 from ds_dpo.forward import sequence_parallel
 from ds_dpo.forward.attention import is_block_attention
 from ds_dpo.forward.layouts import SEQ2SEQ, SHARED, Layout, is_varlen
-from ds_dpo.forward.logprobs import Scoring
+from ds_dpo.forward.logprobs import Scoring, chunk_size
 from ds_dpo.forward.sequence_parallel import SequenceParallel
 from ds_dpo.models.support import ModelSupport, inspect_model
 
@@ -61,7 +61,8 @@ class RunPlan:
 
     def describe(self, cfg: DPOConfig) -> str:
         """The startup line: reference, batches, attention, log-probs, parallelism, memory savers."""
-        chunks = f"chunks of {cfg.batch.logps_chunk_size} tokens" if cfg.batch.logps_chunk_size else "full logits"
+        rows = self.scoring.logps_chunk_size
+        chunks = f"chunks of {rows} tokens" if rows else "full logits"
         attention, layout = self.attn_implementation, self.layout
         if is_block_attention(attention):
             attention = f"{cfg.model.attn_implementation} per sequence block"
@@ -125,7 +126,8 @@ def make_plan(cfg: DPOConfig, world_size: int, device_type: str) -> RunPlan:
     if problems:
         raise ConfigError("; ".join(problems))
     sp = sequence_parallel.initialize(sp_size)
-    scoring = Scoring(layout, cfg.batch.logps_chunk_size, cfg.loss.ld_alpha, sp)
+    vocab = getattr(support.config.get_text_config(), "vocab_size", None) if support.config is not None else None
+    scoring = Scoring(layout, chunk_size(cfg.batch.logps_chunk_size, vocab), cfg.loss.ld_alpha, sp)
     deepspeed, deepspeed_notice = cfg.parallel.deepspeed, None
     if deepspeed == "auto":
         deepspeed, deepspeed_notice = _auto_deepspeed(cfg, support, world_size, device_type)

@@ -20,8 +20,10 @@ from ds_dpo.estimate import (
     lora_params,
     model_states,
     own_model_states,
+    workload,
 )
 from ds_dpo.forward.layouts import PACKED, PADDED, SHARED
+from ds_dpo.forward.logprobs import CHUNK_LOGITS_BYTES, chunk_size
 from ds_dpo.models.engines import lora_config
 from helpers.runs import REPO
 
@@ -187,3 +189,13 @@ def test_command_line_gives_a_table_and_a_verdict(tmp_path, capsys):
     code, _, err = run(model="no-config")
     assert code == 2 and f"cannot read the model config of '{tmp_path / 'no-config'}'" in err
     assert "give a local directory holding the model's config.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("vocab", "rows"), [(32000, 1024), (65536, 1024), (128256, 512), (262144, 256)])
+def test_auto_chunks_are_sized_to_the_vocabulary(vocab, rows):
+    """`logps_chunk_size: auto` keeps a chunk's fp32 logits within 256 MiB, as the run and the estimator see it."""
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config.vocab_size = vocab
+    assert chunk_size("auto", vocab) == rows and rows * vocab * 4 <= CHUNK_LOGITS_BYTES
+    assert workload(make_config({}), config, world=1, gpus_per_node=1).logps_chunk_size == rows
+    assert workload(make_config({"logps_chunk_size": 64}), config, world=1, gpus_per_node=1).logps_chunk_size == 64

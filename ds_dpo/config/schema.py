@@ -586,9 +586,11 @@ class BatchConfig:
     """Token-budget micro-batches: each step's pairs (the same as without it) are regrouped on each rank into
     micro-batches of at most this many tokens (``prompt + chosen + rejected`` per pair with prefix sharing, the
     prompt twice otherwise; a longer pair alone), so forwards carry similar token counts."""
-    logps_chunk_size: int = 1024
+    logps_chunk_size: Literal["auto"] | int = "auto"
     """Completion tokens per chunk of the vocabulary projection: full-vocabulary logits exist for at most this many
-    tokens at a time and are recomputed in backward. 0: the model's full [2B, T, V] logits (the plain path)."""
+    tokens at a time and are recomputed in backward. 0: the model's full [2B, T, V] logits (the plain path).
+    ``auto``: sized to the vocabulary, one chunk's fp32 logits at most 256 MiB (1024 tokens up to a 64k vocabulary,
+    512 for 128k, 256 for Gemma's 262k; never below 128)."""
     scoring_self_check: bool = True
     """Before training, score the first micro-batch with the fast path (layout, chunked log-probs) and with the
     model's own forward on a padded batch; stop with a message naming the model and the setting to change if they
@@ -600,7 +602,11 @@ class BatchConfig:
                 self.max_tokens_per_batch is None or self.max_tokens_per_batch >= 1,
                 "`max_tokens_per_batch` must be >= 1 or unset",
             ),
-            (self.logps_chunk_size >= 0, "`logps_chunk_size` must be >= 0 (0: full logits)"),
+            (
+                self.logps_chunk_size == "auto"
+                or (isinstance(self.logps_chunk_size, int) and self.logps_chunk_size >= 0),
+                f"`logps_chunk_size` must be auto or >= 0 (0: full logits; got {self.logps_chunk_size!r})",
+            ),
         ]
         return [message for ok, message in checks if not ok]
 

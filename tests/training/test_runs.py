@@ -294,11 +294,15 @@ def test_the_policy_trains_in_train_mode_so_checkpointing_applies(single_rank, b
 
 
 def test_deepspeed_auto_runs_plain_deepspeed_on_one_rank(single_rank, builtin_files, tmp_path, capsys):
-    """`deepspeed: auto` on one rank: the estimator's pick (ZeRO-0) is announced, built, and dumped with the run."""
+    """`deepspeed: auto` on one rank: the estimator's pick (ZeRO-0) is announced, built, and dumped with the run;
+    `logps_chunk_size: auto` (the default) is sized to the small vocabulary: 1024 tokens."""
     recipe = one_step_on_builtin(builtin_files, tmp_path, deepspeed="auto")
     recipe.train_step(next(recipe.sampler.plans())[2])
     recipe.cleanup()
-    assert "notice: deepspeed auto: ds_configs/ddp.json (ZeRO-0," in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert (
+        "notice: deepspeed auto: ds_configs/ddp.json (ZeRO-0," in out and "log-probs from chunks of 1024 tokens" in out
+    )
     assert recipe.policy.zero_optimization_stage() == 0 and math.isfinite(recipe.state.window.reduce()["loss"])
     assert json.loads((tmp_path / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == 0
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["deepspeed"]["zero_optimization"]["stage"] == 0
