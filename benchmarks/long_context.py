@@ -12,22 +12,28 @@ each process's peak resident set size over its whole life, the largest over the 
 (ZeRO-3 engines, prefix-shared rows, block attention, chunked log-probs) without the startup self-check (it would
 score the first pair three more times); ``sp=2`` is two processes sharing the pair
 (``sequence_parallel_size: 2``), each holding half of the row. TRL runs one process (its DPO has no sequence
-parallelism).
+parallelism). ``Run`` and ``measure`` serve benchmarks/scaling.py as well (several pairs per step, data-parallel
+ranks, ``deepspeed: auto``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import resource
 import shlex
+import signal
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from benchmark import free_port, machine
+from benchmark import PeakRSS, free_port, machine, print_result, timed_steps, timed_trl
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -41,11 +47,49 @@ MODEL = dict(
     vocab_size=32000,
     tie_word_embeddings=False,
 )
-RUNS = {"ds_dpo, sp=1": ("ds_dpo", 1), "ds_dpo, sp=2": ("ds_dpo", 2), "TRL DPOTrainer": ("trl", 1)}
+RUNS = {  # name -> the Run fields besides the length
+    "ds_dpo, sp=1": dict(trainer="ds_dpo"),
+    "ds_dpo, sp=2": dict(trainer="ds_dpo", nproc=2, sp=2),
+    "TRL DPOTrainer": dict(trainer="trl"),
+}
 
 
-def prepare(work: Path, lengths: list[int]) -> None:
-    """Policy, reference (with a tokenizer for their pad/EOS ids) and one pair per length under ``work``."""
+@dataclass(frozen=True)
+class Run:
+    """One measured run: ``trainer`` on ``nproc`` fresh processes taking ``steps`` optimizer steps (the first
+    ``warmup`` of them not timed) of ``pairs`` synthetic pairs of ``length`` tokens (``pair-{length}.jsonl``, read in
+    order and from the start again when it ends), split evenly over the ``nproc // sp`` data-parallel ranks; gradient
+    checkpointing on."""
+
+    trainer: str  # "ds_dpo" or "trl"
+    length: int
+    nproc: int = 1
+    sp: int = 1  # ds_dpo's sequence_parallel_size: that many processes share each pair
+    pairs: int = 1
+    steps: int = 2
+    warmup: int = 1
+    deepspeed: str | None = None  # ds_dpo's `deepspeed` key; None: its default preset (ds_configs/zero3.json)
+
+    @property
+    def tag(self) -> str:
+        return (
+            f"{self.trainer}-{self.length}-{self.nproc}proc-sp{self.sp}-{self.pairs}pairs-{self.deepspeed or 'default'}"
+        )
+
+    @property
+    def per_rank(self) -> int:
+        return self.pairs // (self.nproc // self.sp)
+
+    def rows(self, rank: int, available: int) -> list[list[int]]:
+        """Each step's pair indices for process ``rank``: its data-parallel rank's slice of the step's pairs, TRL's
+        order (accelerate hands process r the r-th of each step's per-device batches)."""
+        first = [s * self.pairs + rank // self.sp * self.per_rank for s in range(self.steps)]
+        return [[(f + i) % available for i in range(self.per_rank)] for f in first]
+
+
+def prepare(work: Path, pairs: dict[int, int]) -> None:
+    """Policy, reference (with a tokenizer for their pad/EOS ids) and ``pairs[length]`` synthetic pairs of each
+    length (``pair-{length}.jsonl``) under ``work``."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -57,7 +101,7 @@ def prepare(work: Path, lengths: list[int]) -> None:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        max_position_embeddings=max(lengths),
+        max_position_embeddings=max(pairs),
         **MODEL,
     )
     for name, seed in (("policy", 0), ("reference", 1)):
@@ -65,61 +109,54 @@ def prepare(work: Path, lengths: list[int]) -> None:
         AutoModelForCausalLM.from_config(config).save_pretrained(work / name)
         tokenizer.save_pretrained(work / name)
     g = torch.Generator().manual_seed(0)
-    for length in lengths:
-        ids = lambda n: torch.randint(3, MODEL["vocab_size"], (n,), generator=g).tolist()  # noqa: E731
-        pair = {
-            "prompt_input_ids": ids(length // 2),
-            "chosen_input_ids": ids(length // 4),
-            "rejected_input_ids": ids(length - length // 2 - length // 4),
-        }
-        (work / f"pair-{length}.jsonl").write_text(json.dumps(pair) + "\n")
+    ids = lambda n: torch.randint(3, MODEL["vocab_size"], (n,), generator=g).tolist()  # noqa: E731
+    for length, count in pairs.items():
+        with open(work / f"pair-{length}.jsonl", "w") as f:
+            for _ in range(count):
+                pair = {
+                    "prompt_input_ids": ids(length // 2),
+                    "chosen_input_ids": ids(length // 4),
+                    "rejected_input_ids": ids(length - length // 2 - length // 4),
+                }
+                f.write(json.dumps(pair) + "\n")
 
 
-def run_ds_dpo(work: Path, length: int, sp: int) -> list[float]:
-    import torch
+def read_pairs(work: Path, length: int) -> list[dict]:
+    return [json.loads(line) for line in open(work / f"pair-{length}.jsonl")]
 
+
+def run_ds_dpo(work: Path, run: Run) -> tuple[list[float], float, PeakRSS]:
     from ds_dpo.config import make_config
-    from ds_dpo.data.sampler import StepPlan
-    from ds_dpo.training.recipe import DPORecipe
 
     cfg = make_config(
         {
             "model_name_or_path": str(work / "policy"),
             "ref_model_name_or_path": str(work / "reference"),
-            "dataset": str(work / f"pair-{length}.jsonl"),
+            "dataset": str(work / f"pair-{run.length}.jsonl"),
             "dataset_format": "tokenized",
-            "max_length": length + 1,
-            "per_device_train_batch_size": 1,
-            "max_steps": 2,
+            "max_length": run.length + 1,
+            "per_device_train_batch_size": run.per_rank,
+            "max_steps": run.steps,
             "save_steps": 0,
             "learning_rate": 1e-6,
             "gradient_checkpointing": True,
-            "sequence_parallel_size": sp,
+            "sequence_parallel_size": run.sp,
             "scoring_self_check": False,
-            "output_dir": str(work / f"ds_dpo-{length}-{sp}"),
+            "output_dir": str(work / run.tag),
             "dataset_cache_dir": str(work / "cache"),
+            **({"deepspeed": run.deepspeed} if run.deepspeed else {}),
         }
     )
-    cfg.validate()
-    recipe = DPORecipe(cfg)
-    recipe.setup()
-    times = []
-    for _ in range(2):
-        started = time.perf_counter()
-        recipe.train_step(StepPlan([[0]], [[1.0]], 1, 1.0))
-        times.append(time.perf_counter() - started)
-    recipe.cleanup()
-    torch.distributed.destroy_process_group()
-    return times
+    steps = run.rows(int(os.environ["RANK"]), len(read_pairs(work, run.length)))
+    return timed_steps(cfg, steps, run.pairs)
 
 
-def run_trl(work: Path, length: int, sp: int) -> list[float]:
-    from benchmark import recording_trainer, step_timer  # the script's folder is on the path
+def run_trl(work: Path, run: Run) -> tuple[list[float], float, PeakRSS]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig
 
-    pair = json.loads((work / f"pair-{length}.jsonl").read_text())
+    pairs = read_pairs(work, run.length)
     dataset = Dataset.from_list(
         [
             {
@@ -127,16 +164,14 @@ def run_trl(work: Path, length: int, sp: int) -> list[float]:
                 "chosen_ids": pair["chosen_input_ids"],
                 "rejected_ids": pair["rejected_input_ids"],
             }
+            for pair in (pairs[i % len(pairs)] for i in range(run.pairs * run.steps))
         ]
-        * 2
     )
-    times = []
-
     args = DPOConfig(
-        output_dir=str(work / f"trl-{length}"),
-        per_device_train_batch_size=1,
-        max_length=length + 1,
-        max_steps=2,
+        output_dir=str(work / run.tag),
+        per_device_train_batch_size=run.per_rank,
+        max_length=run.length + 1,
+        max_steps=run.steps,
         learning_rate=1e-6,
         bf16=False,
         use_cpu=True,
@@ -146,53 +181,47 @@ def run_trl(work: Path, length: int, sp: int) -> list[float]:
         dataloader_num_workers=0,
         gradient_checkpointing=True,
     )
-    trainer = recording_trainer([])(
+    return timed_trl(
         model=AutoModelForCausalLM.from_pretrained(work / "policy"),
         ref_model=AutoModelForCausalLM.from_pretrained(work / "reference"),
         args=args,
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(work / "policy"),
-        callbacks=[step_timer(times)],
     )
-    trainer.train()
-    return times
 
 
-def worker(trainer: str, work: Path, length: int, sp: int, limit_gb: float) -> None:
+def worker(work: Path, run: Run, limit_gb: float) -> None:
     limit = int(limit_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    times = (run_trl if trainer == "trl" else run_ds_dpo)(work, length, sp)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    print("RESULT " + json.dumps({"times": times, "peak_mib": peak}), flush=True)
+    print_result(*(run_trl if run.trainer == "trl" else run_ds_dpo)(work, run))
 
 
-def run(name: str, work: Path, length: int, limit_gb: float, timeout: int) -> dict:
-    """One run in fresh processes launched as torchrun would; ``{"oom": True}`` when it could not fit."""
-    trainer, nproc = RUNS[name]
+def measure(run: Run, work: Path, limit_gb: float, timeout: int) -> dict:
+    """``run`` in fresh processes launched as torchrun would, each with its share of the cores and its address
+    space capped at ``limit_gb``: rank 0's step times and mean timed step, the largest process's lifetime peak
+    (MiB) and, with
+    ``deepspeed: auto``, the preset it picked; ``{"oom": True}`` when it could not fit, ``{"timeout": True}`` when
+    it ran past ``timeout`` seconds."""
     base = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": str(nproc),
-        "LOCAL_WORLD_SIZE": str(nproc),
+        "WORLD_SIZE": str(run.nproc),
+        "LOCAL_WORLD_SIZE": str(run.nproc),
         "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc)),
+        "OMP_NUM_THREADS": str(max(1, os.cpu_count() // run.nproc)),
     }
     cmd = [
         sys.executable,
         __file__,
         "--worker",
-        trainer,
+        json.dumps(dataclasses.asdict(run)),
         "--work",
         str(work),
-        "--length",
-        str(length),
-        "--sp",
-        str(nproc),
         "--limit_gb",
         str(limit_gb),
     ]
-    logs = [work / "logs" / f"{trainer}-{length}-{nproc}.rank{r}.log" for r in range(nproc)]
+    logs = [work / "logs" / f"{run.tag}.rank{r}.log" for r in range(run.nproc)]
     logs[0].parent.mkdir(exist_ok=True)
     procs = []
     for r, log in enumerate(logs):
@@ -206,24 +235,36 @@ def run(name: str, work: Path, length: int, limit_gb: float, timeout: int) -> di
                     text=True,
                 )
             )
+
+    def stop():
+        for p in procs:
+            p.kill()
+            p.wait()
+
     deadline, results = time.time() + timeout, []
     for proc, log in zip(procs, logs):
         try:
             proc.wait(timeout=max(1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
+            stop()
             return {"timeout": True}
         out = log.read_text()
         lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
         if not lines:
-            for p in procs:  # the other rank waits in a collective for the one that failed
-                p.kill()
-            if any(s in out for s in ("MemoryError", "can't allocate memory", "DefaultCPUAllocator", "std::bad_alloc")):
+            stop()  # the other rank waits in a collective for the one that failed
+            if proc.returncode == -signal.SIGKILL or any(
+                s in out for s in ("MemoryError", "can't allocate memory", "DefaultCPUAllocator", "std::bad_alloc")
+            ):  # the cap, or the kernel's OOM killer when the machine ran out first
                 return {"oom": True}
-            raise RuntimeError(f"{name} at {length} failed:\n{out[-4000:]}")
+            raise RuntimeError(f"{run} failed:\n{out[-4000:]}")
         results.append(json.loads(lines[-1].removeprefix("RESULT ")))
-    return {"step_s": results[0]["times"][-1], "peak_mib": max(r["peak_mib"] for r in results)}
+    preset = re.search(r"deepspeed auto: ds_configs/(\S+)\.json", logs[0].read_text())
+    return {
+        "times": results[0]["times"],
+        "step_s": statistics.mean(results[0]["times"][run.warmup :]),
+        "peak_mib": max(r["peak_mib"] for r in results),
+        **({"preset": preset.group(1)} if preset else {}),
+    }
 
 
 def report(results: dict, args, machine_line: str, command: str | None = None) -> str:
@@ -289,18 +330,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "long_context.md")
     parser.add_argument("--only", nargs="*", choices=list(RUNS))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--sp", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.work, args.length, args.sp, args.limit_gb)
+        return worker(args.work, Run(**json.loads(args.worker)), args.limit_gb)
     args.work.mkdir(parents=True, exist_ok=True)
-    prepare(args.work, args.lengths)
+    prepare(args.work, dict.fromkeys(args.lengths, 1))
     names = args.only or list(RUNS)
     results: dict[str, dict] = {name: {} for name in RUNS}
     for name in names:
         for length in sorted(args.lengths):
-            result = run(name, args.work, length, args.limit_gb, args.timeout)
+            result = measure(Run(length=length, **RUNS[name]), args.work, args.limit_gb, args.timeout)
             results[name][length] = result
             print(f"{name} {length}: {result}", flush=True)
             if "step_s" not in result:
