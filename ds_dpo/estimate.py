@@ -345,7 +345,7 @@ def workload(
         prompt_tokens=prompt,
         completion_tokens=completion,
         max_tokens_per_batch=batch.max_tokens_per_batch,
-        logps_chunk_size=chunk_size(batch.logps_chunk_size, getattr(config.get_text_config(), "vocab_size", None)),
+        logps_chunk_size=chunk_size(batch.logps_chunk_size, config),
         sequence_parallel=cfg.parallel.sequence_parallel_size,
         tiled_mlp_shards=cfg.model.tiled_mlp_shards,
         attention=support.attn_implementation,

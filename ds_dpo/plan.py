@@ -126,8 +126,7 @@ def make_plan(cfg: DPOConfig, world_size: int, device_type: str) -> RunPlan:
     if problems:
         raise ConfigError("; ".join(problems))
     sp = sequence_parallel.initialize(sp_size)
-    vocab = getattr(support.config.get_text_config(), "vocab_size", None) if support.config is not None else None
-    scoring = Scoring(layout, chunk_size(cfg.batch.logps_chunk_size, vocab), cfg.loss.ld_alpha, sp)
+    scoring = Scoring(layout, chunk_size(cfg.batch.logps_chunk_size, support.config), cfg.loss.ld_alpha, sp)
     deepspeed, deepspeed_notice = cfg.parallel.deepspeed, None
     if deepspeed == "auto":
         deepspeed, deepspeed_notice = _auto_deepspeed(cfg, support, world_size, device_type)

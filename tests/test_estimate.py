@@ -196,6 +196,6 @@ def test_auto_chunks_are_sized_to_the_vocabulary(vocab, rows):
     """`logps_chunk_size: auto` keeps a chunk's fp32 logits within 256 MiB, as the run and the estimator see it."""
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     config.vocab_size = vocab
-    assert chunk_size("auto", vocab) == rows and rows * vocab * 4 <= CHUNK_LOGITS_BYTES
+    assert chunk_size("auto", config) == rows and rows * vocab * 4 <= CHUNK_LOGITS_BYTES
     assert workload(make_config({}), config, world=1, gpus_per_node=1).logps_chunk_size == rows
     assert workload(make_config({"logps_chunk_size": 64}), config, world=1, gpus_per_node=1).logps_chunk_size == 64

